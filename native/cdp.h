@@ -1,0 +1,159 @@
+/* cdp.h: the whole C interface of cdpcore's native layer.
+ *
+ * This header is read twice: by the C compiler, and (with every line that
+ * starts with '#' removed) by cffi's cdef in native/build_cdp.py. Keep it plain
+ * C declarations: enums, structs, prototypes. No macros with values.
+ *
+ * Every function returns a status (enum cdp_status); CDP_EIO means errno holds
+ * the operating-system error. Policy lives in Python, not here.
+ */
+#ifndef CDP_H
+#define CDP_H
+#include <stddef.h>
+#include <stdint.h>
+
+enum cdp_status {
+    CDP_OK = 0,
+    CDP_EIO = -1,       /* a system call failed; errno says why */
+    CDP_EINVAL = -2,    /* bad argument or malformed input buffer */
+    CDP_ETOOBIG = -3,   /* payload larger than CDP_MAX_PAYLOAD */
+    CDP_ESTALE = -4,    /* namespace generation changed (see cdp_append_encoded) */
+    CDP_ECORRUPT = -5,  /* shared head state is damaged */
+    CDP_ENOMEM = -6
+};
+
+/* Sizes of the on-disk structures (docs/journal-format.md). */
+enum cdp_sizes {
+    CDP_SEG_HDR_SIZE = 64,
+    CDP_REC_HDR_SIZE = 48,
+    CDP_HEAD_SIZE = 4096,
+    CDP_REC_MARKER = 0x5243,          /* "CR" little-endian, bytes 42..43 */
+    CDP_MAX_PAYLOAD = 16777216,       /* 16 MiB per record */
+    CDP_MAX_KIND = 15
+};
+
+/* Record kinds (byte 40 of a record). */
+enum cdp_kind {
+    CDP_WRITE = 1, CDP_TRUNCATE = 2, CDP_FLUSH = 3, CDP_CREATE = 4,
+    CDP_RENAME = 5, CDP_UNLINK = 6, CDP_MKDIR = 7, CDP_RMDIR = 8,
+    CDP_SETATTR = 9, CDP_BOOKMARK = 10, CDP_FILEMAP = 11, CDP_BASE = 12,
+    CDP_DIRTY = 13, CDP_SYMLINK = 14, CDP_LINK = 15
+};
+
+/* Feature flag: 1 when CRC32C runs on the SSE4.2 instruction. */
+int cdp_crc32c_hw(void);
+uint32_t cdp_crc32c(uint32_t crc, const void *buf, size_t len);
+const char *cdp_strerror(int status);
+
+/* ---- scanning (verification, recovery, index building) ---------------- */
+
+/* Why a scan stopped (cdp_scan_result.stop). */
+enum cdp_stop {
+    CDP_STOP_END = 0,       /* reached the end of the buffer exactly */
+    CDP_STOP_SHORT = 1,     /* fewer bytes left than a header, or than the record claims */
+    CDP_STOP_MARKER = 2,    /* marker, reserved field or kind invalid (zeroed space, garbage) */
+    CDP_STOP_CRC = 3,       /* checksum mismatch */
+    CDP_STOP_SEQ = 4,       /* sequence number not previous + 1 */
+    CDP_STOP_PAD = 5,       /* padding bytes after the payload are not zero */
+    CDP_STOP_LIMIT = 6      /* max_records reached */
+};
+
+struct cdp_scan_result {
+    uint64_t end;           /* offset just past the last valid record */
+    uint64_t count;         /* valid records */
+    uint64_t last_seq;      /* seq of the last valid record (expect_seq - 1 if none) */
+    int64_t ts_min;
+    int64_t ts_max;         /* running max of timestamps over valid records */
+    uint64_t n_index;       /* index entries written */
+    uint64_t file_id_max;   /* largest file id seen (0 if none) */
+    int stop;               /* enum cdp_stop */
+};
+
+/* Validate records in buf[start:len), the first expected to carry expect_seq.
+ * If idx_cap > 0, writes sparse index entries (seq, running ts max *before and
+ * including* that record, offset) for the first record and then every
+ * idx_every_records records or idx_every_bytes bytes. ts_base seeds the
+ * running max. Never reads outside buf. */
+int cdp_scan(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_seq,
+             int64_t ts_base, uint64_t max_records,
+             uint64_t idx_every_records, uint64_t idx_every_bytes,
+             uint64_t *idx_seq, int64_t *idx_ts, uint64_t *idx_off, uint64_t idx_cap,
+             struct cdp_scan_result *out);
+
+/* Search buf[start:len) at 8-byte steps for a record with a valid checksum and
+ * seq > after_seq; returns its offset in *found or UINT64_MAX. */
+int cdp_find_valid(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t after_seq,
+                   uint64_t *found);
+
+/* ---- writing ------------------------------------------------------------ */
+
+/* One record to append; payload is not copied before the write(2). */
+struct cdp_rec {
+    uint8_t kind;
+    uint8_t flags;
+    uint64_t file_id;
+    uint64_t offset;
+    int64_t ts;             /* INT64_MIN: take CLOCK_REALTIME under the append lock */
+    const void *payload;
+    uint32_t len;
+};
+
+struct cdp_append_result {
+    uint64_t first_seq;
+    uint64_t last_seq;
+    uint64_t ns_gen;        /* namespace generation after the append */
+};
+
+/* Shared state of a journal, as read from its head file. */
+struct cdp_state {
+    uint64_t next_seq;
+    uint64_t seg_no;
+    uint64_t seg_off;
+    uint64_t next_file_id;
+    uint64_t ns_gen;
+    uint64_t synced_seq;
+    int64_t last_ts;
+    uint64_t seg_size;
+    uint8_t uuid[16];
+    int pending;
+};
+
+typedef struct cdp_writer cdp_writer;
+
+/* Open the writer of the journal in directory dir (journal.json, head and
+ * segments/ already exist and the head is initialised). */
+int cdp_writer_open(const char *dir, cdp_writer **out);
+void cdp_writer_close(cdp_writer *w);
+
+/* Initialise the head from a recovery scan (caller holds the lock). */
+int cdp_writer_set_state(cdp_writer *w, const struct cdp_state *st);
+int cdp_writer_get_state(cdp_writer *w, struct cdp_state *st);
+int cdp_writer_lock(cdp_writer *w);
+int cdp_writer_unlock(cdp_writer *w);
+
+/* Append n records atomically with consecutive sequence numbers. If
+ * expect_ns_gen != UINT64_MAX and the namespace generation differs, nothing is
+ * written and CDP_ESTALE is returned. */
+int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
+               uint64_t expect_ns_gen, struct cdp_append_result *res);
+
+/* Append a buffer of records already laid out as on disk (headers with len,
+ * ts, file_id, offset, kind, flags, marker; payloads; zero padding). Fills in
+ * seq, ts (where INT64_MIN) and crc in place, then writes. */
+int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
+                       uint64_t expect_ns_gen, struct cdp_append_result *res);
+
+/* Reserve n file ids; *first receives the first. */
+int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first);
+
+/* Group commit: returns once every record appended before the call is on
+ * stable storage. *synced receives the durable sequence number. */
+int cdp_sync(cdp_writer *w, uint64_t *synced);
+
+/* Write a segment header into buf (CDP_SEG_HDR_SIZE bytes). */
+void cdp_segment_header(uint8_t *buf, const uint8_t *uuid, uint64_t seg_no,
+                        uint64_t first_seq, int64_t created_us);
+
+int64_t cdp_now_us(void);
+
+#endif

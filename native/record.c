@@ -1,0 +1,146 @@
+/* Record validation and segment scanning: the loop that verification,
+ * recovery of a torn tail and sparse-index building all share. Pure
+ * functions over (pointer, length); no I/O, no policy. */
+#include "cdp.h"
+#include <string.h>
+#include <time.h>
+
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void wr64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+const char *cdp_strerror(int status)
+{
+    switch (status) {
+    case CDP_OK: return "ok";
+    case CDP_EIO: return "system call failed";
+    case CDP_EINVAL: return "invalid argument or malformed record buffer";
+    case CDP_ETOOBIG: return "record payload larger than 16 MiB";
+    case CDP_ESTALE: return "namespace changed by another writer";
+    case CDP_ECORRUPT: return "journal head state is damaged";
+    case CDP_ENOMEM: return "out of memory";
+    }
+    return "unknown status";
+}
+
+int64_t cdp_now_us(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    return (int64_t)t.tv_sec * 1000000 + t.tv_nsec / 1000;
+}
+
+void cdp_segment_header(uint8_t *b, const uint8_t *uuid, uint64_t seg_no,
+                        uint64_t first_seq, int64_t created_us)
+{
+    memset(b, 0, CDP_SEG_HDR_SIZE);
+    memcpy(b, "CDPJSEG\0", 8);
+    b[8] = 1;                       /* format version, u16 LE */
+    b[10] = CDP_SEG_HDR_SIZE;       /* header size, u16 LE */
+    memcpy(b + 16, uuid, 16);
+    wr64(b + 32, seg_no);
+    wr64(b + 40, first_seq);
+    wr64(b + 48, (uint64_t)created_us);
+    wr32(b + 60, cdp_crc32c(0, b, 60));
+}
+
+/* Checks one record at p (avail bytes available); returns a cdp_stop code
+ * other than END on failure, CDP_STOP_END on success with *size set. */
+static int check_record(const uint8_t *p, uint64_t avail, uint64_t *size)
+{
+    if (avail < CDP_REC_HDR_SIZE)
+        return CDP_STOP_SHORT;
+    uint32_t len = rd32(p + 4);
+    uint8_t kind = p[40];
+    if (rd16(p + 42) != CDP_REC_MARKER || rd32(p + 44) != 0 || kind == 0 ||
+        kind > CDP_MAX_KIND || len > CDP_MAX_PAYLOAD)
+        return CDP_STOP_MARKER;
+    uint64_t body = (uint64_t)CDP_REC_HDR_SIZE + len;
+    uint64_t total = (body + 7) & ~(uint64_t)7;
+    if (avail < total)
+        return CDP_STOP_SHORT;
+    if (cdp_crc32c(0, p + 4, body - 4) != rd32(p))
+        return CDP_STOP_CRC;
+    for (uint64_t i = body; i < total; i++)
+        if (p[i])
+            return CDP_STOP_PAD;
+    *size = total;
+    return CDP_STOP_END;
+}
+
+int cdp_scan(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_seq,
+             int64_t ts_base, uint64_t max_records,
+             uint64_t idx_every_records, uint64_t idx_every_bytes,
+             uint64_t *idx_seq, int64_t *idx_ts, uint64_t *idx_off, uint64_t idx_cap,
+             struct cdp_scan_result *out)
+{
+    if (!out || start > len || (start & 7))
+        return CDP_EINVAL;
+    memset(out, 0, sizeof *out);
+    uint64_t pos = start, seq = expect_seq, since_rec = 0, since_off = start;
+    int64_t tsmax = ts_base, tsmin = INT64_MAX;
+    int stop = CDP_STOP_END;
+    while (pos < len) {
+        if (max_records && out->count >= max_records) {
+            stop = CDP_STOP_LIMIT;
+            break;
+        }
+        uint64_t size;
+        stop = check_record(buf + pos, len - pos, &size);
+        if (stop != CDP_STOP_END)
+            break;
+        if (rd64(buf + pos + 8) != seq) {
+            stop = CDP_STOP_SEQ;
+            break;
+        }
+        int64_t ts = (int64_t)rd64(buf + pos + 16);
+        if (ts > tsmax)
+            tsmax = ts;
+        if (ts < tsmin)
+            tsmin = ts;
+        uint64_t fid = rd64(buf + pos + 24);
+        if (fid > out->file_id_max)
+            out->file_id_max = fid;
+        if (idx_cap && out->n_index < idx_cap &&
+            (out->count == 0 || since_rec >= idx_every_records ||
+             pos - since_off >= idx_every_bytes)) {
+            idx_seq[out->n_index] = seq;
+            idx_ts[out->n_index] = tsmax;
+            idx_off[out->n_index] = pos;
+            out->n_index++;
+            since_rec = 0;
+            since_off = pos;
+        }
+        since_rec++;
+        out->count++;
+        seq++;
+        pos += size;
+    }
+    out->end = pos;
+    out->last_seq = seq - 1;
+    out->ts_min = out->count ? tsmin : 0;
+    out->ts_max = tsmax;
+    out->stop = stop;
+    return CDP_OK;
+}
+
+int cdp_find_valid(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t after_seq,
+                   uint64_t *found)
+{
+    if (!found)
+        return CDP_EINVAL;
+    *found = UINT64_MAX;
+    for (uint64_t pos = (start + 7) & ~(uint64_t)7; pos + CDP_REC_HDR_SIZE <= len; pos += 8) {
+        uint64_t size;
+        if (rd16(buf + pos + 42) != CDP_REC_MARKER)
+            continue;
+        if (check_record(buf + pos, len - pos, &size) == CDP_STOP_END &&
+            rd64(buf + pos + 8) > after_seq) {
+            *found = pos;
+            break;
+        }
+    }
+    return CDP_OK;
+}

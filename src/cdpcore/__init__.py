@@ -1,0 +1,28 @@
+"""cdpcore: continuous data protection.
+
+Every write into a timestamped, checksummed journal; any microsecond can be
+restored. See docs/api.md.
+"""
+from cdpcore.errors import (
+    CdpError,
+    CorruptJournal,
+    JournalExists,
+    JournalNotFound,
+    NotAJournal,
+    PointError,
+    RestoreError,
+    UnsupportedVersion,
+)
+from cdpcore.format import Kind
+from cdpcore.journal import Batch, Journal, PointInfo, VerifyReport
+from cdpcore.point import Point, parse_point
+from cdpcore.record import Record
+from cdpcore.restore import RestoreResult, restore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch", "CdpError", "CorruptJournal", "Journal", "JournalExists", "JournalNotFound",
+    "Kind", "NotAJournal", "Point", "PointError", "PointInfo", "Record", "RestoreError",
+    "RestoreResult", "UnsupportedVersion", "VerifyReport", "parse_point", "restore",
+]

@@ -1,0 +1,48 @@
+"""The only importer of the cffi extension cdpcore._cdp.
+
+C functions return status codes; check() maps them to exceptions in this one
+place, with C's own message text (cdp_strerror) and errno for system calls.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cdpcore import _cdp  # type: ignore[attr-defined]
+from cdpcore.errors import CorruptJournal, NativeError, StaleNamespace
+
+ffi: Any = _cdp.ffi
+lib: Any = _cdp.lib
+
+INT64_MIN = -(2**63)
+UINT64_MAX = 2**64 - 1
+
+
+def check(status: int, what: str = "") -> None:
+    """Raise the exception that matches a C status; return on CDP_OK."""
+    if status == lib.CDP_OK:
+        return
+    prefix = f"{what}: " if what else ""
+    if status == lib.CDP_EIO:
+        err = ffi.errno
+        raise OSError(err, prefix + os.strerror(err))
+    message = prefix + ffi.string(lib.cdp_strerror(status)).decode()
+    if status == lib.CDP_ESTALE:
+        raise StaleNamespace(message)
+    if status == lib.CDP_ECORRUPT:
+        raise CorruptJournal(message)
+    if status == lib.CDP_ENOMEM:
+        raise MemoryError(message)
+    raise NativeError(message)
+
+
+def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    return int(lib.cdp_crc32c(crc, ffi.from_buffer(data), len(data)))
+
+
+def crc32c_hw() -> bool:
+    return bool(lib.cdp_crc32c_hw())
+
+
+def now_us() -> int:
+    return int(lib.cdp_now_us())

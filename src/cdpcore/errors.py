@@ -1,0 +1,66 @@
+"""Exceptions of cdpcore. Each carries the exit code cdpctl uses for it
+(docs/cli.md), so that the mapping lives in one place."""
+from __future__ import annotations
+
+
+class CdpError(Exception):
+    """Base class of every error cdpcore raises on purpose."""
+
+    exit_code = 1
+
+
+class JournalNotFound(CdpError):
+    exit_code = 3
+
+
+class NotAJournal(CdpError):
+    """The path exists but holds no cdpcore journal (or a foreign file)."""
+
+    exit_code = 4
+
+
+class UnsupportedVersion(NotAJournal):
+    """A journal written by a newer format version than this cdpcore reads."""
+
+    exit_code = 4
+
+
+class CorruptJournal(CdpError):
+    """Damage inside the journal; reading stopped at (segment, offset)."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, segment: int | None = None, offset: int | None = None):
+        where = ""
+        if segment is not None:
+            where = f"segment {segment:016x}"
+            if offset is not None:
+                where += f" offset {offset}"
+            where += ": "
+        super().__init__(where + message)
+        self.segment = segment
+        self.offset = offset
+
+
+class PointError(CdpError):
+    """A point in time that cannot be parsed or is not in the journal."""
+
+    exit_code = 6
+
+
+class RestoreError(CdpError):
+    """A restore that cannot start (destination not empty, ...)."""
+
+    exit_code = 7
+
+
+class JournalExists(CdpError):
+    exit_code = 8
+
+
+class StaleNamespace(CdpError):
+    """Internal: another writer changed the namespace; re-encode and retry."""
+
+
+class NativeError(CdpError):
+    """A status code from the C layer that has no more specific class."""
