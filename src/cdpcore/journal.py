@@ -34,6 +34,7 @@ from cdpcore.errors import (
     NotAJournal,
     PointError,
     StaleNamespace,
+    UnsupportedVersion,
 )
 from cdpcore.filemap import FileMap, record_path
 from cdpcore.format import (
@@ -455,7 +456,14 @@ class Journal:
         if seg is not None:
             self._open_segs.move_to_end(seg_no)
             return seg
-        seg = Segment(self._segdir, seg_no)
+        try:
+            seg = Segment(self._segdir, seg_no)
+        except UnsupportedVersion:
+            raise
+        except NotAJournal as e:
+            # journal.json is valid, so a segment file that is not a segment
+            # (zeroed or overwritten header) is damage, not a foreign path.
+            raise CorruptJournal(str(e), seg_no, 0) from None
         if seg.header.uuid != self.meta.uuid:
             seg.close()
             raise CorruptJournal("segment belongs to another journal (UUID differs)", seg_no, 0)
@@ -847,7 +855,9 @@ class Journal:
         `path` keeps records about that path or anything under it."""
         self.refresh()
         lo = self.resolve(since) + 1 if since is not None else self.first_seq
-        hi = self.resolve(until) if until is not None else self._segs[-1].last_seq
+        # Without `until`, read to the true end: past a damaged record that
+        # makes _iter_raw raise instead of stopping silently at the damage.
+        hi = self.resolve(until) if until is not None else UINT64_MAX
         want = frozenset(int(k) for k in kinds) if kinds is not None else None
         top = norm_path(path) if path is not None else None
         fmap = FileMap()
@@ -889,6 +899,8 @@ class Journal:
         first = self.first_seq
         last = self._segs[-1].last_seq if self._segs else first - 1
         if p.kind == "latest":
+            if self._damage is not None:
+                raise self._damage  # the latest state lies past the damage
             return last
         if p.kind == "seq":
             assert isinstance(p.value, int)
@@ -911,6 +923,8 @@ class Journal:
         cums = [s.cum_ts_max for s in segs]
         k = bisect.bisect_right(cums, t)
         if k == len(segs):
+            if self._damage is not None:
+                raise self._damage  # records past the damage may be at or before t
             return segs[-1].last_seq
         info = segs[k]
         j = bisect.bisect_right(info.tss, t)
