@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"patient 42 restored: {read_row(restored_db, 42)}")
     same = digest(restored_db) == good_digest
     print(f"restored database identical to the state before the damage: {'yes' if same else 'NO'}")
-    kinds = {}
+    kinds: dict[str, int] = {}
     with Journal.open(jpath, readonly=True) as jr:
         for r in jr.records():
             kinds[r.kind.name] = kinds.get(r.kind.name, 0) + 1

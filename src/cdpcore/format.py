@@ -46,8 +46,12 @@ IDX_HDR = struct.Struct("<8sHHIQQQQqqQQII")
 # namespace generation, synced seq, last ts, segment size, uuid
 HEAD = struct.Struct("<8sIIQQQQQQQqQ16s")
 HEAD_CRC_RANGE = (16, 128)
+HEAD_SIZE = 4096
+_HEAD_RESERVED = bytes(HEAD_SIZE - HEAD_CRC_RANGE[1])
 
-assert SEG_HDR.size == 64 and REC_HDR.size == 48 and IDX_HDR.size == 88
+SEG_HDR_SIZE = 64
+REC_HDR_SIZE = 48
+assert SEG_HDR.size == SEG_HDR_SIZE and REC_HDR.size == 48 and IDX_HDR.size == 88
 
 
 class Kind(enum.IntEnum):
@@ -175,18 +179,24 @@ def encode_record(
     return out + b"\0" * (align8(len(out)) - len(out))
 
 
+# A pending record header: REC_HDR with crc, seq, flags and reserved left zero.
+_PENDING_HDR = struct.Struct("<4xI8xqQQB1xH4x")
+_PADS = tuple(bytes(i) for i in range(8))
+
+
 def pack_pending(
-    buf: bytearray, kind: int, file_id: int, offset: int, payload: Any, ts: int | None
+    parts: list[Any], kind: int, file_id: int, offset: int, payload: Any, ts: int | None
 ) -> None:
-    """Append a record to buf for cdp_append_encoded (which fills seq and crc)."""
+    """Add a record's pieces (header, payload, zero padding) to parts;
+    bytearray().join(parts) is the buffer for cdp_append_encoded (which fills
+    seq and crc). Joining once copies every payload once, where growing a
+    bytearray record by record copied the buffer again on each reallocation."""
     n = len(payload)
-    buf += REC_HDR.pack(
-        0, n, 0, INT64_MIN if ts is None else ts, file_id, offset, kind, 0, REC_MARKER, 0
-    )
-    buf += payload
-    pad = -n & 7
-    if pad:
-        buf += b"\0" * pad
+    parts.append(_PENDING_HDR.pack(n, INT64_MIN if ts is None else ts, file_id, offset, kind, REC_MARKER))
+    if n:
+        parts.append(payload)
+        if n & 7:
+            parts.append(_PADS[-n & 7])
 
 
 # ---- segment header ----------------------------------------------------------
@@ -297,8 +307,8 @@ class Head:
 def parse_head(data: bytes) -> Head | None:
     """The shared writer state, or None when absent or damaged (it is a cache
     that a writer rebuilds from the segments)."""
-    if len(data) < HEAD_CRC_RANGE[1]:
-        return None
+    if len(data) != HEAD_SIZE or bytes(data[HEAD_CRC_RANGE[1] :]) != _HEAD_RESERVED:
+        return None  # the C writer maps exactly HEAD_SIZE bytes; the rest is reserved
     f = HEAD.unpack_from(data)
     if f[0] != HEAD_MAGIC or f[1] != 1:
         return None

@@ -18,7 +18,6 @@ import bisect
 import collections
 import os
 import shutil
-import struct
 import uuid as uuidlib
 from array import array
 from collections.abc import Iterable, Iterator
@@ -71,7 +70,25 @@ from cdpcore.segment import STOP_REASONS, Segment
 
 FILE_ID_BLOCK = 64
 OPEN_SEGMENTS = 32  # segment mappings kept open (LRU)
-_NS_LOCAL = (Kind.CREATE, Kind.RENAME, Kind.UNLINK, Kind.RMDIR, Kind.LINK, Kind.SYMLINK, Kind.BASE)
+_NS_LOCAL = frozenset({Kind.CREATE, Kind.RENAME, Kind.UNLINK, Kind.RMDIR, Kind.LINK, Kind.SYMLINK, Kind.BASE})
+_NORM_CACHE: dict[str, str] = {}  # norm_path of recently appended paths
+# Batches whose payloads average this many bytes are appended by pointer
+# (cdp_append) instead of being copied into one buffer (cdp_append_encoded).
+BY_POINTER_MIN = 16384
+
+
+def _norm(path: Any) -> str:
+    """norm_path, cached for str paths: writers name the same few files over
+    and over, and normalising was a fifth of the cost of a 4 KiB append."""
+    if type(path) is not str:
+        return norm_path(path)
+    p = _NORM_CACHE.get(path)
+    if p is None:
+        p = norm_path(path)
+        if len(_NORM_CACHE) >= 4096:
+            _NORM_CACHE.clear()
+        _NORM_CACHE[path] = p
+    return p
 
 
 def _fsync_dir(path: str) -> None:
@@ -216,6 +233,14 @@ class Writer:
         r = self.result
         return r.first_seq, r.last_seq, r.ns_gen
 
+    def append_records(self, recs: list[tuple[Any, ...]], expect_gen: int) -> tuple[int, int, int]:
+        """cdp_append of (kind, flags, file_id, offset, ts, payload pointer,
+        len) tuples; the pointers' owners are kept alive by recs."""
+        check(lib.cdp_append(self.handle, ffi.new("struct cdp_rec[]", recs), len(recs), expect_gen,
+                             self.result), "append")
+        r = self.result
+        return r.first_seq, r.last_seq, r.ns_gen
+
     def alloc_file_ids(self, n: int) -> int:
         first = ffi.new("uint64_t *")
         check(lib.cdp_alloc_file_ids(self.handle, n, first), "allocate file ids")
@@ -225,6 +250,21 @@ class Writer:
         synced = ffi.new("uint64_t *")
         check(lib.cdp_sync(self.handle, synced), "sync")
         return int(synced[0])
+
+
+def _pack_pointer(recs: list[tuple[Any, ...]], kind: int, file_id: int, offset: int, payload: Any,
+                  ts: int | None) -> None:
+    """pack_pending's counterpart for cdp_append: a record descriptor that
+    points at the payload. A bytes payload is immutable and goes without a
+    copy; any other buffer is copied first, so that the checksum and the
+    bytes written are of one snapshot even if its owner changes it while
+    the append runs (the GIL is released during the call)."""
+    n = len(payload)
+    if n:
+        ptr = ffi.from_buffer(payload if type(payload) is bytes else bytes(payload))
+    else:
+        ptr = ffi.NULL
+    recs.append((kind, 0, file_id, offset, INT64_MIN if ts is None else ts, ptr, n))
 
 
 class Batch:
@@ -237,6 +277,7 @@ class Batch:
     def __init__(self, journal: "Journal"):
         self._j = journal
         self._ops: list[tuple[Any, ...]] = []
+        self._bytes = 0  # WRITE payload bytes collected
         self.first_seq = 0
         self.last_seq = 0
 
@@ -253,31 +294,37 @@ class Batch:
     def commit(self) -> tuple[int, int]:
         """Write the collected records; returns (first_seq, last_seq)."""
         if self._ops:
-            self.first_seq, self.last_seq = self._j._commit(self._ops)
+            by_pointer = self._bytes >= BY_POINTER_MIN * len(self._ops)
+            self.first_seq, self.last_seq = self._j._commit(self._ops, by_pointer)
             self._ops = []
+            self._bytes = 0
         return self.first_seq, self.last_seq
 
     # Each op is (kind, path, file_id_needed, offset, payload, ts).
     def append_write(self, path: str, offset: int, data: Any, ts: int | datetime | None = None) -> None:
         if offset < 0:
             raise ValueError("offset must not be negative")
-        mv = memoryview(data).cast("B")
-        p, t = norm_path(path), _ts(ts)
-        if len(mv) == 0:
-            self._ops.append((Kind.WRITE, p, True, offset, b"", t))
+        mv = data if type(data) is bytes else memoryview(data).cast("B")
+        p = _norm(path)
+        t = ts if ts is None or type(ts) is int else _ts(ts)
+        n = len(mv)
+        self._bytes += n
+        if n <= MAX_PAYLOAD:
+            self._ops.append((Kind.WRITE, p, True, offset, mv, t))
+            return
         for i in range(0, len(mv), MAX_PAYLOAD):
             self._ops.append((Kind.WRITE, p, True, offset + i, mv[i : i + MAX_PAYLOAD], t))
 
     def append_truncate(self, path: str, length: int, ts: int | datetime | None = None) -> None:
         if length < 0:
             raise ValueError("length must not be negative")
-        self._ops.append((Kind.TRUNCATE, norm_path(path), True, length, b"", _ts(ts)))
+        self._ops.append((Kind.TRUNCATE, _norm(path), True, length, b"", _ts(ts)))
 
     def append_flush(self, path: str | None = None, ts: int | datetime | None = None) -> None:
         if path is None:
             self._ops.append((Kind.FLUSH, None, False, 0, b"", _ts(ts)))
         else:
-            self._ops.append((Kind.FLUSH, norm_path(path), True, 0, b"", _ts(ts)))
+            self._ops.append((Kind.FLUSH, _norm(path), True, 0, b"", _ts(ts)))
 
     def append_create(self, path: str, mode: int = 0o644, ts: int | datetime | None = None) -> None:
         p = norm_path(path)
@@ -505,6 +552,11 @@ class Journal:
                     os.unlink(os.path.join(self._segdir, name))
         nums = self._segment_numbers()
         head = self._read_head()
+        if not recover and head is not None and head.pending:
+            # An append is in progress: segments it is starting are not
+            # published yet (the writer may die, and the next locker then
+            # removes them). Readers stop at the head's committed end.
+            nums = [n for n in nums if n <= head.seg_no] or nums[:1]
         self._segs = []
         self._damage = None
         expect_seq: int | None = None
@@ -537,16 +589,18 @@ class Journal:
                         except OSError:
                             pass
             else:
-                limit = None
-                if head is not None and head.seg_no == n and not head.pending and head.seg_off <= seg.size:
-                    limit = head.seg_off
+                # Records end at the head's committed end. (A writable open
+                # holds the lock, which has already cut a dead writer's
+                # pending append; a reader must not see one in progress.)
+                committed = head.seg_off if head is not None and head.seg_no == n else None
+                limit = committed if committed is not None and committed <= seg.size else None
                 r = seg.scan(limit=limit, with_index=True)
                 assert r.index is not None
                 data = IndexData(n, seg.header.first_seq, r.count, r.end, r.ts_min, r.ts_max,
                                  r.file_id_max, *r.index)
-                tail = seg.size - r.end
-                if not r.clean or (limit is None and tail) or (limit is not None and limit < seg.size):
-                    self._tail(seg, r, head, recover, limit)
+                if (not r.clean or r.end != seg.size or (committed is not None and committed > r.end)
+                        or (head is not None and r.last_seq < head.synced_seq)):
+                    self._tail(seg, r, head, recover)
             info = self._info(data, cum)
             cum = info.cum_ts_max
             self._segs.append(info)
@@ -558,19 +612,35 @@ class Journal:
         return _SegInfo(d.seg_no, d.first_seq, d.count, d.end, d.ts_max, max(cum, d.ts_max),
                         d.file_id_max, d.seqs, d.tss, d.offs)
 
-    def _tail(self, seg: Segment, r: Any, head: Head | None, recover: bool, limit: int | None) -> None:
-        """Decide what bytes past the last valid record of the last segment are."""
+    def _tail(self, seg: Segment, r: Any, head: Head | None, recover: bool) -> None:
+        """Decide what the end of the last segment is: damage (valid records
+        follow the bad bytes, or records that sync() made durable are gone)
+        or a torn tail (bytes of appends that were never synced, cut by a
+        crash), which a writable open cuts."""
         committed = head.seg_off if head is not None and head.seg_no == seg.seg_no else None
+        synced = head.synced_seq if head is not None else 0
         if not r.clean:
             follow = seg.find_valid_after(r.end, r.last_seq)
-            if follow is not None or (committed is not None and r.end < committed):
+            if follow is not None:
                 why = STOP_REASONS.get(r.stop, "damaged record")
-                if follow is not None:
-                    why += f"; valid records follow at offset {follow}"
-                else:
-                    why += f"; the head says records were committed up to offset {committed}"
-                self._damage = CorruptJournal(why, seg.seg_no, r.end)
+                self._damage = CorruptJournal(f"{why}; valid records follow at offset {follow}",
+                                              seg.seg_no, r.end)
                 return
+        if r.last_seq < synced:
+            why = STOP_REASONS.get(r.stop, "segment ends") if not r.clean else "segment ends"
+            self._damage = CorruptJournal(
+                f"{why} after seq {r.last_seq}, but records up to seq {synced} were made durable",
+                seg.seg_no, r.end)
+            return
+        if head is not None and head.pending and not recover:
+            return  # an append in progress past the committed end: not ours to judge
+        where = f"segment {seg.seg_no:016x} offset {r.end}"
+        if committed is not None and committed > seg.size:
+            # the head counted records that never reached the disk (a crash
+            # before they were synced: allowed to lose them)
+            self.recovery.append(
+                f"records past seq {r.last_seq} that were appended but not synced are lost: "
+                f"{where} ends the journal, the head counted up to offset {committed}")
         cut = seg.size - r.end
         if cut <= 0:
             return
@@ -580,11 +650,10 @@ class Journal:
                 f.truncate(r.end)
                 os.fsync(f.fileno())
             seg.remap()
-            self.recovery.append(
-                f"cut a torn tail of {cut} bytes at segment {seg.seg_no:016x} offset {r.end} ({reason})")
+            self.recovery.append(f"cut a torn tail of {cut} bytes at {where} ({reason})")
         else:
             self.recovery.append(
-                f"torn tail of {cut} bytes at segment {seg.seg_no:016x} offset {r.end} ({reason}); "
+                f"torn tail of {cut} bytes at {where} ({reason}); "
                 "it is cut when the journal is next opened for writing")
 
     def _rebuild_head(self, head: Head | None) -> None:
@@ -651,23 +720,28 @@ class Journal:
             self._free_ids = list(range(first + FILE_ID_BLOCK - 1, first - 1, -1))
         return self._free_ids.pop()
 
-    def _encode(self, ops: list[tuple[Any, ...]]) -> bytearray:
-        buf = bytearray()
+    def _encode(self, ops: list[tuple[Any, ...]], by_pointer: bool = False) -> list[Any]:
+        """Bind paths to file ids (adding FILEMAP records where a path has
+        none yet) and lay the records out: as pieces of the buffer for
+        cdp_append_encoded (to join), or with by_pointer as cdp_append
+        record descriptors."""
+        parts: list[Any] = []
         paths = self._paths
+        pack = _pack_pointer if by_pointer else pack_pending
         for kind, path, needs_id, offset, payload, ts in ops:
             fid = 0
-            if needs_id == "new":
-                fid = self._alloc_id()
-            elif needs_id:
+            if needs_id is True:
                 fid = paths.get(path, 0)
                 if not fid:
                     fid = self._alloc_id()
-                    pack_pending(buf, Kind.FILEMAP, fid, 0, encode_path(path), ts)
+                    pack(parts, Kind.FILEMAP, fid, 0, encode_path(path), ts)
                     paths[path] = fid
-            pack_pending(buf, kind, fid, offset, payload, ts)
+            elif needs_id == "new":
+                fid = self._alloc_id()
+            pack(parts, kind, fid, offset, payload, ts)
             if kind in _NS_LOCAL:
                 self._apply_ns(kind, path, fid)
-        return buf
+        return parts
 
     def _apply_ns(self, kind: int, path: Any, fid: int) -> None:
         paths = self._paths
@@ -686,7 +760,7 @@ class Journal:
         elif kind == Kind.BASE:
             paths.clear()
 
-    def _commit(self, ops: list[tuple[Any, ...]]) -> tuple[int, int]:
+    def _commit(self, ops: list[tuple[Any, ...]], by_pointer: bool = False) -> tuple[int, int]:
         writer = self._need_writer()
         for _ in range(100):
             if self._ns_gen == UINT64_MAX:
@@ -696,8 +770,11 @@ class Journal:
                 self._ns_gen = st.ns_gen
                 self._paths.clear()
             try:
-                buf = self._encode(ops)
-                first, last, gen = writer.append_encoded(buf, self._ns_gen)
+                if by_pointer:
+                    first, last, gen = writer.append_records(self._encode(ops, True), self._ns_gen)
+                else:
+                    buf = bytearray().join(self._encode(ops))
+                    first, last, gen = writer.append_encoded(buf, self._ns_gen)
             except StaleNamespace:
                 self._ns_gen = UINT64_MAX
                 continue
@@ -822,9 +899,12 @@ class Journal:
                 seg.remap()
             pos = off if info.seg_no == self._segs[idx].seg_no else SEG_HDR.size
             expect = self._seq_at(info, pos)
-            # Validate in bounded chunks so an early stop costs little.
+            # Validate in growing chunks so that a short read (a seek, one
+            # record) checks little more than it returns.
+            chunk = 64
             while expect <= min(stop_seq, info.last_seq):
-                r = seg.scan(start=pos, expect_seq=expect, limit=info.end, max_records=4096)
+                r = seg.scan(start=pos, expect_seq=expect, limit=info.end, max_records=chunk)
+                chunk = min(chunk * 4, 4096)
                 view = seg.view()
                 p = pos
                 for _ in range(r.count):
@@ -869,10 +949,12 @@ class Journal:
         for seq, ts, kind, flags, fid, offset, payload in self._iter_raw(lo, hi):
             raw = bytes(payload)
             if kind in _NS_KINDS:
-                rpath = record_path(kind, raw) if kind != Kind.BASE else None
                 fmap.apply(kind, fid, raw)
-            else:
-                rpath = fmap.path_of(fid) if fid else None
+            # namespace records name their path (MKDIR, SETATTR, LINK, ...
+            # too); data records are about the file their id is bound to
+            rpath = record_path(kind, raw)
+            if rpath is None and fid:
+                rpath = fmap.path_of(fid)
             if want is not None and kind not in want:
                 continue
             if top is not None:
@@ -1020,6 +1102,7 @@ class Journal:
                 rep.records += r.count
                 rep.bytes += r.end
                 expect = r.last_seq + 1
+                rep.last_seq = r.last_seq  # also right when damage below returns early
                 committed = head.seg_off if head is not None and head.seg_no == n else None
                 if not r.clean or r.end != seg.size:
                     follow = seg.find_valid_after(r.end, r.last_seq) if not r.clean else None

@@ -219,13 +219,10 @@ def restore(journal: Journal | str | os.PathLike[str], dest: str | os.PathLike[s
             at: PointLike | None = "latest") -> RestoreResult:
     """Materialise the protected root as it was at point `at` into `dest`,
     which must be absent or an empty directory."""
-    own = not isinstance(journal, Journal)
-    j = Journal.open(journal, readonly=True) if own else journal
-    try:
+    if isinstance(journal, Journal):
+        return _restore(journal, os.path.abspath(os.fspath(dest)), at)
+    with Journal.open(journal, readonly=True) as j:
         return _restore(j, os.path.abspath(os.fspath(dest)), at)
-    finally:
-        if own:
-            j.close()
 
 
 def _restore(j: Journal, dest: str, at: PointLike | None) -> RestoreResult:

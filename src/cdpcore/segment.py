@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from cdpcore._native import INT64_MIN, check, ffi, lib
 from cdpcore.format import (
     REC_HDR,
-    SEG_HDR,
+    SEG_HDR_SIZE,
     IndexData,
     SegmentHeader,
     index_name,
@@ -67,9 +67,7 @@ class Segment:
         self.size = 0
         try:
             self.remap()
-            self.header: SegmentHeader = parse_segment_header(
-                bytes(self.view()[: SEG_HDR.size]), self.path
-            )
+            self.header: SegmentHeader = parse_segment_header(bytes(self.view()[:64]), self.path)
         except BaseException:
             self.close()
             raise
@@ -109,7 +107,7 @@ class Segment:
 
     def scan(
         self,
-        start: int = SEG_HDR.size,
+        start: int = SEG_HDR_SIZE,
         expect_seq: int | None = None,
         limit: int | None = None,
         with_index: bool = False,
