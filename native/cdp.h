@@ -43,6 +43,10 @@ enum cdp_kind {
 /* Feature flag: 1 when CRC32C runs on the SSE4.2 instruction. */
 int cdp_crc32c_hw(void);
 uint32_t cdp_crc32c(uint32_t crc, const void *buf, size_t len);
+/* Test hook: cap the CRC32C implementation at level (0 portable slicing-by-8,
+ * 1 the SSE4.2 crc32 instruction, 2 also VPCLMULQDQ folding; each only where
+ * the CPU has it) and return the level in force before; level < 0 only asks. */
+int cdp_crc32c_level(int level);
 const char *cdp_strerror(int status);
 
 /* ---- scanning (verification, recovery, index building) ---------------- */

@@ -607,9 +607,24 @@ int cdp_sync(cdp_writer *w, uint64_t *synced)
             if (hget(w, H_SYNCED_SEQ) < target) {
                 hset(w, H_SYNCED_SEQ, target);
                 head_seal(w);
+                /* The head must be on disk before anyone is told these
+                 * records are: after a power cut the head on disk could
+                 * otherwise be an older snapshot, perhaps marked pending,
+                 * and recovery would cut synced records back to its
+                 * committed end. Under the lock, so that a writer that sees
+                 * synced_seq cover its target knows it is durable. */
+                if (msync(w->head, CDP_HEAD_SIZE, MS_SYNC) < 0) {
+                    e = errno;
+                    r = CDP_EIO;
+                }
             }
             cdp_writer_unlock(w);
+            if (r == CDP_EIO)
+                errno = e;
         }
+    } else if ((r = cdp_writer_lock(w)) == CDP_OK) {
+        /* covered by another writer's sync: wait until its head is on disk */
+        cdp_writer_unlock(w);
     }
     pthread_mutex_unlock(&w->sync_mu);
     close(fd);

@@ -12,14 +12,18 @@
  *   flush1   cdp_append of one 0-byte FLUSH record   | pwrite of its 48 bytes
  *   write4k  cdp_append of one 4 KiB WRITE record     | pwrite of its 4144 bytes
  *   batch64  cdp_append of 64 x 4 KiB WRITE records   | one pwrite of the 64 records' bytes
- *   enc64    cdp_append_encoded of 64 x 4 KiB records | (same baseline as batch64)
+ *   enc64    cdp_append_encoded of 64 x 4 KiB records | memcpy + pwrite of the same buffer
+ *            (both sides restore the 64 records from a template before each
+ *            call: cdp_append_encoded fills seq and crc in place)
  *   flush64  cdp_append of 64 x 0-byte FLUSH records  | one pwrite of their 64 x 48 bytes
- * reported in ns per record. Within a round the journal and baseline runs
+ * reported in ns per record. Last, cdp_crc32c alone over the checksummed
+ * span of a 4 KiB and of a 64 KiB record (44 + payload bytes), in GB/s. Within a round the journal and baseline runs
  * alternate, and the order flips every round (ABBA), so slow drift of a
  * shared machine hits both sides alike. Output: one JSON object on stdout
  * with per-round figures; the Python runner takes the medians.
  *
- * Built at benchmark time (benchmarks/c/build.py): gcc -O2 -Inative native/*.c.
+ * Built at benchmark time by benchmarks/c/build_c.py (gcc -O2 with the
+ * writer sources, native/ *.c).
  */
 #define _GNU_SOURCE
 #include "cdp.h"
@@ -208,9 +212,13 @@ int main(int argc, char **argv)
                     base_open(&b, scratch);
                     t0 = now_ns();
                     for (int i = 0; i < c->iters; i++) {
-                        if (c->kind == 1)
-                            memcpy(encoded, template_enc, sizeof encoded);
-                        base_write(&b, image, bytes);
+                        if (c->kind == 1) {
+                            /* the same copy, then the same (just written) buffer */
+                            memcpy(encoded, image, sizeof encoded);
+                            base_write(&b, encoded, bytes);
+                        } else {
+                            base_write(&b, image, bytes);
+                        }
                     }
                     t1 = now_ns();
                     base_close(&b);
@@ -220,6 +228,23 @@ int main(int argc, char **argv)
         }
         cdp_writer_close(w);
     }
+    /* cdp_crc32c alone, per round: GB/s over the span a record's crc covers */
+    static const size_t crc_sizes[2] = {CDP_REC_HDR_SIZE - 4 + PAYLOAD, CDP_REC_HDR_SIZE - 4 + 65536};
+    static uint8_t crcbuf[65536 + 64];
+    double crc_gbs[2][64];
+    for (size_t i = 0; i < sizeof crcbuf; i++)
+        crcbuf[i] = (uint8_t)(i * 2654435761u >> 13);
+    volatile uint32_t sink = 0;
+    for (int r = 0; r < rounds; r++)
+        for (int k = 0; k < 2; k++) {
+            size_t sz = crc_sizes[k];
+            int reps = (int)((256u << 20) / sz);
+            int64_t t0 = now_ns();
+            for (int i = 0; i < reps; i++)
+                sink ^= cdp_crc32c((uint32_t)i, crcbuf + 4, sz);
+            crc_gbs[k][r] = (double)reps * (double)sz / (double)(now_ns() - t0);
+        }
+    (void)sink;
     for (size_t ci = 0; ci < NCASES; ci++) {
         const struct casedef *c = &cases[ci];
         printf("%s\"%s\": {\"records_per_append\": %zu, \"payload\": %u, \"appends_per_round\": %d, "
@@ -232,6 +257,13 @@ int main(int argc, char **argv)
         for (int r = 0; r < rounds; r++)
             printf("%s%.1f", r ? ", " : "", bns[ci][r]);
         printf("]}");
+    }
+    printf("}, \"crc32c_gbs\": {");
+    for (int k = 0; k < 2; k++) {
+        printf("%s\"%zu\": [", k ? ", " : "", crc_sizes[k]);
+        for (int r = 0; r < rounds; r++)
+            printf("%s%.2f", r ? ", " : "", crc_gbs[k][r]);
+        printf("]");
     }
     printf("}}\n");
     return 0;

@@ -18,6 +18,7 @@ import bisect
 import collections
 import os
 import shutil
+import threading
 import uuid as uuidlib
 from array import array
 from collections.abc import Iterable, Iterator
@@ -79,7 +80,8 @@ BY_POINTER_MIN = 16384
 
 def _norm(path: Any) -> str:
     """norm_path, cached for str paths: writers name the same few files over
-    and over, and normalising was a fifth of the cost of a 4 KiB append."""
+    and over, and normalising took a quarter of a batched 4 KiB append's
+    time (docs/benchmarks.md)."""
     if type(path) is not str:
         return norm_path(path)
     p = _NORM_CACHE.get(path)
@@ -89,6 +91,19 @@ def _norm(path: Any) -> str:
             _NORM_CACHE.clear()
         _NORM_CACHE[path] = p
     return p
+
+
+# Bumped in a forked child: an inherited Journal must not share the parent's
+# block of file ids or its path cache (both would bind one id to two files).
+_fork_gen = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_gen
+    _fork_gen += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _fsync_dir(path: str) -> None:
@@ -399,6 +414,9 @@ class Journal:
         self._ns_gen = UINT64_MAX
         self._free_ids: list[int] = []
         self._bookmarks: list[PointInfo] | None = None
+        self._seen: tuple[int, int, int] | None = None  # the head _load went by
+        self._append_lock = threading.Lock()
+        self._fork_gen = _fork_gen
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -411,7 +429,7 @@ class Journal:
         if segment_size < MIN_SEGMENT_SIZE:
             raise ValueError(f"segment size must be at least {MIN_SEGMENT_SIZE} bytes")
         if not os.path.isdir(root):
-            raise FileNotFoundError(2, f"protected root {root} is not a directory")
+            raise FileNotFoundError(2, "protected root is not a directory", root)
         if path == root or path.startswith(root + os.sep):
             raise ValueError(f"journal {path} must not lie inside the protected root {root}")
         if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
@@ -605,6 +623,7 @@ class Journal:
             cum = info.cum_ts_max
             self._segs.append(info)
             expect_seq = info.last_seq + 1
+        self._seen = (head.seg_no, head.seg_off, head.next_seq) if head is not None else None
         if recover and self._damage is None:
             self._rebuild_head(head)
 
@@ -680,6 +699,8 @@ class Journal:
         head = self._read_head()
         if self._damage is not None:
             return
+        if head is not None and (head.seg_no, head.seg_off, head.next_seq) == self._seen:
+            return  # nothing published since _load judged this head (a torn tail, say)
         if head is None or head.seg_no != self._segs[-1].seg_no or head.seg_off != self._segs[-1].end:
             if head is not None and head.seg_no == self._segs[-1].seg_no and head.seg_off > self._segs[-1].end:
                 self._extend(head.seg_off)
@@ -761,10 +782,28 @@ class Journal:
             paths.clear()
 
     def _commit(self, ops: list[tuple[Any, ...]], by_pointer: bool = False) -> tuple[int, int]:
+        # The path -> file id cache and the file-id block are this object's:
+        # threads take turns from encoding to the append's result, or one
+        # thread's FILEMAP could land after another's record that relies on it.
+        if self._fork_gen != _fork_gen:
+            self._fork_gen = _fork_gen
+            self._append_lock = threading.Lock()  # a parent's thread may have held it
+            self._free_ids = []
+            self._paths.clear()
+            self._ns_gen = UINT64_MAX
+        with self._append_lock:
+            return self._commit_locked(ops, by_pointer)
+
+    def _commit_locked(self, ops: list[tuple[Any, ...]], by_pointer: bool) -> tuple[int, int]:
         writer = self._need_writer()
+        repaired = False
         for _ in range(100):
             if self._ns_gen == UINT64_MAX:
                 st = writer.get_state()
+                if st is None and not repaired:
+                    self._repair_head()
+                    repaired = True
+                    st = writer.get_state()
                 if st is None:
                     raise CorruptJournal("journal head is damaged; reopen the journal to rebuild it")
                 self._ns_gen = st.ns_gen
@@ -778,12 +817,34 @@ class Journal:
             except StaleNamespace:
                 self._ns_gen = UINT64_MAX
                 continue
+            except CorruptJournal:
+                # the C writer found the head damaged (a writer killed while
+                # it updated the head leaves it so): rebuild it, once
+                self._ns_gen = UINT64_MAX
+                if repaired:
+                    raise
+                self._repair_head()
+                repaired = True
+                continue
             except BaseException:
                 self._ns_gen = UINT64_MAX  # the cached ids may name records never written
                 raise
             self._ns_gen = gen
             return first, last
         raise CorruptJournal("namespace keeps changing under this writer; giving up")
+
+    def _repair_head(self) -> None:
+        """Rebuild a damaged head file (a cache) from the segments, under the
+        lock, as a writable open does."""
+        writer = self._need_writer()
+        writer.lock()
+        try:
+            if writer.get_state() is None:  # nobody repaired it while we waited
+                self._load(recover=True)
+        finally:
+            writer.unlock()
+        if self._damage is not None:
+            raise self._damage
 
     def batch(self) -> Batch:
         return Batch(self)
@@ -1106,7 +1167,9 @@ class Journal:
                 committed = head.seg_off if head is not None and head.seg_no == n else None
                 if not r.clean or r.end != seg.size:
                     follow = seg.find_valid_after(r.end, r.last_seq) if not r.clean else None
-                    tail_ok = last and follow is None and (committed is None or r.end >= committed)
+                    # a tail past the last record is torn (not damage) when no
+                    # valid record follows and sync() never covered it
+                    tail_ok = last and follow is None and (head is None or r.last_seq >= head.synced_seq)
                     if tail_ok:
                         rep.problems.append(Problem(
                             "warning", f"torn tail of {seg.size - r.end} bytes past the last committed "
@@ -1118,8 +1181,11 @@ class Journal:
                         rep.problems.append(Problem("damage", msg, n, r.end))
                         return rep
                 if last and committed is not None and r.end < committed:
+                    lost_synced = head is not None and r.last_seq < head.synced_seq
                     rep.problems.append(Problem(
-                        "damage", f"records end at offset {r.end}, the head says {committed}", n, r.end))
+                        "damage" if lost_synced else "warning",
+                        f"records end at offset {r.end}, the head says {committed}"
+                        + ("" if lost_synced else " (appends never synced, lost in a crash)"), n, r.end))
                 if not last and os.path.exists(seg.index_path):
                     stored = seg.load_index()
                     if stored is None or stored.to_bytes() != data.to_bytes():
@@ -1128,9 +1194,14 @@ class Journal:
             finally:
                 seg.close()
         rep.last_seq = (expect or 1) - 1
-        if head is not None and head.next_seq != rep.last_seq + 1 and head.seg_no == nums[-1]:
+        if head is not None and rep.last_seq < head.synced_seq:
             rep.problems.append(Problem(
-                "damage", f"head expects next seq {head.next_seq}, segments end at {rep.last_seq}"))
+                "damage", f"records up to seq {head.synced_seq} were made durable, "
+                f"the segments end at seq {rep.last_seq}"))
+        elif head is not None and head.next_seq != rep.last_seq + 1 and head.seg_no == nums[-1]:
+            rep.problems.append(Problem(
+                "warning", f"head expects next seq {head.next_seq}, segments end at {rep.last_seq} "
+                "(the head is rebuilt on the next writable open)"))
         return rep
 
 

@@ -232,8 +232,24 @@ def _restore(j: Journal, dest: str, at: PointLike | None) -> RestoreResult:
             raise RestoreError(f"{dest} exists and is not a directory")
         if os.listdir(dest):
             raise RestoreError(f"{dest} is not empty; restore needs an empty or absent directory")
+        created = False
     else:
         os.makedirs(dest)
+        created = True
+    try:
+        return _replay(j, dest, seq)
+    except BaseException:
+        # leave DEST as it was found: an operator must not mistake a
+        # half-restored tree for a restore
+        for name in os.listdir(dest):
+            p = os.path.join(dest, name)
+            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+        if created:
+            os.rmdir(dest)
+        raise
+
+
+def _replay(j: Journal, dest: str, seq: int) -> RestoreResult:
     staging = os.path.join(dest, STAGING)
     os.mkdir(staging, 0o700)
     tree = _Tree(staging)
@@ -252,9 +268,15 @@ def _restore(j: Journal, dest: str, at: PointLike | None) -> RestoreResult:
                     raise CorruptJournal(f"BASE record {s} names missing base {ref!r}")
                 tree.load_base(base)
             elif kind == Kind.DIRTY:
-                result.dirty.append(f"file id {fid} at seq {s}: {raw[8:].decode('utf-8', 'replace')}")
+                ino = tree.ids.get(fid)
+                name = next((p for p, n in tree.nodes.items() if n is ino), f"file id {fid}")
+                result.dirty.append(f"{name} (seq {s}): {raw[8:].decode('utf-8', 'replace')}")
             else:
                 tree.apply(kind, fid, offset, raw)
+                if kind in (Kind.WRITE, Kind.TRUNCATE, Kind.CREATE):
+                    # the file changed then: its mtime is no longer the base's
+                    # (a restored file must not look unmodified to rsync or make)
+                    tree.ids[fid].mtime_us = ts
             result.records += 1
             result.ts = ts
         tree.materialise(dest, result)

@@ -1,0 +1,70 @@
+"""Run the cdpcore benchmarks and write the side-by-side results.
+
+    python benchmarks/run.py                  # everything (about a minute)
+    python benchmarks/run.py append checksum  # some suites
+    python benchmarks/run.py --quick          # fewer rounds, 1M-record journal
+
+Suites: append (target 1), c (target 2), resolve (target 3), checksum
+(target 4). Writes benchmarks/results/results.json and results.md (or the
+--out directory) and prints the Markdown. Files go to $CDP_BENCH_DIR, else
+the system temp dir, and are deleted afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+import _bench
+
+SUITES = ("append", "c", "resolve", "checksum")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suites", nargs="*", help=f"any of {', '.join(SUITES)} (default: all)")
+    ap.add_argument("--rounds", type=int, default=7, help="ABAB pairs per comparison (default 7)")
+    ap.add_argument("--mib", type=int, default=128, help="MiB of payload per append run (default 128)")
+    ap.add_argument("--records", type=int, default=10_000_000, help="records in the resolve journal")
+    ap.add_argument("--quick", action="store_true", help="3 rounds, 64 MiB, 1M records")
+    ap.add_argument("--out", default=os.path.join(_bench.HERE, "results"), help="results directory")
+    args = ap.parse_args(argv)
+    suites = args.suites or list(SUITES)
+    bad = [s for s in suites if s not in SUITES]
+    if bad:
+        ap.error(f"unknown suite {', '.join(bad)}; choose from {', '.join(SUITES)}")
+    if args.quick:
+        args.rounds, args.mib, args.records = 3, 64, 1_000_000
+    command = "python benchmarks/run.py" + ("" if argv is None and len(sys.argv) == 1
+                                           else " " + shlex.join(sys.argv[1:] if argv is None else argv))
+
+    def log(s: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)
+
+    res: dict = {"machine": _bench.machine(), "command": command}
+    t0 = time.perf_counter()
+    if "append" in suites:
+        res["append"] = _bench.append_suite(rounds=args.rounds, mib=args.mib, log=log)
+    if "c" in suites:
+        res["c"] = _bench.c_suite(rounds=args.rounds, log=log)
+    if "resolve" in suites:
+        res["resolve"] = _bench.resolve_suite(records=args.records, log=log)
+    if "checksum" in suites:
+        res["checksum"] = _bench.checksum_suite(rounds=args.rounds, log=log)
+    res["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    md = _bench.render_markdown(res, command) + f"\nTotal run time: {res['elapsed_s']} s.\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1, sort_keys=True)
+        f.write("\n")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
