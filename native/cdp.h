@@ -29,7 +29,7 @@ enum cdp_sizes {
     CDP_HEAD_SIZE = 4096,
     CDP_REC_MARKER = 0x5243,          /* "CR" little-endian, bytes 42..43 */
     CDP_MAX_PAYLOAD = 16777216,       /* 16 MiB per record */
-    CDP_MAX_KIND = 15
+    CDP_MAX_KIND = 16
 };
 
 /* Record kinds (byte 40 of a record). */
@@ -37,7 +37,7 @@ enum cdp_kind {
     CDP_WRITE = 1, CDP_TRUNCATE = 2, CDP_FLUSH = 3, CDP_CREATE = 4,
     CDP_RENAME = 5, CDP_UNLINK = 6, CDP_MKDIR = 7, CDP_RMDIR = 8,
     CDP_SETATTR = 9, CDP_BOOKMARK = 10, CDP_FILEMAP = 11, CDP_BASE = 12,
-    CDP_DIRTY = 13, CDP_SYMLINK = 14, CDP_LINK = 15
+    CDP_DIRTY = 13, CDP_SYMLINK = 14, CDP_LINK = 15, CDP_AUDIT = 16
 };
 
 /* Feature flag: 1 when CRC32C runs on the SSE4.2 instruction. */
@@ -88,6 +88,64 @@ int cdp_scan(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_s
  * seq > after_seq; returns its offset in *found or UINT64_MAX. */
 int cdp_find_valid(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t after_seq,
                    uint64_t *found);
+
+/* ---- planning a restore (plan.py) ----------------------------------------- */
+
+/* Where cdp_extract stopped, beyond the cdp_stop codes above. */
+enum cdp_extract_stop {
+    CDP_STOP_KIND = 7       /* a record Python must apply itself (res.end is its offset) */
+};
+
+struct cdp_extract_result {
+    uint64_t end;           /* offset of the next record to read */
+    uint64_t count;         /* records consumed (extracted or skipped) */
+    uint64_t n_out;         /* rows written to the output columns */
+    uint64_t last_seq;      /* seq of the last record consumed (expect_seq - 1 if none) */
+    int64_t last_ts;        /* its timestamp (0 if none) */
+    int stop;               /* enum cdp_stop, or CDP_STOP_KIND */
+};
+
+/* Validate records in buf[start:len) as cdp_scan does, at most max_records of
+ * them, and turn each WRITE and TRUNCATE into one row of the output columns:
+ * key = key_of_fid[file id], start, end, file = file_no, src (the payload's
+ * offset in buf) and seq, ts. A TRUNCATE to L is the row [L, UINT64_MAX) with
+ * file = UINT64_MAX (a hole: what it cut reads as zeros) and src = 0. Records of the kinds in skip_kinds (bit k
+ * for kind k) are consumed without a row. Stops, without consuming it, at any
+ * other record and at a WRITE or TRUNCATE whose file id has no key (file id
+ * >= n_fids or key 0): CDP_STOP_KIND, the caller applies that record. Stops
+ * with CDP_STOP_LIMIT when cap rows are written. With n_fids = 0, WRITE and
+ * TRUNCATE are treated like every other kind (skipped if in skip_kinds). */
+int cdp_extract(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_seq,
+                uint64_t max_records, uint32_t skip_kinds,
+                const uint64_t *key_of_fid, uint64_t n_fids, uint64_t file_no,
+                uint64_t *key, uint64_t *row_start, uint64_t *row_end, uint64_t *file, uint64_t *src,
+                uint64_t *seq, int64_t *ts, uint64_t cap, struct cdp_extract_result *res);
+
+/* The visible extents of files built from rows in priority order (a later row
+ * covers an earlier one where they overlap): rows are (key, start, end, file,
+ * src, seq, ts) as cdp_extract writes them, with file naming the source file
+ * (UINT64_MAX for a hole row: [start, end) reads as zeros, and a hole row with
+ * end = UINT64_MAX sets the size to start). A row with start = end changes no
+ * byte and no size (an empty write) but counts as a change for last_seq.
+ * For every key k < n_keys: size[k] = the file's size after all its rows (0
+ * without rows), last_seq[k], last_ts[k] = seq and ts of its last row (0 if
+ * none). Pieces (p_key, p_start, p_len, p_file, p_src) are the data extents
+ * below each size, sorted by key then start, neighbours from one contiguous
+ * source merged; holes are not listed. cap must be at least 2 * n + 1.
+ * Rows with key >= n_keys are CDP_EINVAL. */
+int cdp_cover(uint64_t n, const uint64_t *key, const uint64_t *start, const uint64_t *end,
+              const uint64_t *file, const uint64_t *src, const uint64_t *seq, const int64_t *ts,
+              uint64_t n_keys, uint64_t *size, uint64_t *last_seq, int64_t *last_ts,
+              uint64_t *p_key, uint64_t *p_start, uint64_t *p_len, uint64_t *p_file,
+              uint64_t *p_src, uint64_t cap, uint64_t *n_pieces);
+
+/* Write pieces into fd: piece i is len[i] bytes from maps[file[i]] + src[i]
+ * to offset dst[i], gathered with pwritev where destinations are contiguous.
+ * A source outside its map (map_len) is CDP_EINVAL before anything is written
+ * for that piece. *written receives the bytes written. */
+int cdp_copy_out(int fd, uint64_t n, const uint64_t *dst, const uint64_t *len,
+                 const uint64_t *file, const uint64_t *src, const uint8_t *const *maps,
+                 const uint64_t *map_len, uint64_t n_maps, uint64_t *written);
 
 /* ---- writing ------------------------------------------------------------ */
 

@@ -144,3 +144,71 @@ int cdp_find_valid(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t af
     }
     return CDP_OK;
 }
+
+int cdp_extract(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_seq,
+                uint64_t max_records, uint32_t skip_kinds,
+                const uint64_t *key_of_fid, uint64_t n_fids, uint64_t file_no,
+                uint64_t *key, uint64_t *row_start, uint64_t *row_end, uint64_t *file, uint64_t *src,
+                uint64_t *seq, int64_t *ts, uint64_t cap, struct cdp_extract_result *res)
+{
+    if (!res || start > len || (start & 7))
+        return CDP_EINVAL;
+    memset(res, 0, sizeof *res);
+    uint64_t pos = start, s = expect_seq, n = 0, count = 0;
+    int stop = CDP_STOP_END;
+    while (pos < len) {
+        if (count >= max_records) {
+            stop = CDP_STOP_LIMIT;
+            break;
+        }
+        uint64_t size;
+        stop = check_record(buf + pos, len - pos, &size);
+        if (stop != CDP_STOP_END)
+            break;
+        if (rd64(buf + pos + 8) != s) {
+            stop = CDP_STOP_SEQ;
+            break;
+        }
+        uint8_t kind = buf[pos + 40];
+        if (n_fids && (kind == CDP_WRITE || kind == CDP_TRUNCATE)) {
+            uint64_t fid = rd64(buf + pos + 24);
+            uint64_t k = fid < n_fids ? key_of_fid[fid] : 0;
+            if (k == 0) {
+                stop = CDP_STOP_KIND;
+                break;
+            }
+            if (n >= cap) {
+                stop = CDP_STOP_LIMIT;
+                break;
+            }
+            uint64_t off = rd64(buf + pos + 32);
+            key[n] = k;
+            row_start[n] = off;
+            if (kind == CDP_WRITE) {
+                row_end[n] = off + rd32(buf + pos + 4);
+                file[n] = file_no;
+                src[n] = pos + CDP_REC_HDR_SIZE;
+            } else {
+                row_end[n] = UINT64_MAX;
+                file[n] = UINT64_MAX;
+                src[n] = 0;
+            }
+            seq[n] = s;
+            ts[n] = (int64_t)rd64(buf + pos + 16);
+            n++;
+        } else if (!(kind < 32 && (skip_kinds >> kind) & 1)) {
+            stop = CDP_STOP_KIND;
+            break;
+        }
+        res->last_ts = (int64_t)rd64(buf + pos + 16);
+        count++;
+        s++;
+        pos += size;
+    }
+    res->end = pos;
+    res->count = count;
+    res->n_out = n;
+    res->last_seq = s - 1;
+    res->stop = stop;
+    return CDP_OK;
+}

@@ -56,7 +56,7 @@ def cli(*args: Any, cmd: list[str] = MODULE) -> Run:
 def assert_error(args: tuple[Any, ...], code: int, type_name: str, *words: str) -> None:
     """The error contract, in both modes: the exit code, one line on stderr
     and nothing on stdout; with --json, the error document on stdout."""
-    if args[0] == "restore":
+    if args and args[0] == "restore":
         # two restores into one destination would race each other
         r = finish(start(*args))
         j = finish(start(*args, "--json"))

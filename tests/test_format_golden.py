@@ -94,7 +94,7 @@ def test_struct_sizes_and_constants():
 KINDS = {
     "WRITE": 1, "TRUNCATE": 2, "FLUSH": 3, "CREATE": 4, "RENAME": 5, "UNLINK": 6, "MKDIR": 7,
     "RMDIR": 8, "SETATTR": 9, "BOOKMARK": 10, "FILEMAP": 11, "BASE": 12, "DIRTY": 13,
-    "SYMLINK": 14, "LINK": 15,
+    "SYMLINK": 14, "LINK": 15, "AUDIT": 16,
 }
 
 

@@ -70,6 +70,7 @@ class Kind(enum.IntEnum):
     DIRTY = 13
     SYMLINK = 14
     LINK = 15
+    AUDIT = 16  # anchors an audit-log entry (audit.py); changes nothing in the tree
 
 
 # Kinds whose file_id field names a file (the others carry paths).

@@ -307,12 +307,16 @@ class Batch:
             self.commit()
 
     def commit(self) -> tuple[int, int]:
-        """Write the collected records; returns (first_seq, last_seq)."""
+        """Write the collected records; returns (first_seq, last_seq).
+        Bookmarks among them are entered in the audit log (cdpcore.audit)."""
         if self._ops:
             by_pointer = self._bytes >= BY_POINTER_MIN * len(self._ops)
+            marks = [bytes(op[4]).decode() for op in self._ops if op[0] == Kind.BOOKMARK]
             self.first_seq, self.last_seq = self._j._commit(self._ops, by_pointer)
             self._ops = []
             self._bytes = 0
+            if marks:
+                self._j._audit_bookmarks(marks, self.first_seq, self.last_seq)
         return self.first_seq, self.last_seq
 
     # Each op is (kind, path, file_id_needed, offset, payload, ts).
@@ -387,6 +391,13 @@ class Batch:
 
     def append_base(self, reference: str, ts: int | datetime | None = None) -> None:
         self._ops.append((Kind.BASE, None, False, 0, reference.encode(), _ts(ts)))
+
+    def append_audit(self, entry: int, digest: bytes, ts: int | datetime | None = None) -> None:
+        """AUDIT: anchors audit-log entry number `entry`, whose SHA-256 is
+        `digest` (cdpcore.audit writes these)."""
+        if entry < 1 or len(digest) != 32:
+            raise ValueError("an AUDIT record needs an entry number >= 1 and a 32-byte digest")
+        self._ops.append((Kind.AUDIT, None, False, entry, bytes(digest), _ts(ts)))
 
 
 def _bookmark_payload(name: str) -> bytes:
@@ -895,8 +906,21 @@ class Journal:
         return self._one("append_dirty", path, offset, length, reason, ts)
 
     def bookmark(self, name: str, ts: int | datetime | None = None) -> int:
-        """Name the current point; restore with at="bookmark:NAME"."""
+        """Name the current point; restore with at="bookmark:NAME". The
+        bookmark is entered in the audit log (durably) before this returns."""
         return self._one("bookmark", name, ts)
+
+    def _audit_bookmarks(self, names: list[str], first_seq: int, last_seq: int) -> None:
+        # Here rather than in cdpctl so that an embedder's bookmarks are
+        # audited too. Not anchored in the journal (anchor=False): an AUDIT
+        # record after every bookmark would put records in the journal that
+        # the caller did not ask for; the next anchored action (restore,
+        # rollback, prune, `cdpctl audit --anchor`) covers these entries.
+        from cdpcore import audit
+
+        for name in names:
+            result = {"seq": last_seq} if first_seq == last_seq else {"batch": [first_seq, last_seq]}
+            audit.append(self, "bookmark", {"name": name}, result, ok=True, anchor=False)
 
     def sync(self) -> int:
         """Group commit: every record appended before the call is durable on
@@ -946,6 +970,36 @@ class Journal:
         """(seq, ts, kind, flags, file_id, offset, payload) for seq in [start, stop],
         validated by the C scan before decoding. Raises CorruptJournal where
         reading has to stop."""
+        for seg, pos, expect, end, last in self.spans(start_seq, stop_seq):
+            # Validate in growing chunks so that a short read (a seek, one
+            # record) checks little more than it returns.
+            chunk = 64
+            while expect <= min(stop_seq, last):
+                r = seg.scan(start=pos, expect_seq=expect, limit=end, max_records=chunk)
+                chunk = min(chunk * 4, 4096)
+                view = seg.view()
+                p = pos
+                for _ in range(r.count):
+                    _crc, n, seq, ts, fid, offset, kind, flags, _m, _r = REC_HDR.unpack_from(view, p)
+                    if seq > stop_seq:
+                        return
+                    if seq >= start_seq:
+                        yield seq, ts, kind, flags, fid, offset, view[p + 48 : p + 48 + n]
+                    p += (48 + n + 7) & ~7
+                if not r.clean:
+                    raise CorruptJournal(r.reason, seg.seg_no, r.end)
+                if r.count == 0:
+                    break
+                pos, expect = r.end, r.last_seq + 1
+
+    def spans(self, start_seq: int, stop_seq: int) -> Iterator[tuple[Segment, int, int, int, int]]:
+        """Where the records with seq in [start_seq, stop_seq] lie, segment by
+        segment: (mapped segment, offset to read from, seq of the record
+        there, end of its records, seq of its last record). The offset is an
+        index entry at or before start_seq; readers validate from there (the
+        C scan) and skip what comes before start_seq. The segment stays
+        mapped until the next step. Raises CorruptJournal when the range
+        reaches past damage."""
         if not self._segs or start_seq > stop_seq:
             if self._damage is not None and start_seq <= stop_seq:
                 raise self._damage
@@ -959,27 +1013,7 @@ class Journal:
             if seg.size < info.end:
                 seg.remap()
             pos = off if info.seg_no == self._segs[idx].seg_no else SEG_HDR.size
-            expect = self._seq_at(info, pos)
-            # Validate in growing chunks so that a short read (a seek, one
-            # record) checks little more than it returns.
-            chunk = 64
-            while expect <= min(stop_seq, info.last_seq):
-                r = seg.scan(start=pos, expect_seq=expect, limit=info.end, max_records=chunk)
-                chunk = min(chunk * 4, 4096)
-                view = seg.view()
-                p = pos
-                for _ in range(r.count):
-                    _crc, n, seq, ts, fid, offset, kind, flags, _m, _r = REC_HDR.unpack_from(view, p)
-                    if seq > stop_seq:
-                        return
-                    if seq >= start_seq:
-                        yield seq, ts, kind, flags, fid, offset, view[p + 48 : p + 48 + n]
-                    p += (48 + n + 7) & ~7
-                if not r.clean:
-                    raise CorruptJournal(r.reason, info.seg_no, r.end)
-                if r.count == 0:
-                    break
-                pos, expect = r.end, r.last_seq + 1
+            yield seg, pos, self._seq_at(info, pos), info.end, info.last_seq
         if self._damage is not None and stop_seq > self._segs[-1].last_seq:
             raise self._damage
 

@@ -80,6 +80,16 @@ class Record:
             return self.data[DIRTY_FIXED.size :].decode("utf-8", "replace")
         return None
 
+    @property
+    def audit_entry(self) -> int | None:
+        """AUDIT: the number of the audit-log entry this record anchors."""
+        return self.offset if self.kind == Kind.AUDIT else None
+
+    @property
+    def audit_hash(self) -> str | None:
+        """AUDIT: the SHA-256 of that entry, hex."""
+        return self.data.hex() if self.kind == Kind.AUDIT else None
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "seq": self.seq,
@@ -93,7 +103,7 @@ class Record:
             out["offset"] = self.offset
         if self.kind in (Kind.WRITE, Kind.TRUNCATE, Kind.DIRTY):
             out["length"] = self.length
-        for key in ("target", "mode", "mtime_us", "name"):
+        for key in ("target", "mode", "mtime_us", "name", "audit_entry", "audit_hash"):
             v = getattr(self, key)
             if v is not None:
                 out[key] = v

@@ -64,6 +64,8 @@ def details(rec: Doc) -> Iterator[str]:
         yield f"-> {text(rec['target'])}"
     if "name" in rec:
         yield f"{NAME_LABEL.get(Kind[rec['kind']], 'name')}={text(rec['name'])}"
+    if "audit_entry" in rec:
+        yield f"entry={rec['audit_entry']}  hash={rec['audit_hash'][:16]}..."
 
 
 def line(rec: Doc) -> str:
