@@ -341,8 +341,9 @@ static int write_all(int fd, struct iovec *iov, int cnt, uint64_t off)
     return CDP_OK;
 }
 
-/* Undo a failed append: the head still describes the state before it. */
-static void roll_back(cdp_writer *w)
+/* Undo a failed append (the head still describes the state before it),
+ * release the lock and return status r with the failing call's errno. */
+static int abandon_append(cdp_writer *w, int r)
 {
     int e = errno;
     cut_pending(w);
@@ -350,7 +351,9 @@ static void roll_back(cdp_writer *w)
         close(w->seg_fd);
         w->seg_fd = -1;
     }
+    cdp_writer_unlock(w);
     errno = e;
+    return r;
 }
 
 /* Shared front half of both append paths: lock, check the namespace
@@ -471,13 +474,7 @@ int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
     end_append(w, off, seq, last_ts, bumps, res, first_seq);
     return CDP_OK;
 fail:
-    roll_back(w);
-    {
-        int e = errno;
-        cdp_writer_unlock(w);
-        errno = e;
-    }
-    return r;
+    return abandon_append(w, r);
 }
 
 int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
@@ -542,13 +539,7 @@ int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
     end_append(w, off, seq, last_ts, bumps, res, first_seq);
     return CDP_OK;
 fail:
-    roll_back(w);
-    {
-        int e = errno;
-        cdp_writer_unlock(w);
-        errno = e;
-    }
-    return r;
+    return abandon_append(w, r);
 }
 
 int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first)

@@ -8,15 +8,7 @@ import random
 import pytest
 
 from cdpcore._native import crc32c, lib
-
-
-def reference(data: bytes, crc: int = 0) -> int:
-    c = crc ^ 0xFFFFFFFF
-    for b in data:
-        c ^= b
-        for _ in range(8):
-            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
-    return c ^ 0xFFFFFFFF
+from test_format_golden import crc32c_reference as reference
 
 
 @pytest.fixture(params=[0, 1, 2], ids=["portable", "sse42", "fold"])
