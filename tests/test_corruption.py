@@ -395,11 +395,24 @@ def test_damaged_head_is_rebuilt_and_flagged(fast_tmp):
         with Journal.open(src) as j:  # a writable open rebuilds it
             assert j.verify().ok, pos
             assert rec_tuples(j) == (orig, None)
-    # a head that lost its tail (size) is damage too
-    raw = (src / "head").read_bytes()
-    (src / "head").write_bytes(raw[:200])
-    with Journal.open(src, readonly=True) as j:
-        assert not j.verify().ok
+    # a head that lost its tail (size) is damage too; a lost head as well:
+    # a writable open recreates either
+    for damage in ("short", "missing"):
+        raw = (src / "head").read_bytes()
+        if damage == "short":
+            (src / "head").write_bytes(raw[:200])
+        else:
+            (src / "head").unlink()
+        with Journal.open(src, readonly=True) as j:
+            assert not j.verify().ok
+            assert rec_tuples(j) == (orig, None)
+        with Journal.open(src) as j:
+            # a short head whose live part survived is simply extended
+            assert damage == "short" or any("head" in m for m in j.recovery)
+            assert j.verify().ok
+            j.append_flush()
+        with Journal.open(src, readonly=True) as j:
+            assert rec_tuples(j)[0][: len(orig)] == orig
 
 
 def test_head_damaged_under_an_open_writer(fast_tmp):

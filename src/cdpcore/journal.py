@@ -106,6 +106,18 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _ensure_head_file(path: str) -> None:
+    """A lost or short head (a cache) is recreated in place, zero-filled, so
+    that the locker rebuilds it from the segments. In place, never by rename:
+    two processes opening at once must end up locking the same file."""
+    fd = os.open(os.path.join(path, HEAD_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        if os.fstat(fd).st_size < 4096:
+            os.ftruncate(fd, 4096)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -488,6 +500,7 @@ class Journal:
         j = cls(path, meta, readonly)
         try:
             if not readonly:
+                _ensure_head_file(path)
                 j._writer = Writer(path)
                 j._writer.lock()
                 try:
