@@ -410,9 +410,10 @@ def test_damaged_head_is_rebuilt_and_flagged(fast_tmp):
             # a short head whose live part survived is simply extended
             assert damage == "short" or any("head" in m for m in j.recovery)
             assert j.verify().ok
-            j.append_flush()
-        with Journal.open(src, readonly=True) as j:
-            assert rec_tuples(j)[0][: len(orig)] == orig
+    with Journal.open(src) as j:  # and appending works on the recreated head
+        seq = j.append_flush()
+    with Journal.open(src, readonly=True) as j:
+        assert rec_tuples(j)[0][: len(orig)] == orig and j.last_seq == seq == len(orig) + 1
 
 
 def test_head_damaged_under_an_open_writer(fast_tmp):
