@@ -396,3 +396,20 @@ def test_invalid_arguments_write_nothing(journal_dirs):
         assert j.last_seq == 0
     with Journal.open(jpath, readonly=True) as r, pytest.raises(PermissionError):
         r.append_write("a", 0, b"x")
+
+
+def test_batch_keeps_what_a_reused_buffer_held(journal_dirs):
+    """Vendor code often fills one buffer page after page: each record must
+    hold the page as it was when it was appended, not when the batch commits."""
+    jpath, root = journal_dirs
+    with Journal.create(jpath, root) as j:
+        buf = bytearray(4096)
+        with j.batch() as b:
+            for i in range(4):
+                buf[:] = bytes([i]) * 4096
+                b.append_write("f", i * 4096, buf)
+            big = bytearray(b"x" * 65536)  # the by-pointer path
+            b.append_write("g", 0, big)
+            big[:] = b"y" * 65536
+        got = [(r.path, r.data) for r in j.records(kinds=[Kind.WRITE])]
+    assert got == [("f", bytes([i]) * 4096) for i in range(4)] + [("g", b"x" * 65536)]

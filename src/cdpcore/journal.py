@@ -335,7 +335,9 @@ class Batch:
     def append_write(self, path: str, offset: int, data: Any, ts: int | datetime | None = None) -> None:
         if offset < 0:
             raise ValueError("offset must not be negative")
-        mv = data if type(data) is bytes else memoryview(data).cast("B")
+        # A mutable buffer is copied now: a caller that reuses its buffer for
+        # the next page before the batch commits must not change this record.
+        mv = data if type(data) is bytes else bytes(memoryview(data).cast("B"))
         p = _norm(path)
         t = ts if ts is None or type(ts) is int else _ts(ts)
         n = len(mv)
