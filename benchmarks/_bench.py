@@ -414,6 +414,116 @@ def resolve_suite(records: int = 10_000_000, samples: int = 2000,
     return {**built, **res}
 
 
+# ---- timeline of a journal of random 4 KiB writes ------------------------------------------------
+
+TIMELINE_RECORDS = int(os.environ.get("CDP_BENCH_TL_RECORDS", "1000000"))
+
+
+def text_pages(n: int, size: int = 4096, seed: int = 3) -> list[bytes]:
+    """n distinct text-like pages (zstd-1 gets them to about half): what a
+    HIS database's pages look like to the timeline's entropy test."""
+    rnd = random.Random(seed)
+    words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(rnd.randint(2, 10)))
+             for _ in range(2000)]
+    return [b" ".join(rnd.choice(words) for _ in range(size // 4))[:size] for _ in range(n)]
+
+
+def build_write_journal(directory: str, records: int, file_size: int = 1 << 30, block: int = 4096,
+                        span_us: int = 3_600_000_000, flush_every: int = 64,
+                        log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """A journal protecting one `file_size` file: `records` WRITE records of
+    `block` text-like bytes at random block-aligned offsets, a FLUSH of all
+    files every `flush_every` writes, timestamps spread evenly over span_us,
+    appended in batches of 256 through the Python API (64 MiB segments)."""
+    need = records * (block + 64) + (256 << 20)
+    if disk_free(directory) < need:
+        raise RuntimeError(f"{directory}: the {records}-record journal needs {need >> 20} MiB; "
+                           "set CDP_BENCH_DIR to a roomier filesystem")
+    j, path = new_journal(directory, segment_size=64 << 20)
+    pages = text_pages(256, block)
+    rnd = random.Random(5)
+    slots = file_size // block
+    first_ts = (time.time_ns() // 1000 // 60_000_000 + 1) * 60_000_000
+    step = span_us / records
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, records, 256):
+            with j.batch() as b:
+                for i in range(start, min(records, start + 256)):
+                    ts = first_ts + int(i * step)
+                    b.append_write("his.db", rnd.randrange(slots) * block, pages[i & 255], ts=ts)
+                    if i % flush_every == flush_every - 1:
+                        b.append_flush(ts=ts)
+            if start % 262144 == 0:
+                log(f"journal of writes: {start}/{records} records")
+        j.sync()
+        last_seq = j.last_seq
+    finally:
+        j.close()
+    Journal.open(path).close()  # the sealed segments' index files
+    size = sum(os.path.getsize(os.path.join(path, "segments", n))
+               for n in os.listdir(os.path.join(path, "segments")))
+    return {"path": path, "records": last_seq, "writes": records, "bytes": size,
+            "build_s": time.perf_counter() - t0, "first_ts": first_ts}
+
+
+def timeline_measure(path: str, rounds: int = 3, log: Callable[[str], None] = lambda s: None
+                     ) -> dict[str, Any]:
+    """Seconds of timeline() (1m and 1s buckets) next to two plain passes
+    over the same journal: Journal.records() (decode every record, the
+    public read API) and Journal.verify() (the C scan of every byte). The
+    candidates take turns, in a rotated order each round, after one
+    untimed pass that puts the journal in the page cache."""
+    from cdpcore.timeline import timeline
+
+    def records() -> None:
+        with Journal.open(path, readonly=True) as j:
+            for _ in j.records():
+                pass
+
+    def verify() -> None:
+        with Journal.open(path, readonly=True) as j:
+            j.verify()
+
+    cases: dict[str, Callable[[], Any]] = {
+        "timeline, 1m buckets": lambda: timeline(path, bucket="1m"),
+        "timeline, 1s buckets": lambda: timeline(path, bucket="1s"),
+        "records() iteration": records,
+        "verify()": verify,
+    }
+    verify()  # warm the page cache
+    names = list(cases)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            w, c = timed(cases[n])
+            wall[n].append(w)
+            cpu[n].append(c)
+        log(f"timeline: round {r + 1}/{rounds}")
+    base = "records() iteration"
+    rows = [{"what": n, "wall_s": median(wall[n]), "cpu_s": median(cpu[n]),
+             "all_wall_s": [round(x, 2) for x in wall[n]],
+             "ratio_to_records": median([a / b for a, b in zip(wall[n], wall[base])])}
+            for n in names]
+    t = timeline(path, bucket="1m")
+    return {"rounds": rounds, "rows": rows, "buckets_1m": len(t.buckets),
+            "sampled_writes": sum(b.sampled for b in t.buckets),
+            "flagged": len(t.flagged)}
+
+
+def timeline_suite(records: int = TIMELINE_RECORDS, rounds: int = 3,
+                   log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    work = scratch("timeline")
+    try:
+        built = build_write_journal(work, records, log=log)
+        res = timeline_measure(built["path"], rounds, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    built.pop("path")
+    return {**built, **res}
+
+
 # ---- target 4: checksum choice ------------------------------------------------------------------
 
 
@@ -526,5 +636,19 @@ def render_markdown(res: dict[str, Any], command: str) -> str:
             cells = [next(f"{r['gbs']:.1f} ({r['per_call_ns']:,.0f} ns)" for r in k["rows"]
                           if r["function"] == n and r["block"] == s) for s in sizes]
             out.append(f"| {n} | " + " | ".join(cells) + " |")
+        out.append("")
+    if "timeline" in res:
+        t = res["timeline"]
+        out += [f"## Timeline of a {t['records']:,}-record journal\n",
+                (f"One 1 GiB file, {t['writes']:,} random 4 KiB text-like writes and a flush "
+                f"every 64, over an hour ({t['bytes'] / MB:.0f} MB of segments, built in "
+                f"{t['build_s']:.0f} s); {t['sampled_writes']:,} writes judged, "
+                f"{t['buckets_1m']} one-minute intervals, {t['flagged']} flagged. "
+                f"Median of {t['rounds']} rounds, page cache warm; ratio = per-round time / "
+                "records() iteration.\n"),
+                "| what | wall s | CPU s | ratio to records() |", "|---|---:|---:|---:|"]
+        for r in t["rows"]:
+            out.append(f"| {r['what']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | "
+                       f"{r['ratio_to_records']:.2f} |")
         out.append("")
     return "\n".join(out)

@@ -8,7 +8,8 @@ benchmarks/results/pytest-results.{md,json}. Nothing asserts on a time.
 
 Knobs (environment): CDP_BENCH_DIR (where files go), CDP_BENCH_ROUNDS (ABAB
 pairs, default 7), CDP_BENCH_MIB (MiB per append run, default 64),
-CDP_BENCH_RECORDS (records in the resolve journal, default 10,000,000).
+CDP_BENCH_RECORDS (records in the resolve journal, default 10,000,000),
+CDP_BENCH_TL_RECORDS (writes in the timeline journal, default 1,000,000).
 """
 from __future__ import annotations
 

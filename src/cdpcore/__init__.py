@@ -3,6 +3,7 @@
 Every write into a timestamped, checksummed journal; any microsecond can be
 restored. See docs/api.md.
 """
+from cdpcore import audit  # the module: audit.append(), audit.AuditLog
 from cdpcore.errors import (
     CdpError,
     CorruptJournal,
@@ -18,11 +19,13 @@ from cdpcore.journal import Batch, Journal, PointInfo, VerifyReport
 from cdpcore.point import Point, parse_point
 from cdpcore.record import Record
 from cdpcore.restore import RestoreResult, restore
+from cdpcore.timeline import Timeline, timeline
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Batch", "CdpError", "CorruptJournal", "Journal", "JournalExists", "JournalNotFound",
     "Kind", "NotAJournal", "Point", "PointError", "PointInfo", "Record", "RestoreError",
-    "RestoreResult", "UnsupportedVersion", "VerifyReport", "parse_point", "restore",
+    "RestoreResult", "Timeline", "UnsupportedVersion", "VerifyReport", "audit", "parse_point",
+    "restore", "timeline",
 ]

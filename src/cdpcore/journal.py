@@ -1251,7 +1251,19 @@ class Journal:
             rep.problems.append(Problem(
                 "warning", f"head expects next seq {head.next_seq}, segments end at {rep.last_seq} "
                 "(the head is rebuilt on the next writable open)"))
+        self._verify_audit_chain(rep)
         return rep
+
+    def _verify_audit_chain(self, rep: VerifyReport) -> None:
+        # audit.log is part of the journal directory, so "every byte" covers
+        # its hash chain too; comparing it with the AUDIT records is left to
+        # `cdpctl audit --verify`, which costs another pass over the records.
+        from cdpcore.audit import AUDIT_NAME, AuditLog
+
+        for p in AuditLog(self).verify(cross_check=False).problems:
+            where = f"entry {p.entry}" if p.entry is not None else f"line {p.line}"
+            rep.problems.append(Problem("damage" if p.severity == "broken" else "warning",
+                                        f"{AUDIT_NAME} {where}: {p.message}"))
 
 
 _NS_KINDS = frozenset({Kind.FILEMAP, Kind.CREATE, Kind.UNLINK, Kind.RENAME, Kind.BASE})
