@@ -5,7 +5,10 @@
     python benchmarks/run.py --quick          # fewer rounds, 1M-record journal
 
 Suites: append (target 1), c (target 2), resolve (target 3), checksum
-(target 4). Writes benchmarks/results/results.json and results.md (or the
+(target 4), restore (issue 3: restore vs cp, restore time against records;
+not in the default set: it builds a 4 GB journal, a few minutes; run it
+with --out benchmarks/results/restore). Writes benchmarks/results/results.json
+and results.md (or the
 --out directory) and prints the Markdown. Files go to $CDP_BENCH_DIR, else
 the system temp dir, and are deleted afterwards.
 """
@@ -19,8 +22,10 @@ import sys
 import time
 
 import _bench
+import _restore_bench
 
-SUITES = ("append", "c", "resolve", "checksum")
+SUITES = ("append", "c", "resolve", "checksum", "restore")
+DEFAULT_SUITES = ("append", "c", "resolve", "checksum")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 rounds, 64 MiB, 1M records")
     ap.add_argument("--out", default=os.path.join(_bench.HERE, "results"), help="results directory")
     args = ap.parse_args(argv)
-    suites = args.suites or list(SUITES)
+    suites = args.suites or list(DEFAULT_SUITES)
     bad = [s for s in suites if s not in SUITES]
     if bad:
         ap.error(f"unknown suite {', '.join(bad)}; choose from {', '.join(SUITES)}")
@@ -54,9 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         res["resolve"] = _bench.resolve_suite(records=args.records, log=log)
     if "checksum" in suites:
         res["checksum"] = _bench.checksum_suite(rounds=args.rounds, log=log)
+    if "restore" in suites:
+        res["restore"] = _restore_bench.restore_suite(
+            records=1_000_000 if not args.quick else 250_000, rounds=args.rounds, log=log)
     res["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    md = _bench.render_markdown(res, command) + f"\nTotal run time: {res['elapsed_s']} s.\n"
     os.makedirs(args.out, exist_ok=True)
+    md = _bench.render_markdown(res, command)
+    if "restore" in res:
+        png = _restore_bench.plot(res["restore"], os.path.join(args.out, "restore-vs-records.png"))
+        md += "\n" + "\n".join(_restore_bench.render(res["restore"], png))
+    md += f"\nTotal run time: {res['elapsed_s']} s.\n"
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1, sort_keys=True)
         f.write("\n")

@@ -114,9 +114,13 @@ struct cdp_extract_result {
  * other record and at a WRITE or TRUNCATE whose file id has no key (file id
  * >= n_fids or key 0): CDP_STOP_KIND, the caller applies that record. Stops
  * with CDP_STOP_LIMIT when cap rows are written. With n_fids = 0, WRITE and
- * TRUNCATE are treated like every other kind (skipped if in skip_kinds). */
+ * TRUNCATE are treated like every other kind (skipped if in skip_kinds).
+ * With check_crc = 0 only the structure is checked (marker, kind, length,
+ * sequence), which keeps every read inside buf: for a caller that has the
+ * checksums verified elsewhere (cdp_scan on another thread) before it trusts
+ * the result. */
 int cdp_extract(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_seq,
-                uint64_t max_records, uint32_t skip_kinds,
+                uint64_t max_records, uint32_t skip_kinds, int check_crc,
                 const uint64_t *key_of_fid, uint64_t n_fids, uint64_t file_no,
                 uint64_t *key, uint64_t *row_start, uint64_t *row_end, uint64_t *file, uint64_t *src,
                 uint64_t *seq, int64_t *ts, uint64_t cap, struct cdp_extract_result *res);

@@ -48,7 +48,7 @@ void cdp_segment_header(uint8_t *b, const uint8_t *uuid, uint64_t seg_no,
 
 /* Checks one record at p (avail bytes available); returns a cdp_stop code
  * other than END on failure, CDP_STOP_END on success with *size set. */
-static int check_record(const uint8_t *p, uint64_t avail, uint64_t *size)
+static int check_record_crc(const uint8_t *p, uint64_t avail, uint64_t *size, int check_crc)
 {
     if (avail < CDP_REC_HDR_SIZE)
         return CDP_STOP_SHORT;
@@ -61,13 +61,20 @@ static int check_record(const uint8_t *p, uint64_t avail, uint64_t *size)
     uint64_t total = (body + 7) & ~(uint64_t)7;
     if (avail < total)
         return CDP_STOP_SHORT;
-    if (cdp_crc32c(0, p + 4, body - 4) != rd32(p))
-        return CDP_STOP_CRC;
-    for (uint64_t i = body; i < total; i++)
-        if (p[i])
-            return CDP_STOP_PAD;
+    if (check_crc) {
+        if (cdp_crc32c(0, p + 4, body - 4) != rd32(p))
+            return CDP_STOP_CRC;
+        for (uint64_t i = body; i < total; i++)
+            if (p[i])
+                return CDP_STOP_PAD;
+    }
     *size = total;
     return CDP_STOP_END;
+}
+
+static int check_record(const uint8_t *p, uint64_t avail, uint64_t *size)
+{
+    return check_record_crc(p, avail, size, 1);
 }
 
 int cdp_scan(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_seq,
@@ -146,7 +153,7 @@ int cdp_find_valid(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t af
 }
 
 int cdp_extract(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_seq,
-                uint64_t max_records, uint32_t skip_kinds,
+                uint64_t max_records, uint32_t skip_kinds, int check_crc,
                 const uint64_t *key_of_fid, uint64_t n_fids, uint64_t file_no,
                 uint64_t *key, uint64_t *row_start, uint64_t *row_end, uint64_t *file, uint64_t *src,
                 uint64_t *seq, int64_t *ts, uint64_t cap, struct cdp_extract_result *res)
@@ -162,7 +169,7 @@ int cdp_extract(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expec
             break;
         }
         uint64_t size;
-        stop = check_record(buf + pos, len - pos, &size);
+        stop = check_record_crc(buf + pos, len - pos, &size, check_crc);
         if (stop != CDP_STOP_END)
             break;
         if (rd64(buf + pos + 8) != s) {

@@ -58,6 +58,13 @@ class JournalExists(CdpError):
     exit_code = 8
 
 
+class CaptureRunning(CdpError):
+    """Rollback refused: a capture of the protected root holds
+    JOURNAL/capture.lock (see docs/architecture.md)."""
+
+    exit_code = 13
+
+
 class StaleNamespace(CdpError):
     """Internal: another writer changed the namespace; re-encode and retry."""
 

@@ -29,8 +29,8 @@ from cdpcore.plan import (
     Link,
     Plan,
     Progress,
-    Sources,
     Tree,
+    Validator,
     base_path,
     build_plan,
     last_global_flush,
@@ -181,7 +181,19 @@ def _restore(j: Journal, dest: str, at: PointLike | None, consistent: bool, meth
     try:
         if method == "replay":
             return _replay(j, dest, seq)
-        return write_plan(build_plan(j, seq, progress), dest, progress)
+        validator = Validator()
+        try:
+            with build_plan(j, seq, progress, validator) as plan:
+                result = write_plan(plan, dest, progress)
+        except BaseException:
+            # unchecked records may have led the plan astray (a damaged
+            # length, say): the damage is the error to report
+            damage = validator.error()
+            if damage is not None:
+                raise damage from None
+            raise
+        validator.finish()
+        return result
     except BaseException:
         # leave DEST as it was found: an operator must not mistake a
         # half-restored tree for a restore
@@ -197,21 +209,20 @@ def write_plan(plan: Plan, dest: str, progress: Progress | None = None) -> Resto
     """Create the plan's tree under dest (which must exist and be empty)."""
     result = RestoreResult(plan.seq, plan.ts, records=plan.records, dirty=list(plan.dirty))
     total = plan.data_bytes() if progress is not None else 0
-    with Sources(plan.sources) as sources:
 
-        def place(ino: Inode, target: str) -> None:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                lo, hi = plan.piece_range(ino)
-                result.bytes_written += sources.copy(fd, plan, lo, hi)
-                # the size last: what no piece covers stays a hole
-                os.ftruncate(fd, plan.size_of(ino))
-            finally:
-                os.close(fd)
-            if progress is not None:
-                progress("copy", result.bytes_written, total)
+    def place(ino: Inode, target: str) -> None:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            lo, hi = plan.piece_range(ino)
+            result.bytes_written += plan.sources.copy(fd, plan, lo, hi)
+            # the size last: what no piece covers stays a hole
+            os.ftruncate(fd, plan.size_of(ino))
+        finally:
+            os.close(fd)
+        if progress is not None:
+            progress("copy", result.bytes_written, total)
 
-        materialise(plan.tree.nodes, dest, result, place)
+    materialise(plan.tree.nodes, dest, result, place)
     return result
 
 

@@ -17,12 +17,25 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from cdpcore import __version__
-from cdpcore.cli import audit, bookmark, info, init, log, points, restore, show, timeline, verify
+from cdpcore.cli import (
+    audit,
+    bookmark,
+    diff,
+    info,
+    init,
+    log,
+    points,
+    restore,
+    rollback,
+    show,
+    timeline,
+    verify,
+)
 from cdpcore.cli.output import PROG, Output, UsageError
 from cdpcore.errors import CdpError, CorruptJournal
 
-COMMANDS: list[ModuleType] = [init, info, log, show, verify, bookmark, points, restore, timeline,
-                              audit]
+COMMANDS: list[ModuleType] = [init, info, log, show, verify, bookmark, points, restore, rollback,
+                              diff, timeline, audit]
 
 EXIT_INTERNAL = 1
 EXIT_OSERROR = 10

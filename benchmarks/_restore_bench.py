@@ -1,0 +1,226 @@
+"""Restore benchmarks (issue 3, item 9): a 1 GiB protected file with a
+million random 4 KiB write records, restored at a point near the end, next
+to `cp --sparse=never` of a 1 GiB file on the same disk; and restore time
+against the number of records before the point.
+
+The journal is _bench.build_write_journal's (shared with the timeline
+suite): random 4 KiB text-like writes over a 1 GiB file, a FLUSH of all
+files every 64 writes, 64 MiB segments. Built once, deleted at the end.
+Like every suite here, baseline and candidate run alternately (ABAB, order
+flipped every other pair) and the figure is the median per-pair ratio.
+Nothing asserts on a time.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import _bench
+from _bench import MB, median, timed
+
+from cdpcore import Journal, restore
+from cdpcore.rollback import rollback
+
+RESTORE_RECORDS = int(os.environ.get("CDP_BENCH_RESTORE_RECORDS", "1000000"))
+RESTORE_TARGET = 1.5  # restore / cp --sparse=never
+ROLLBACK_TARGET = 0.05  # rollback after 1 % changed / full restore
+
+
+def _fresh(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def restore_once(journal: str, dest: str, at: str, method: str = "plan") -> tuple[float, float]:
+    """(wall, CPU) of one restore into a fresh directory, journal opened
+    inside the timing (as cdpctl does)."""
+    _fresh(dest)
+
+    def run() -> None:
+        with Journal.open(journal, readonly=True) as j:
+            restore(j, dest, at=at, method=method)  # type: ignore[arg-type]
+
+    try:
+        return timed(run)
+    finally:
+        _fresh(dest)
+
+
+def cp_once(src: str, dst: str) -> tuple[float, float]:
+    """(wall, CPU of this process: ~0, cp is a child) of cp --sparse=never."""
+    try:
+        return timed(lambda: subprocess.run(["cp", "--sparse=never", src, dst], check=True))
+    finally:
+        if os.path.exists(dst):
+            os.unlink(dst)
+
+
+def restore_measure(path: str, writes: int, rounds: int = 5, fractions: tuple[float, ...] = (0.25, 0.5, 1.0),
+                    log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    work = os.path.dirname(path)
+    dest = os.path.join(work, "restored")
+    with Journal.open(path, readonly=True) as j:
+        last = j.last_seq
+    at = f"seq:{last - 100}"  # near the end
+    # The baseline's source: the restored 1 GiB file itself, on the same disk.
+    with Journal.open(path, readonly=True) as j:
+        restore(j, dest, at=at)
+    src = os.path.join(work, "cp-source.bin")
+    os.rename(os.path.join(dest, "his.db"), src)
+    _fresh(dest)
+    size = os.path.getsize(src)
+    pairs: list[dict[str, float]] = []
+    try:
+        for r in range(rounds):
+            pair: dict[str, tuple[float, float]] = {}
+            for side in (("cp", "restore") if r % 2 == 0 else ("restore", "cp")):
+                pair[side] = cp_once(src, os.path.join(work, "cp-dest.bin")) if side == "cp" \
+                    else restore_once(path, dest, at)
+            pairs.append({"cp_s": pair["cp"][0], "restore_s": pair["restore"][0],
+                          "restore_cpu_s": pair["restore"][1]})
+            log(f"restore vs cp: round {r + 1}/{rounds}: {pair['restore'][0]:.2f} s / {pair['cp'][0]:.2f} s")
+    finally:
+        os.unlink(src)
+    ratios = [p["restore_s"] / p["cp_s"] for p in pairs]
+    main = {"at": at, "file_bytes": size, "rounds": rounds,
+            "cp_s": median([p["cp_s"] for p in pairs]), "restore_s": median([p["restore_s"] for p in pairs]),
+            "restore_cpu_s": median([p["restore_cpu_s"] for p in pairs]),
+            "ratio": median(ratios), "ratios": [round(x, 3) for x in ratios],
+            "target": RESTORE_TARGET, "pass": median(ratios) <= RESTORE_TARGET}
+    # Restore time against the records before the point (the same journal,
+    # cut at a quarter, half and all of its writes: a restore reads nothing
+    # past its point).
+    series = []
+    per_write = (last - 1) / writes  # records per write (flushes included)
+    for f in fractions:
+        seq = max(1, int(writes * f * per_write)) if f < 1 else last - 100
+        times = [restore_once(path, dest, f"seq:{seq}")[0] for _ in range(3)]
+        series.append({"records": seq, "restore_s": median(times), "all_s": [round(x, 3) for x in times]})
+        log(f"restore at seq {seq}: {median(times):.2f} s")
+    # Context: the reference replay on the smallest point (it writes every
+    # record's bytes; too slow to run on the whole journal every time).
+    seq = series[0]["records"]
+    replay = restore_once(path, dest, f"seq:{seq}", method="replay")[0]
+    return {"main": main, "series": series, "replay": {"records": seq, "replay_s": replay,
+                                                       "plan_s": series[0]["restore_s"]}}
+
+
+def rollback_measure(path: str, rounds: int = 3, changed: float = 0.01,
+                     log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Rollback of the live 1 GiB file to a point after which `changed` of
+    it was rewritten, next to a full restore of the latest point. The root
+    is made live by restoring the latest point into it and syncing; each
+    round rolls back (timed: rollback fsyncs what it wrote) and then
+    forward again to where it was (untimed, then synced), both journaled,
+    so every round starts from the same live tree on disk."""
+    with Journal.open(path) as j:
+        root, last = j.root, j.last_seq
+        shutil.rmtree(root)
+        restore(j, root)
+        os.sync()  # a live root is on disk; the rollback's fsyncs cover only its own writes
+        file_size = os.path.getsize(os.path.join(root, "his.db"))
+        # a 4 KiB write per record (65 records per 64 writes, with the flushes)
+        back = int(file_size * changed / 4096 * 65 / 64)
+        to = f"seq:{last - back}"
+    dest = os.path.join(os.path.dirname(path), "restored")
+    rows = []
+    for r in range(rounds):
+        pair: dict[str, float] = {}
+        for side in (("restore", "rollback") if r % 2 == 0 else ("rollback", "restore")):
+            if side == "restore":
+                pair["restore"] = restore_once(path, dest, "latest")[0]
+            else:
+                with Journal.open(path) as j:
+                    forward = f"seq:{j.last_seq}"
+                    t0 = time.perf_counter()
+                    res = rollback(j, to)
+                    pair["rollback"] = time.perf_counter() - t0
+                    rollback(j, forward)  # back to the damaged state for the next round
+                    os.sync()
+                pair["bytes"] = res.bytes_written
+        rows.append(pair)
+        log(f"rollback vs restore: round {r + 1}/{rounds}: {pair['rollback']:.2f} s / {pair['restore']:.2f} s")
+    ratios = [p["rollback"] / p["restore"] for p in rows]
+    return {"to": to, "records_after": back, "bytes_written": rows[-1]["bytes"], "rounds": rounds,
+            "rollback_s": median([p["rollback"] for p in rows]),
+            "restore_s": median([p["restore"] for p in rows]),
+            "ratio": median(ratios), "ratios": [round(x, 3) for x in ratios],
+            "target": ROLLBACK_TARGET, "pass": median(ratios) <= ROLLBACK_TARGET}
+
+
+def plot(res: dict[str, Any], out_png: str) -> str | None:
+    """Restore time against records, as a PNG, when matplotlib is there."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    xs = [p["records"] for p in res["series"]]
+    ys = [p["restore_s"] for p in res["series"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, ys, "o-", label="cdpcore restore (plan + copy)")
+    ax.axhline(res["main"]["cp_s"], color="gray", ls="--", label="cp --sparse=never, 1 GiB")
+    ax.axhline(res["main"]["cp_s"] * RESTORE_TARGET, color="red", ls=":", label="target: 1.5 x cp")
+    ax.set_xlabel("records before the point")
+    ax.set_ylabel("seconds (median of 3)")
+    ax.set_title("Restore of a 1 GiB file of random 4 KiB writes")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def restore_suite(records: int = RESTORE_RECORDS, rounds: int = 5,
+                  log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    work = _bench.scratch("restore")
+    try:
+        built = _bench.build_write_journal(work, records, log=log)
+        log(f"restore: journal of {built['records']:,} records, {built['bytes'] / MB:.0f} MB")
+        res = restore_measure(built["path"], built["writes"], rounds, log=log)
+        res["rollback"] = rollback_measure(built["path"], log=log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    built.pop("path")
+    return {**built, **res}
+
+
+def render(r: dict[str, Any], png: str | None) -> list[str]:
+    m = r["main"]
+    out = [f"## Restore of a 1 GiB file from {r['writes']:,} random 4 KiB writes "
+           f"(target: <= {m['target']} x cp --sparse=never)\n",
+           (f"Journal: {r['records']:,} records ({r['writes']:,} writes, a FLUSH every 64), "
+            f"{r['bytes'] / MB:.0f} MB of 64 MiB segments, built in {r['build_s']:.0f} s, in the page "
+            f"cache. Restore at {m['at']} (near the end) into a fresh directory, journal opened "
+            f"inside the timing; baseline: `cp --sparse=never` of a {m['file_bytes'] / MB:.0f} MB "
+            f"file on the same disk. {m['rounds']} ABAB pairs, ratio = median of per-pair "
+            "restore / cp.\n"),
+           "| what | cp s | restore s | restore CPU s | ratio | target |", "|---|---:|---:|---:|---:|---|",
+           (f"| restore near the end | {m['cp_s']:.2f} | {m['restore_s']:.2f} | {m['restore_cpu_s']:.2f} | "
+            f"**{m['ratio']:.2f}** | <= {m['target']} {'PASS' if m['pass'] else 'FAIL'} |"), "",
+           f"Per-pair ratios: {', '.join(f'{x:.2f}' for x in m['ratios'])}.\n",
+           "Restore time against the records before the point (median of 3):\n",
+           "| records | restore s |", "|---:|---:|"]
+    out += [f"| {p['records']:,} | {p['restore_s']:.2f} |" for p in r["series"]]
+    rp = r["replay"]
+    out += ["", (f"Context: the reference replay (`method=\"replay\"`, every record's bytes "
+                 f"written in order) at {rp['records']:,} records took {rp['replay_s']:.1f} s, "
+                 f"the planned restore {rp['plan_s']:.2f} s."), ""]
+    if png:
+        out += [f"![restore time against records]({os.path.basename(png)})", ""]
+    rb = r["rollback"]
+    out += [f"## Rollback after {rb['records_after']:,} writes (1 % of the file) "
+            f"(target: <= {rb['target']:.0%} of a full restore)\n",
+            (f"The live root holds the latest state (1 GiB); rollback to {rb['to']} rewrites "
+             f"{rb['bytes_written'] / MB:.1f} MB. {rb['rounds']} pairs with a full restore of the "
+             "latest point, alternating; each round rolls forward again, untimed.\n"),
+            "| rollback s | full restore s | ratio | target |", "|---:|---:|---:|---|",
+            (f"| {rb['rollback_s']:.2f} | {rb['restore_s']:.2f} | **{rb['ratio']:.2f}** | "
+             f"<= {rb['target']} {'PASS' if rb['pass'] else 'FAIL'} |"), ""]
+    return out

@@ -1,0 +1,240 @@
+/* Extents of restored files: which source bytes are visible where, once
+ * every row (write, truncate, base file) has been laid over the earlier ones,
+ * and the copy of those bytes into a destination file. Pure loops over
+ * arrays; the model of the tree and every decision stay in Python. */
+#define _GNU_SOURCE
+#include "cdp.h"
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define HOLE UINT64_MAX
+
+/* A row as the sweep reads it: sorting these by value (not indices into the
+ * columns) keeps every pass a sequential read; the columns are 8 MB each for
+ * a million rows and random access into them cost more than the sort. */
+struct span { uint64_t key, start, end, idx, file, delta; };  /* delta = src - start */
+
+/* Spans sorted by (key, start, idx): a stable LSD radix sort, one pass per
+ * byte of start and then of key, skipping the bytes in which all spans
+ * agree (offsets below 4 GiB in one file take three or four passes). Spans
+ * enter in index order, so stability keeps it among equal (key, start). */
+static void radix_pass(const struct span *in, struct span *out, uint64_t m, int col, int shift)
+{
+    uint64_t count[257] = {0};
+    for (uint64_t i = 0; i < m; i++)
+        count[(((col ? in[i].key : in[i].start) >> shift) & 0xff) + 1]++;
+    for (int b = 0; b < 256; b++)
+        count[b + 1] += count[b];
+    for (uint64_t i = 0; i < m; i++)
+        out[count[((col ? in[i].key : in[i].start) >> shift) & 0xff]++] = in[i];
+}
+
+static struct span *sort_spans(struct span *a, struct span *b, uint64_t m)
+{
+    for (int col = 0; col < 2; col++) {
+        uint64_t or_all = 0, and_all = UINT64_MAX;
+        for (uint64_t i = 0; i < m; i++) {
+            uint64_t v = col ? a[i].key : a[i].start;
+            or_all |= v;
+            and_all &= v;
+        }
+        for (int shift = 0; shift < 64; shift += 8) {
+            if ((((or_all ^ and_all) >> shift) & 0xff) == 0)
+                continue;  /* every span has the same byte here */
+            radix_pass(a, b, m, col, shift);
+            struct span *t = a;
+            a = b;
+            b = t;
+        }
+    }
+    return a;
+}
+
+/* Max-heap of active rows by index: the newest row wins. The row's end and
+ * source ride along, so the sweep never reads the columns at random. */
+struct active { uint64_t idx, end, file, delta; };
+
+static void heap_push(struct active *h, uint64_t *n, struct active v)
+{
+    uint64_t i = (*n)++;
+    while (i) {
+        uint64_t p = (i - 1) / 2;
+        if (h[p].idx >= v.idx)
+            break;
+        h[i] = h[p];
+        i = p;
+    }
+    h[i] = v;
+}
+
+static void heap_pop(struct active *h, uint64_t *n)
+{
+    struct active v = h[--*n];
+    uint64_t i = 0;
+    for (;;) {
+        uint64_t c = 2 * i + 1;
+        if (c >= *n)
+            break;
+        if (c + 1 < *n && h[c + 1].idx > h[c].idx)
+            c++;
+        if (v.idx >= h[c].idx)
+            break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = v;
+}
+
+struct pieces {
+    uint64_t *key, *start, *len, *file, *src;
+    uint64_t n;
+};
+
+/* Append a piece, or grow the previous one when this one continues it in
+ * both the destination and the source. */
+static void emit(struct pieces *p, uint64_t k, uint64_t pos, uint64_t n, uint64_t file, uint64_t src)
+{
+    uint64_t j = p->n;
+    if (j && p->key[j - 1] == k && p->file[j - 1] == file &&
+        p->start[j - 1] + p->len[j - 1] == pos && p->src[j - 1] + p->len[j - 1] == src) {
+        p->len[j - 1] += n;
+        return;
+    }
+    p->key[j] = k;
+    p->start[j] = pos;
+    p->len[j] = n;
+    p->file[j] = file;
+    p->src[j] = src;
+    p->n++;
+}
+
+int cdp_cover(uint64_t n, const uint64_t *key, const uint64_t *start, const uint64_t *end,
+              const uint64_t *file, const uint64_t *src, const uint64_t *seq, const int64_t *ts,
+              uint64_t n_keys, uint64_t *size, uint64_t *last_seq, int64_t *last_ts,
+              uint64_t *p_key, uint64_t *p_start, uint64_t *p_len, uint64_t *p_file,
+              uint64_t *p_src, uint64_t cap, uint64_t *n_pieces)
+{
+    if (!n_pieces || cap < 2 * n + 1)
+        return CDP_EINVAL;
+    *n_pieces = 0;
+    memset(size, 0, n_keys * sizeof *size);
+    memset(last_seq, 0, n_keys * sizeof *last_seq);
+    memset(last_ts, 0, n_keys * sizeof *last_ts);
+    /* sizes and last changes follow the rows in order */
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t k = key[i];
+        if (k >= n_keys)
+            return CDP_EINVAL;
+        if (file[i] == HOLE && end[i] == UINT64_MAX)
+            size[k] = start[i];
+        else if (end[i] > start[i] && end[i] > size[k])
+            size[k] = end[i];
+        last_seq[k] = seq[i];
+        last_ts[k] = ts[i];
+    }
+    if (n == 0)
+        return CDP_OK;
+    struct span *buf = malloc(2 * n * sizeof *buf);
+    struct active *heap = malloc(n * sizeof *heap);
+    if (!buf || !heap) {
+        free(buf);
+        free(heap);
+        return CDP_ENOMEM;
+    }
+    uint64_t m = 0;
+    for (uint64_t i = 0; i < n; i++)
+        if (end[i] > start[i])  /* empty writes cover nothing */
+            buf[m++] = (struct span){ key[i], start[i], end[i], i, file[i], src[i] - start[i] };
+    struct span *ord = sort_spans(buf, buf + n, m);
+    struct pieces out = { p_key, p_start, p_len, p_file, p_src, 0 };
+    uint64_t i = 0;
+    while (i < m) {
+        /* One key: sweep its spans by start; between two starts the newest
+         * active row (the heap's top) is what the file holds. Rows that
+         * ended are dropped lazily when they reach the top. */
+        uint64_t k = ord[i].key, limit = size[k], hn = 0, pos = ord[i].start;
+        for (;;) {
+            int more = i < m && ord[i].key == k;
+            if (hn == 0) {
+                if (!more)
+                    break;
+                if (ord[i].start > pos)
+                    pos = ord[i].start;
+            }
+            while (more && ord[i].start <= pos) {
+                heap_push(heap, &hn, (struct active){ ord[i].idx, ord[i].end, ord[i].file, ord[i].delta });
+                i++;
+                more = i < m && ord[i].key == k;
+            }
+            while (hn && heap[0].end <= pos)
+                heap_pop(heap, &hn);
+            if (hn == 0)
+                continue;
+            const struct active *top = &heap[0];
+            uint64_t next = more ? ord[i].start : UINT64_MAX;
+            uint64_t e = top->end < next ? top->end : next;
+            if (pos < limit && top->file != HOLE)
+                emit(&out, k, pos, (e < limit ? e : limit) - pos, top->file, top->delta + pos);
+            pos = e;
+        }
+    }
+    free(buf);
+    free(heap);
+    *n_pieces = out.n;
+    return CDP_OK;
+}
+
+int cdp_copy_out(int fd, uint64_t n, const uint64_t *dst, const uint64_t *len,
+                 const uint64_t *file, const uint64_t *src, const uint8_t *const *maps,
+                 const uint64_t *map_len, uint64_t n_maps, uint64_t *written)
+{
+    struct iovec iov[IOV_MAX < 1024 ? IOV_MAX : 1024];
+    const int max_iov = (int)(sizeof iov / sizeof iov[0]);
+    uint64_t total = 0, i = 0;
+    if (!written)
+        return CDP_EINVAL;
+    *written = 0;
+    while (i < n) {
+        /* gather pieces whose destinations follow each other */
+        uint64_t at = dst[i], bytes = 0;
+        int cnt = 0;
+        while (i < n && cnt < max_iov && dst[i] == at + bytes) {
+            uint64_t f = file[i];
+            if (f >= n_maps || src[i] > map_len[f] || len[i] > map_len[f] - src[i])
+                return CDP_EINVAL;
+            iov[cnt].iov_base = (void *)(maps[f] + src[i]);
+            iov[cnt].iov_len = len[i];
+            bytes += len[i];
+            cnt++;
+            i++;
+        }
+        /* pwritev may write less than asked: go on from where it stopped */
+        struct iovec *v = iov;
+        while (cnt) {
+            ssize_t w = pwritev(fd, v, cnt, (off_t)at);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                *written = total;
+                return CDP_EIO;
+            }
+            total += (uint64_t)w;
+            at += (uint64_t)w;
+            while (cnt && (uint64_t)w >= v->iov_len) {
+                w -= (ssize_t)v->iov_len;
+                v++;
+                cnt--;
+            }
+            if (cnt) {
+                v->iov_base = (uint8_t *)v->iov_base + w;
+                v->iov_len -= (size_t)w;
+            }
+        }
+    }
+    *written = total;
+    return CDP_OK;
+}

@@ -1,0 +1,759 @@
+"""Plan: what the protected tree held at a point, without writing any of it.
+
+Theory of operation. A restore used to replay every record into files, so a
+block written a hundred times was written a hundred times. A plan instead
+makes one forward pass over the journal that reads only record headers:
+
+- The namespace (names, directories, symlinks, hard links, modes, mtimes) is
+  modelled in Python by `Tree`, which sees only the records that change it:
+  FILEMAP, CREATE, RENAME, UNLINK, MKDIR, RMDIR, LINK, SYMLINK, SETATTR, BASE.
+  Files are inodes with a small integer key (the journal's file ids name
+  inodes, like a program's descriptors, and keep naming them across renames
+  and unlinks).
+- Every WRITE and TRUNCATE becomes one *row* (key, start, end, source file,
+  source offset, seq, ts) in flat arrays, written by the C extractor
+  (native/record.c cdp_extract), which validates each record (CRC, sequence)
+  and stops only at records Python must apply. A WRITE's source is its
+  payload inside the segment file; a TRUNCATE to L is a hole row [L, inf)
+  (what it cut reads as zeros if the file grows again); a base file is a row
+  over its whole size with the base copy as source.
+- native/extent.c cdp_cover lays the rows of each inode over each other in
+  sequence order (the newest row wins where rows overlap) and yields the
+  visible *pieces*, sorted by offset, clipped to the final size; bytes no
+  piece covers are holes.
+
+A restore then writes each piece once (cdp_copy_out: gathered pwritev
+straight from read-only mappings of the sources) and ftruncates each file to
+its size, so holes stay holes. Rollback and diff compare plans.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import mmap
+import os
+import queue
+import threading
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdpcore._native import INT64_MIN, ffi, lib
+from cdpcore.errors import CorruptJournal
+from cdpcore.filemap import under
+from cdpcore.format import (
+    NO_MODE,
+    REC_HDR,
+    SETATTR_FIXED,
+    Kind,
+    decode_path,
+    split_pair,
+)
+from cdpcore.journal import Journal
+from cdpcore.segment import STOP_REASONS
+
+HOLE = 2**64 - 1  # source file of a hole row / piece
+MAX_TABLE_FID = 1 << 24  # file ids above this are bound in Python only
+ROWS_PER_CALL = 1 << 22
+# Kinds the extractor consumes without stopping: they change no file.
+_SKIP = (1 << Kind.FLUSH) | (1 << Kind.BOOKMARK)
+_STOP_KIND = 7  # enum cdp_extract_stop
+_STOP_LIMIT = 6
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass(slots=True)
+class Inode:
+    key: int
+    mode: int = 0o644
+    mtime_us: int | None = None
+    mtime_seq: int = 0  # seq of the record that set mtime_us (CREATE, SETATTR, BASE)
+
+
+@dataclass(slots=True)
+class Dir:
+    mode: int = 0o755
+    mtime_us: int | None = None
+
+
+@dataclass(slots=True)
+class Link:
+    target: str
+
+
+Node = Inode | Dir | Link
+
+
+class Tree:
+    """The namespace at a moment: path -> inode, directory or symlink, and
+    file id -> inode. Subclasses decide what an inode's content is
+    (new_inode) and how data records and bases are applied."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.ids: dict[int, Inode] = {}
+        self.next_key = 0
+
+    def new_inode(self, mode: int = 0o644) -> Inode:
+        self.next_key += 1
+        return Inode(self.next_key, mode)
+
+    def bind(self, fid: int, ino: Inode) -> None:
+        self.ids[fid] = ino
+
+    def reset(self) -> None:
+        """A BASE record: the whole tree is replaced, every file id unbound."""
+        self.nodes.clear()
+        self.ids.clear()
+
+    def inode(self, fid: int, what: str) -> Inode:
+        ino = self.ids.get(fid)
+        if ino is None:
+            raise CorruptJournal(f"{what} of file id {fid} that no FILEMAP or CREATE bound")
+        return ino
+
+    def name_of(self, ino: Inode | None, fid: int) -> str:
+        return next((p for p, n in self.nodes.items() if n is ino), f"file id {fid}")
+
+    def parents(self, path: str) -> None:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            p = "/".join(parts[:i])
+            node = self.nodes.get(p)
+            if node is None:
+                self.nodes[p] = Dir()
+            elif not isinstance(node, Dir):
+                raise CorruptJournal(f"journal uses {p!r} as a directory but it is a file")
+
+    def remove(self, path: str, subtree: bool) -> list[tuple[str, Node]]:
+        gone = [(p, n) for p, n in self.nodes.items() if (under(p, path) if subtree else p == path)]
+        for p, _ in gone:
+            del self.nodes[p]
+        return gone
+
+    def apply_ns(self, kind: int, fid: int, offset: int, payload: bytes, seq: int, ts: int) -> None:
+        """Apply a namespace record (FLUSH, BOOKMARK, DIRTY change nothing)."""
+        if kind == Kind.FILEMAP:
+            path = decode_path(payload)
+            node = self.nodes.get(path)
+            if isinstance(node, Inode):
+                self.bind(fid, node)
+            elif node is None:
+                self.parents(path)
+                ino = self.new_inode()
+                self.nodes[path] = ino
+                self.bind(fid, ino)
+            else:
+                raise CorruptJournal(f"FILEMAP names {path!r}, which is not a regular file")
+        elif kind == Kind.CREATE:
+            path = decode_path(payload)
+            if isinstance(self.nodes.get(path), Dir):
+                raise CorruptJournal(f"CREATE over directory {path!r}")
+            self.parents(path)
+            ino = self.new_inode(offset & 0o7777)
+            ino.mtime_us, ino.mtime_seq = ts, seq
+            self.nodes[path] = ino
+            self.bind(fid, ino)
+        elif kind == Kind.MKDIR:
+            path = decode_path(payload)
+            self.parents(path)
+            node = self.nodes.get(path)
+            if isinstance(node, Dir):
+                node.mode = offset & 0o7777
+            else:
+                self.nodes[path] = Dir(offset & 0o7777)
+        elif kind in (Kind.UNLINK, Kind.RMDIR):
+            self.remove(decode_path(payload), subtree=kind == Kind.RMDIR)
+        elif kind == Kind.RENAME:
+            a, b = split_pair(payload)
+            old, new = decode_path(a), decode_path(b)
+            if old == new or old not in self.nodes:
+                return
+            moving = self.remove(old, subtree=True)
+            self.remove(new, subtree=True)
+            self.parents(new)
+            for p, n in moving:
+                self.nodes[new + p[len(old):]] = n
+        elif kind == Kind.LINK:
+            a, b = split_pair(payload)
+            src, dst = decode_path(a), decode_path(b)
+            node = self.nodes.get(src)
+            if isinstance(node, Inode):
+                self.parents(dst)
+                self.nodes[dst] = node
+        elif kind == Kind.SYMLINK:
+            target, b = split_pair(payload)
+            path = decode_path(b)
+            self.parents(path)
+            self.nodes[path] = Link(os.fsdecode(target))
+        elif kind == Kind.SETATTR:
+            path = decode_path(payload[SETATTR_FIXED.size :])
+            node = self.nodes.get(path)
+            if isinstance(node, (Inode, Dir)):
+                mtime = SETATTR_FIXED.unpack_from(payload)[0]
+                if offset != NO_MODE:
+                    node.mode = offset & 0o7777
+                if mtime != -(2**63):
+                    node.mtime_us = mtime
+                    if isinstance(node, Inode):
+                        node.mtime_seq = seq
+
+    def walk_base(self, base_dir: str) -> Iterator[tuple[str, str, os.stat_result]]:
+        """Load a base copy's directories and symlinks; yield its regular
+        files (relative path, full path, lstat) for the subclass to fill."""
+        for top, dirs, files in os.walk(base_dir):
+            rel_top = os.path.relpath(top, base_dir).replace(os.sep, "/")
+            for name in dirs + files:
+                rel = name if rel_top == "." else f"{rel_top}/{name}"
+                full = os.path.join(top, name)
+                st = os.lstat(full)
+                if os.path.islink(full):
+                    self.nodes[rel] = Link(os.readlink(full))
+                elif name in dirs:
+                    self.nodes[rel] = Dir(st.st_mode & 0o7777, st.st_mtime_ns // 1000)
+                else:
+                    yield rel, full, st
+
+
+def base_path(j: Journal, seq: int, payload: bytes) -> str:
+    """The directory a BASE record names, checked to lie inside the journal."""
+    ref = payload.decode("utf-8", "replace")
+    base = os.path.join(j.path, *ref.split("/"))
+    if ".." in ref.split("/") or not os.path.isdir(base):
+        raise CorruptJournal(f"BASE record {seq} names missing base {ref!r}")
+    return base
+
+
+class _Columns:
+    """Parallel 64-bit columns in anonymous mappings. Their pages cost
+    nothing until written, unlike a zero-filled array: the first touch of
+    fresh memory costs several microseconds a page on these machines, and
+    a million-record plan sizes its outputs for the worst case."""
+
+    def __init__(self, codes: str, capacity: int):
+        self.codes = codes
+        self.cap = 0
+        self._maps: list[mmap.mmap] = []
+        self.cols: list[memoryview] = []
+        self._grow(capacity, 0)
+
+    def _grow(self, cap: int, keep: int) -> None:
+        maps = [mmap.mmap(-1, 8 * max(cap, 1)) for _ in self.codes]
+        cols = [memoryview(m).cast(c) for m, c in zip(maps, self.codes)]  # type: ignore[call-overload]
+        for new, old in zip(cols, self.cols):
+            new[:keep] = old[:keep]
+        self.close()
+        self._maps, self.cols, self.cap = maps, cols, cap
+
+    def pointers(self, at: int) -> list[Any]:
+        """cffi pointers to each column at row `at` (take them right before
+        a call: they do not keep the mappings alive across a _grow)."""
+        return [ffi.from_buffer("int64_t[]" if c == "q" else "uint64_t[]", m) + at
+                for m, c in zip(self._maps, self.codes)]
+
+    def close(self) -> None:
+        for v in self.cols:
+            v.release()
+        for m in self._maps:
+            m.close()
+        self._maps, self.cols = [], []
+
+
+class _Rows(_Columns):
+    """The rows of the plan, which the C extractor writes into directly:
+    key, start, end, file, src, seq, ts."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__("QQQQQQq", capacity)
+        self.n = 0
+
+    def reserve(self, extra: int) -> None:
+        if self.n + extra > self.cap:
+            self._grow(max(self.n + extra, 2 * self.cap), self.n)
+
+    def add(self, *row: int) -> None:
+        self.reserve(1)
+        for c, v in zip(self.cols, row):
+            c[self.n] = v
+        self.n += 1
+
+
+class PlanTree(Tree):
+    """A Tree whose file ids are mirrored into the key table that the C
+    extractor translates file ids with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = array("Q", bytes(8 * 64))
+
+    def bind(self, fid: int, ino: Inode) -> None:
+        super().bind(fid, ino)
+        if fid < MAX_TABLE_FID:
+            if fid >= len(self.table):
+                self.table.extend(array("Q", bytes(8 * (max(fid + 1, 2 * len(self.table)) - len(self.table)))))
+            self.table[fid] = ino.key
+
+    def reset(self) -> None:
+        super().reset()
+        self.table = array("Q", bytes(8 * len(self.table)))
+
+
+@dataclass
+class Plan:
+    """The tree at `seq`: names, and for each inode its size and the pieces
+    of source files that make up its content."""
+
+    seq: int
+    ts: int | None
+    tree: Tree
+    sources: Sources  # indexed by a piece's file column; close() unmaps them
+    sizes: array = field(default_factory=lambda: array("Q"))  # by inode key
+    pieces: tuple[array, ...] = ()  # key, start, len, file, src: sorted by key, start
+    records: int = 0  # records from the base (or the start) to seq
+    dirty: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.sources.close()
+
+    def __enter__(self) -> Plan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def size_of(self, ino: Inode) -> int:
+        return self.sizes[ino.key] if ino.key < len(self.sizes) else 0
+
+    def piece_range(self, ino: Inode) -> tuple[int, int]:
+        """Indexes [lo, hi) of this inode's pieces."""
+        keys = self.pieces[0]
+        return bisect.bisect_left(keys, ino.key), bisect.bisect_right(keys, ino.key)
+
+    def extents(self, ino: Inode) -> Iterator[tuple[int, int, int, int]]:
+        """(offset, length, source file, source offset) of each data piece."""
+        _k, start, length, file, src = self.pieces
+        lo, hi = self.piece_range(ino)
+        for i in range(lo, hi):
+            yield start[i], length[i], file[i], src[i]
+
+    def read(self, ino: Inode, start: int, length: int) -> bytes:
+        """The file's bytes in [start, start + length): pieces from their
+        sources, zeros where it has holes (or past its end)."""
+        out = bytearray(length)
+        _k, starts, lens, files, srcs = self.pieces
+        lo, hi = self.piece_range(ino)
+        i = max(lo, bisect.bisect_right(starts, start, lo, hi) - 1)
+        end = start + length
+        while i < hi and starts[i] < end:
+            a, b = max(starts[i], start), min(starts[i] + lens[i], end)
+            if a < b:
+                src = srcs[i] + (a - starts[i])
+                out[a - start : b - start] = self.sources.view(files[i])[src : src + (b - a)]
+            i += 1
+        return bytes(out)
+
+    def layout(self, ino: Inode | None) -> tuple[list[tuple[int, int, tuple[str, int]]], int]:
+        """(start, end, identity) of each data piece, and the size. Two
+        pieces hold the same bytes when their identity (source file, source
+        offset - start) is equal: the same journal bytes at the same place."""
+        if ino is None:
+            return [], 0
+        paths = self.sources.paths
+        return [(s, s + n, (paths[f], src - s)) for s, n, f, src in self.extents(ino)], self.size_of(ino)
+
+    def data_bytes(self) -> int:
+        """Bytes of data in the files that have names (what a restore copies)."""
+        seen: set[int] = set()
+        total = 0
+        for node in self.tree.nodes.values():
+            if isinstance(node, Inode) and node.key not in seen:
+                seen.add(node.key)
+                lo, hi = self.piece_range(node)
+                total += sum(self.pieces[2][lo:hi])
+        return total
+
+
+class Validator:
+    """Checks records' checksums on a thread of its own while the plan is
+    built and written (cffi releases the GIL during cdp_scan). Reading 4 GiB
+    of payloads to check them is bound by memory bandwidth and was half of a
+    restore's time on one CPU; with the check beside it, a restore costs
+    little more than its copy. A restore is not done, and reports no
+    success, before finish() has returned."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[str, int, int, int, int, int] | None] = queue.SimpleQueue()
+        self._error: CorruptJournal | None = None
+        self._thread = threading.Thread(target=self._run, name="cdpcore-validate", daemon=True)
+        self._thread.start()
+
+    def submit(self, path: str, seg_no: int, pos: int, end: int, expect: int, count: int) -> None:
+        """Check `count` records from offset pos (seq `expect`) of a segment."""
+        self._jobs.put((path, seg_no, pos, end, expect, count))
+
+    def _run(self) -> None:
+        out = ffi.new("struct cdp_scan_result *")
+        while (job := self._jobs.get()) is not None:
+            if self._error is not None:
+                continue
+            path, seg_no, pos, end, expect, count = job
+            try:
+                with open(path, "rb") as f, mmap.mmap(f.fileno(), end, prot=mmap.PROT_READ) as m:
+                    buf = ffi.from_buffer(m)
+                    lib.cdp_scan(buf, end, pos, expect, INT64_MIN, count, 0, 0,
+                                 ffi.NULL, ffi.NULL, ffi.NULL, 0, out)
+                    del buf
+                if out.count != count:
+                    self._error = CorruptJournal(STOP_REASONS.get(out.stop, "records end early"),
+                                                 seg_no, out.end)
+            except (OSError, ValueError) as e:
+                self._error = CorruptJournal(f"cannot read segment: {e}", seg_no)
+
+    def error(self) -> CorruptJournal | None:
+        """Wait for every check; the first damage found, if any."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        return self._error
+
+    def finish(self) -> None:
+        err = self.error()
+        if err is not None:
+            raise err
+
+
+def build_plan(j: Journal, seq: int, progress: Progress | None = None,
+               validator: Validator | None = None) -> Plan:
+    """The plan of the state after record `seq` (first_seq - 1: before any).
+    Every record is checked (CRC) on the way, or, with a validator, handed
+    to it: then the plan must not be trusted before validator.finish()."""
+    tree = PlanTree()
+    # a row per record at most (plus base files, added as they come)
+    rows = _Rows(max(seq - j.first_seq + 1, 0) + 64)
+    sources = Sources()
+    plan = Plan(seq, None, tree, sources)
+    try:
+        start_seq = _forward(j, seq, plan, tree, rows, progress, validator)
+        plan.records = max(0, seq - start_seq + 1)
+        _cover(plan, rows)
+    except BaseException:
+        sources.close()
+        raise
+    finally:
+        rows.close()
+    return plan
+
+
+_ALL_KINDS = (1 << 32) - 1
+
+
+def _forward(j: Journal, seq: int, plan: Plan, tree: PlanTree, rows: _Rows, progress: Progress | None,
+             validator: Validator | None, first: int | None = None) -> int:
+    """The pass over the records first..seq (default: from the journal's
+    first): namespace into the tree, data into rows. Returns the seq the
+    state starts from (the last BASE, or `first`)."""
+    sources = plan.sources
+    first = j.first_seq if first is None else first
+    start_seq = first
+    res = ffi.new("struct cdp_extract_result *")
+    total = seq - first + 1
+    for seg, pos, expect, end, last in j.spans(first, seq):
+        file_no = sources.add(seg.path)
+        view = sources.view(file_no)
+        end = min(end, len(view))
+        stop = min(seq, last)
+        if expect < first:
+            # the span starts at an index entry before `first`: step over
+            # (and check) the records in between
+            buf = ffi.from_buffer(view)
+            status = lib.cdp_extract(buf, end, pos, expect, first - expect, _ALL_KINDS, validator is None,
+                                     ffi.NULL, 0, 0, *([ffi.NULL] * 7), 0, res)
+            del buf
+            if status != lib.CDP_OK or res.last_seq + 1 != first:
+                raise CorruptJournal(STOP_REASONS.get(res.stop, "records end early"), seg.seg_no, res.end)
+            pos, expect = res.end, first
+        if validator is not None and expect <= stop:
+            validator.submit(seg.path, seg.seg_no, pos, end, expect, stop - expect + 1)
+        try:
+            while expect <= stop:
+                rows.reserve(min(stop - expect + 1, ROWS_PER_CALL))
+                cap = rows.cap - rows.n
+                buf = ffi.from_buffer(view)
+                table = ffi.from_buffer("uint64_t[]", tree.table)
+                ptrs = rows.pointers(rows.n)
+                status = lib.cdp_extract(buf, end, pos, expect, stop - expect + 1, _SKIP,
+                                         validator is None, table,
+                                         len(tree.table), file_no, *ptrs, cap, res)
+                del buf, table, ptrs  # release the arrays before they may grow
+                if status != lib.CDP_OK:
+                    raise CorruptJournal(f"cannot read records (status {status})", seg.seg_no, pos)
+                rows.n += res.n_out
+                if res.count:
+                    plan.ts = res.last_ts
+                pos, expect = res.end, res.last_seq + 1
+                if res.stop == _STOP_KIND:
+                    # one record for Python: namespace, base, dirty, or data
+                    # through a file id the table does not hold
+                    _crc, n, rseq, ts, fid, offset, kind, _fl, _m, _r = REC_HDR.unpack_from(view, pos)
+                    payload = bytes(view[pos + 48 : pos + 48 + n])
+                    if kind == Kind.BASE:
+                        rows.n = 0
+                        start_seq = rseq
+                        _load_base(tree, rows, sources, base_path(j, rseq, payload), rseq)
+                    else:
+                        _apply(tree, rows, plan, kind, fid, offset, payload, rseq, ts, file_no, pos + 48)
+                    plan.ts = ts
+                    pos += (48 + n + 7) & ~7
+                    expect += 1
+                elif res.stop != _STOP_LIMIT and expect <= stop:
+                    raise CorruptJournal(STOP_REASONS.get(res.stop, "records end early"), seg.seg_no, pos)
+                if progress is not None:
+                    progress("plan", expect - first, total)
+        finally:
+            del view
+    return start_seq
+
+
+@dataclass
+class After:
+    """What the records after a plan's point did: the tree at a later seq,
+    and per inode key the ranges those records wrote or cut, and the size
+    it has then. Built by continuing the plan's pass over those records
+    only (rollback: the few records after the point, not the journal)."""
+
+    seq: int
+    tree: Tree
+    sizes: dict[int, int]  # of the inodes the records touched
+    ranges: dict[int, list[tuple[int, int]]]
+    before: array  # the plan's sizes, for the inodes they did not touch
+
+    def size_of(self, ino: Inode) -> int:
+        k = ino.key
+        return self.sizes[k] if k in self.sizes else (self.before[k] if k < len(self.before) else 0)
+
+
+def continue_plan(j: Journal, plan: Plan, seq: int) -> After:
+    """The state after record `seq` > plan.seq, as far as the records in
+    between changed it. Every one of them is checked (CRC)."""
+    import copy
+
+    tree = copy.deepcopy(plan.tree)
+    assert isinstance(tree, PlanTree)
+    rows = _Rows(seq - plan.seq + 64)
+    later = Plan(seq, None, tree, Sources())
+    try:
+        _forward(j, seq, later, tree, rows, None, None, first=plan.seq + 1)
+        key, start, end, file = (rows.cols[i] for i in range(4))
+        sizes: dict[int, int] = {}
+        touched: dict[int, list[tuple[int, int]]] = {}
+        for i in range(rows.n):
+            k, a, b = key[i], start[i], end[i]
+            size = sizes.get(k, plan.sizes[k] if k < len(plan.sizes) else 0)
+            if file[i] == HOLE and b == HOLE:  # a truncate: all past it may change
+                sizes[k] = a
+            elif b > a:
+                sizes[k] = max(size, b)
+            else:
+                sizes.setdefault(k, size)
+            touched.setdefault(k, []).append((a, b))
+        ranges = {k: _merge(v) for k, v in touched.items()}
+    finally:
+        rows.close()
+        later.close()
+    return After(seq, tree, sizes, ranges, plan.sizes)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _apply(tree: PlanTree, rows: _Rows, plan: Plan, kind: int, fid: int, offset: int,
+           payload: bytes, seq: int, ts: int, file_no: int, src: int) -> None:
+    """A record the extractor left to Python. WRITE and TRUNCATE come here
+    only for file ids outside the key table (or bound by nothing: error)."""
+    if kind == Kind.WRITE:
+        ino = tree.inode(fid, "write")
+        rows.add(ino.key, offset, offset + len(payload), file_no, src, seq, ts)
+    elif kind == Kind.TRUNCATE:
+        ino = tree.inode(fid, "truncate")
+        rows.add(ino.key, offset, HOLE, HOLE, 0, seq, ts)
+    elif kind == Kind.DIRTY:
+        name = tree.name_of(tree.ids.get(fid), fid)
+        plan.dirty.append(f"{name} (seq {seq}): {payload[8:].decode('utf-8', 'replace')}")
+    else:
+        tree.apply_ns(kind, fid, offset, payload, seq, ts)
+
+
+def _load_base(tree: PlanTree, rows: _Rows, sources: Sources, base: str, seq: int) -> None:
+    tree.reset()
+    for rel, full, st in tree.walk_base(base):
+        ino = tree.new_inode(st.st_mode & 0o7777)
+        ino.mtime_us, ino.mtime_seq = st.st_mtime_ns // 1000, seq
+        tree.nodes[rel] = ino
+        if st.st_size:
+            rows.add(ino.key, 0, st.st_size, sources.add(full), 0, seq, ino.mtime_us)
+
+
+def _cover(plan: Plan, rows: _Rows) -> None:
+    n_keys = plan.tree.next_key + 1
+    plan.sizes = array("Q", bytes(8 * n_keys))
+    last_seq = array("Q", bytes(8 * n_keys))
+    last_ts = array("q", bytes(8 * n_keys))
+    cap = 2 * rows.n + 1
+    out = _Columns("QQQQQ", cap)
+    n_pieces = ffi.new("uint64_t *")
+    u64 = "uint64_t[]"
+    try:
+        status = lib.cdp_cover(rows.n, *rows.pointers(0), n_keys, ffi.from_buffer(u64, plan.sizes),
+                               ffi.from_buffer(u64, last_seq), ffi.from_buffer("int64_t[]", last_ts),
+                               *out.pointers(0), cap, n_pieces)
+        if status == lib.CDP_ENOMEM:
+            raise MemoryError("restore plan: cannot lay out the extents")
+        if status != lib.CDP_OK:
+            raise CorruptJournal(f"restore plan: bad rows (status {status})")
+        plan.pieces = tuple(array("Q", c[: n_pieces[0]].tobytes()) for c in out.cols)
+    finally:
+        out.close()
+    # A file's mtime is that of its last change: data rows (C) or the
+    # CREATE / SETATTR / base load the tree saw, whichever came later.
+    for node in plan.tree.nodes.values():
+        if isinstance(node, Inode) and node.key < n_keys and last_seq[node.key] > node.mtime_seq:
+            node.mtime_us = last_ts[node.key]
+            node.mtime_seq = last_seq[node.key]
+
+
+class Sources:
+    """The files a plan's pieces come from (segments, base copies), mapped
+    read-only on first use. Segments are mapped with MAP_POPULATE: page
+    tables for the whole file in one call, instead of a fault for every
+    16 pages that the extractor and the copy touch (a fifth of a restore's
+    time on a 4 GB journal)."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self._maps: list[mmap.mmap | None] = []
+        self._bufs: list[Any] = []
+        self._ptrs: Any = None
+        self._lens: Any = None
+
+    def add(self, path: str) -> int:
+        self.paths.append(path)
+        self._maps.append(None)
+        self._bufs.append(None)
+        self._ptrs = None
+        return len(self.paths) - 1
+
+    def view(self, i: int) -> memoryview:
+        """The bytes of source i (mapped now if it was not)."""
+        m = self._map(i)
+        return memoryview(m) if m is not None else memoryview(b"")
+
+    def _map(self, i: int) -> mmap.mmap | None:
+        if self._bufs[i] is None:
+            fd = os.open(self.paths[i], os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                m = mmap.mmap(fd, size, prot=mmap.PROT_READ,
+                              flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) if size else None
+            finally:
+                os.close(fd)
+            self._maps[i] = m
+            self._bufs[i] = ffi.from_buffer(m) if m is not None else ffi.NULL
+            self._ptrs = None
+        return self._maps[i]
+
+    def copy(self, fd: int, plan: Plan, lo: int, hi: int) -> int:
+        """Write pieces [lo, hi) of plan into fd; returns the bytes written."""
+        if hi <= lo:
+            return 0
+        for f in set(plan.pieces[3][lo:hi]):
+            self._map(f)
+        if self._ptrs is None:
+            self._ptrs = ffi.new("const uint8_t *[]", [ffi.NULL if b is None else b for b in self._bufs] or [ffi.NULL])
+            self._lens = ffi.new("uint64_t[]", [len(m) if m is not None else 0 for m in self._maps] or [0])
+        _k, start, length, file, src = (ffi.from_buffer("uint64_t[]", c) for c in plan.pieces)
+        written = ffi.new("uint64_t *")
+        status = lib.cdp_copy_out(fd, hi - lo, start + lo, length + lo, file + lo, src + lo,
+                                  self._ptrs, self._lens, len(self.paths), written)
+        if status == lib.CDP_EIO:
+            err = ffi.errno
+            raise OSError(err, os.strerror(err))
+        if status != lib.CDP_OK:
+            raise CorruptJournal("restore plan names bytes outside its source files")
+        return int(written[0])
+
+    def close(self) -> None:
+        self._ptrs = self._lens = None
+        for b in self._bufs:
+            if b is not None and b != ffi.NULL:
+                ffi.release(b)
+        self._bufs = [None] * len(self._bufs)
+        for m in self._maps:
+            if m is not None:
+                m.close()
+        self._maps = [None] * len(self._maps)
+
+
+def last_global_flush(j: Journal, seq: int) -> int | None:
+    """Seq of the last FLUSH of all files (file id 0) at or before seq. The
+    extractor skips every other kind in C and stops at each FLUSH."""
+    skip = sum(1 << k for k in Kind if k != Kind.FLUSH)
+    res = ffi.new("struct cdp_extract_result *")
+    found = None
+    for seg, pos, expect, end, last in j.spans(j.first_seq, seq):
+        view = seg.view()
+        stop = min(seq, last)
+        try:
+            while expect <= stop:
+                buf = ffi.from_buffer(view)
+                status = lib.cdp_extract(buf, end, pos, expect, stop - expect + 1, skip, 1, ffi.NULL, 0, 0,
+                                         *([ffi.NULL] * 7), 0, res)
+                del buf
+                if status != lib.CDP_OK:
+                    raise CorruptJournal(f"cannot read records (status {status})", seg.seg_no, pos)
+                pos, expect = res.end, res.last_seq + 1
+                if res.stop == _STOP_KIND:
+                    _crc, n, _s, _ts, fid, *_rest = REC_HDR.unpack_from(view, pos)
+                    if fid == 0:
+                        found = expect
+                    pos += (48 + n + 7) & ~7
+                    expect += 1
+                elif res.stop != _STOP_LIMIT and expect <= stop:
+                    raise CorruptJournal(STOP_REASONS.get(res.stop, "records end early"), seg.seg_no, pos)
+        finally:
+            del view
+    return found
+
+
+def changed_ranges(a: Plan, ia: Inode | None, b: Plan, ib: Inode | None) -> list[tuple[int, int]]:
+    """Merged byte ranges, below the larger size, where file ia of plan a
+    and file ib of plan b may differ: where one has data the other has not,
+    or the two have data from different journal bytes. (Different bytes
+    that happen to be equal count as changed; a hole and bytes past the end
+    do not differ: both read as zeros, and sizes are compared apart.)"""
+    pa, sa = a.layout(ia)
+    pb, sb = b.layout(ib)
+    bounds = sorted({0, max(sa, sb)}.union(*((x[0], x[1]) for x in pa), *((x[0], x[1]) for x in pb)))
+    out: list[tuple[int, int]] = []
+    i = k = 0
+    for lo, hi in itertools.pairwise(bounds):
+        while i < len(pa) and pa[i][1] <= lo:
+            i += 1
+        while k < len(pb) and pb[k][1] <= lo:
+            k += 1
+        ida = pa[i][2] if i < len(pa) and pa[i][0] <= lo else None
+        idb = pb[k][2] if k < len(pb) and pb[k][0] <= lo else None
+        if ida != idb:
+            if out and out[-1][1] == lo:
+                out[-1] = (out[-1][0], hi)
+            else:
+                out.append((lo, hi))
+    return out

@@ -1,0 +1,442 @@
+"""rollback(): return the live protected root to a point, in place.
+
+Theory of operation. The journal's latest state is what the live root holds
+(nothing writes to the root unseen while no capture runs: rollback refuses
+while one does). The point's plan (`want`) is built as for a restore; the
+latest state (`now`) is that plan continued over the records after the
+point only (plan.continue_plan), which also yields, per file, the byte
+ranges those records wrote or cut: only there can the root differ from the
+point. Inode keys are handed out in record order, so a file that exists at
+both moments has the same key in both. Rollback rewrites only those:
+
+1. names that must go elsewhere are first moved into a staging directory
+   inside the root (`.cdpcore-rollback`), so that swaps and renames over
+   each other cannot lose a file;
+2. what the point does not have is removed, deepest first;
+3. directories are made, staged files moved to their names (a rename
+   undone), files the point has and the root lacks are created, hard links
+   and symlinks made;
+4. in the ranges the later records touched, the bytes that differ from
+   the root are rewritten; sizes set, modes and mtimes put back.
+
+Every operation is recorded, in order, as the journal record that says
+the same thing (RENAME into and out of the staging directory included),
+and appended in one batch at the end with a FLUSH and a BOOKMARK
+`rollback-to-<seq>`: restoring the latest point then equals the rolled-back
+root, and a point before the rollback's records still restores what was
+there before it.
+
+Crash safety. Before the root is touched, JOURNAL/rollback.json (the
+intent: from which seq to which) is written durably. Each operation is
+"make it so" and tolerates having been done already (a rename whose source
+is gone and whose target exists, an unlink of a missing name, a rewrite of
+bytes already rewritten), so a rollback killed at any step is completed by
+running it again: the intent pins `now` to the seq it started from, and
+the records, appended in one batch, are all-or-nothing. The
+intent is removed last; a rerun that finds the rollback's bookmark after
+the intent's seq just removes it.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdpcore._native import now_us
+from cdpcore.errors import CaptureRunning, RestoreError
+from cdpcore.filemap import fs_path
+from cdpcore.journal import Journal, write_durable
+from cdpcore.plan import (
+    After,
+    Dir,
+    Inode,
+    Link,
+    Node,
+    Plan,
+    Validator,
+    build_plan,
+    continue_plan,
+)
+from cdpcore.point import PointLike, format_us
+
+CAPTURE_LOCK = "capture.lock"
+INTENT = "rollback.json"
+STAGE = ".cdpcore-rollback"
+# Test hook: SIGKILL this process after that many operations (crash tests).
+KILL_ENV = "CDPCORE_ROLLBACK_KILL_AFTER"
+
+
+@dataclass(slots=True)
+class RollbackResult:
+    to_seq: int
+    from_seq: int
+    seq: int = 0  # the rollback's bookmark (0: nothing to do)
+    ts: int | None = None
+    bytes_written: int = 0
+    created: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    renamed: list[tuple[str, str]] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    records: int = 0  # appended to the journal
+    resumed: bool = False  # completed an interrupted rollback
+
+    def to_json(self) -> dict[str, Any]:
+        return {"to_seq": self.to_seq, "from_seq": self.from_seq, "seq": self.seq, "ts": self.ts,
+                "time": format_us(self.ts) if self.ts is not None else None,
+                "bytes_written": self.bytes_written, "created": self.created, "removed": self.removed,
+                "renamed": [list(p) for p in self.renamed], "changed": self.changed,
+                "records": self.records, "resumed": self.resumed}
+
+
+@contextmanager
+def capture_lock(j: Journal, force: bool) -> Iterator[None]:
+    """Hold JOURNAL/capture.lock exclusively for the rollback. A capture
+    holds it shared for its lifetime; if one does, refuse (or, with force,
+    go on without it: the operator says the capture is not writing)."""
+    fd = os.open(os.path.join(j.path, CAPTURE_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not force:
+                raise CaptureRunning(
+                    f"a capture of {j.root} is running (it holds {os.path.join(j.path, CAPTURE_LOCK)}); "
+                    "stop it first, or use --force if it is not writing") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def rollback(journal: Journal | str | os.PathLike[str], to: PointLike, force: bool = False) -> RollbackResult:
+    """Return the live protected root (journal.root) to point `to`,
+    rewriting only what changed after it; the rollback is journaled."""
+    if isinstance(journal, Journal):
+        with capture_lock(journal, force):
+            return _rollback(journal, to)
+    with Journal.open(journal) as j, capture_lock(j, force):
+        return _rollback(j, to)
+
+
+def _rollback(j: Journal, to: PointLike) -> RollbackResult:
+    intent_path = os.path.join(j.path, INTENT)
+    to_seq = j.resolve(to)
+    intent = _read_intent(intent_path)
+    if intent is not None:
+        if intent["to"] != to_seq:
+            raise RestoreError(f"an interrupted rollback to seq {intent['to']} must be completed first "
+                               f"(run the rollback to seq:{intent['to']} again)")
+        from_seq = intent["from"]
+        done = [b for b in j.bookmarks() if b.name == _bookmark(to_seq) and b.seq > from_seq]
+        if done:  # killed after the records were appended: only the intent is left
+            os.unlink(intent_path)
+            return RollbackResult(to_seq, from_seq, done[-1].seq, done[-1].ts, resumed=True)
+    else:
+        from_seq = j.last_seq
+    result = RollbackResult(to_seq, from_seq, resumed=intent is not None)
+    if to_seq >= from_seq:
+        return result
+    validator = Validator()
+    with build_plan(j, to_seq, validator=validator) as want:
+        # the state the root holds: the point's plan continued over the
+        # records after it (few, for a rollback of recent damage)
+        now = continue_plan(j, want, from_seq)
+        validator.finish()
+        if intent is None:
+            write_durable(intent_path, json.dumps({"to": to_seq, "from": from_seq}).encode())
+        ops = _Ops(j.root)
+        _apply(now, want, ops, result)
+        if not ops.journal:  # the root already holds the point's tree
+            os.unlink(intent_path)
+            return result
+        ops.sync()
+        ops.step()
+        # one timestamp for the whole rollback: it is one event, and the
+        # result can say when without reading the journal back
+        result.ts = now_us()
+        with j.batch() as b:
+            for name, args in ops.journal:
+                getattr(b, name)(*args, ts=result.ts)
+            b.append_flush(ts=result.ts)
+            b.bookmark(_bookmark(to_seq), ts=result.ts)
+        result.seq = b.last_seq
+        result.records = b.last_seq - b.first_seq + 1
+        j.sync()
+    ops.step()
+    os.unlink(intent_path)
+    return result
+
+
+def _bookmark(to_seq: int) -> str:
+    return f"rollback-to-{to_seq}"
+
+
+def _read_intent(path: str) -> dict[str, int] | None:
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RestoreError(f"{path}: cannot read the rollback intent: {e}") from None
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), int) for k in ("to", "from")):
+        raise RestoreError(f"{path}: not a rollback intent")
+    return {"to": doc["to"], "from": doc["from"]}
+
+
+class _Ops:
+    """File-system operations on the live root that tolerate having been
+    done already, each noted as the journal append that says the same."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.journal: list[tuple[str, tuple[Any, ...]]] = []
+        self.dirty_fds: list[str] = []
+        self.dirs: set[str] = set()
+        self.count = 0
+        kill = os.environ.get(KILL_ENV)
+        self.kill_after = int(kill) if kill else -1
+
+    def step(self) -> None:
+        """Count an operation; the crash tests' hook kills the process here."""
+        self.count += 1
+        if self.count == self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def path(self, rel: str) -> str:
+        return fs_path(self.root, rel)
+
+    def _done(self, append: str, args: tuple[Any, ...], *names: str) -> None:
+        """Note the journal append for an operation done, and the
+        directories whose entries it changed (synced before journaling)."""
+        for rel in names:
+            self.dirs.add(os.path.dirname(self.path(rel)))
+        self.journal.append((append, args))
+        self.step()
+
+    def mkdir(self, rel: str, mode: int) -> None:
+        with suppress(FileExistsError):
+            os.mkdir(self.path(rel), 0o700)
+        self._done("append_mkdir", (rel, mode), rel)
+
+    def rename(self, a: str, b: str) -> None:
+        try:
+            os.rename(self.path(a), self.path(b))
+        except FileNotFoundError:
+            if not os.path.lexists(self.path(b)):
+                raise  # neither there nor already moved
+        self._done("append_rename", (a, b), a, b)
+
+    def remove(self, rel: str, node: Node) -> None:
+        p = self.path(rel)
+        with suppress(FileNotFoundError):
+            if isinstance(node, Dir) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+        self._done("append_rmdir" if isinstance(node, Dir) else "append_unlink", (rel,), rel)
+
+    def symlink(self, target: str, rel: str) -> None:
+        with suppress(FileExistsError):
+            os.symlink(target, self.path(rel))
+        self._done("append_symlink", (target, rel), rel)
+
+    def link(self, a: str, b: str) -> None:
+        with suppress(FileExistsError):
+            os.link(self.path(a), self.path(b))
+        self._done("append_link", (a, b), b)
+
+    def create(self, rel: str, mode: int) -> None:
+        fd = os.open(self.path(rel), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        self._done("append_create", (rel, mode), rel)
+
+    def read(self, rel: str, offset: int, length: int) -> bytes:
+        """What the root holds there now (short past its end)."""
+        fd = os.open(self.path(rel), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def write(self, rel: str, offset: int, data: bytes) -> None:
+        fd = os.open(self.path(rel), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+        self.dirty_fds.append(rel)
+        self._done("append_write", (rel, offset, data))
+
+    def truncate(self, rel: str, size: int) -> None:
+        os.truncate(self.path(rel), size)
+        self.dirty_fds.append(rel)
+        self._done("append_truncate", (rel, size))
+
+    def setattr(self, rel: str, mode: int, mtime_us: int | None) -> None:
+        p = self.path(rel)
+        os.chmod(p, mode)
+        if mtime_us is not None:
+            os.utime(p, ns=(mtime_us * 1000, mtime_us * 1000))
+        else:
+            # The point never stamped it: as a restore would, give it the
+            # current time (not a stamp set after the point); the journal
+            # cannot say "unknown", so it records that time, and a later
+            # restore of the latest point equals the root.
+            os.utime(p)
+            mtime_us = os.lstat(p).st_mtime_ns // 1000
+        self._done("append_setattr", (rel, mode, mtime_us))
+
+    def sync(self) -> None:
+        """The root's changes on disk before the journal says they happened."""
+        for rel in dict.fromkeys(self.dirty_fds):
+            try:
+                fd = os.open(self.path(rel), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # written, then moved: its new name's directory is synced below
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for d in self.dirs:
+            try:
+                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _same(a: Node | None, b: Node | None) -> bool:
+    """Whether a name can stay as it is (its content may still change)."""
+    if isinstance(a, Dir) and isinstance(b, Dir):
+        return True
+    if isinstance(a, Link) and isinstance(b, Link):
+        return a.target == b.target
+    return isinstance(a, Inode) and isinstance(b, Inode) and a.key == b.key
+
+
+def _names(nodes: dict[str, Node]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for p in sorted(nodes):
+        n = nodes[p]
+        if isinstance(n, Inode):
+            out.setdefault(n.key, []).append(p)
+    return out
+
+
+def _depth(p: str) -> tuple[int, str]:
+    return p.count("/"), p
+
+
+def _apply(now: After, want: Plan, ops: _Ops, result: RollbackResult) -> None:
+    N, T = now.tree.nodes, want.tree.nodes
+    now_names, want_names = _names(N), _names(T)
+    # a file keeps a name it has at both moments, if it has one
+    placed = {key: next(q for q in targets if _same(N.get(q), T[q]))
+              for key, targets in want_names.items() if any(_same(N.get(q), T[q]) for q in targets)}
+    kept = set(placed)
+    # 1. files the point has under other names only: into staging first, so
+    # that renames over each other (a swap) lose nothing
+    staged: dict[int, str] = {}
+    for key, targets in want_names.items():
+        currents = now_names.get(key, [])
+        if key not in kept and currents:
+            if not staged:
+                ops.mkdir(STAGE, 0o700)
+            staged[key] = f"{STAGE}/{key}"
+            ops.rename(currents[0], staged[key])
+            result.renamed.append((currents[0], targets[0]))
+    moved = {now_names[k][0] for k in staged}
+    # 2. what the point does not have, deepest first; a directory takes its
+    # contents with it
+    gone = [p for p in N if p not in moved and not _same(N[p], T.get(p))]
+    gone_dirs = [q for q in gone if isinstance(N[q], Dir)]
+    for p in sorted(gone, key=_depth, reverse=True):
+        if not any(p.startswith(q + "/") for q in gone_dirs):
+            ops.remove(p, N[p])
+            result.removed.append(p)
+    # 3. directories, symlinks, staged files to their names, lost files
+    # recreated, hard links
+    fresh: set[int] = set()
+    for p in sorted(T, key=_depth):
+        node = T[p]
+        if _same(N.get(p), node):
+            continue
+        if isinstance(node, Dir):
+            ops.mkdir(p, node.mode)
+        elif isinstance(node, Link):
+            ops.symlink(node.target, p)
+            result.created.append(p)
+        elif node.key in placed:
+            ops.link(placed[node.key], p)
+            result.created.append(p)
+        elif node.key in staged:
+            ops.rename(staged.pop(node.key), p)
+            placed[node.key] = p
+            fresh.add(node.key)
+            _rewrite(now, want, node, p, ops, result)
+        else:
+            _recreate(want, node, p, ops, result)
+            placed[node.key] = p
+            fresh.add(node.key)
+    if moved:
+        ops.remove(STAGE, Dir())  # empty again: every staged file has its name
+    # 4. bytes of the files that kept a name; then modes and mtimes, deepest
+    # first (changing a directory's entries changes its mtime)
+    for key in kept:
+        _rewrite(now, want, T[placed[key]], placed[key], ops, result)  # type: ignore[arg-type]
+    changed = set(result.changed)
+    for p in sorted(T, key=_depth, reverse=True):
+        node, old = T[p], N.get(p)
+        if isinstance(node, Link) or (isinstance(node, Inode) and placed.get(node.key) != p):
+            continue
+        if isinstance(node, Dir):
+            touched = ops.path(p) in ops.dirs and node.mtime_us is not None
+        else:  # written after the point (its mtime moved), here or before
+            touched = p in changed or node.key in fresh or node.key in now.ranges
+        same_attrs = (_same(old, node) and old.mode == node.mode  # type: ignore[union-attr]
+                      and old.mtime_us == node.mtime_us)  # type: ignore[union-attr]
+        if not same_attrs or touched:
+            ops.setattr(p, node.mode, node.mtime_us)
+
+
+def _rewrite(now: After, want: Plan, ino: Inode, rel: str, ops: _Ops, result: RollbackResult) -> None:
+    """Put back the bytes of a file that exists at both moments (the same
+    key: the same inode). Only what the records after the point wrote or
+    cut can differ; of that, only what differs from the root is written."""
+    size = want.size_of(ino)
+    wrote = False
+    for start, end in now.ranges.get(ino.key, []):
+        if start >= size:
+            continue
+        data = want.read(ino, start, min(end, size) - start)
+        if data == ops.read(rel, start, len(data)):
+            continue  # rewritten with the same bytes (a rollback's own writes, say)
+        ops.write(rel, start, data)
+        result.bytes_written += len(data)
+        wrote = True
+    if now.size_of(ino) != size:
+        ops.truncate(rel, size)
+    elif not wrote:
+        return
+    result.changed.append(rel)
+
+
+def _recreate(want: Plan, ino: Inode, rel: str, ops: _Ops, result: RollbackResult) -> None:
+    """A file the point has and the root lost: created with all its bytes."""
+    ops.create(rel, ino.mode)
+    for start, length, _f, _s in want.extents(ino):
+        data = want.read(ino, start, length)
+        ops.write(rel, start, data)
+        result.bytes_written += len(data)
+    ops.truncate(rel, want.size_of(ino))
+    result.created.append(rel)
+

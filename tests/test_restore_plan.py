@@ -1,0 +1,182 @@
+"""The planned restore (each byte written once) against the reference replay.
+
+Both methods restore the same random journals at the same random points and
+must produce the same trees, byte for byte, with the same hard-link groups,
+modes and mtimes. The journals mix the namespace operations of
+test_restore_basic's model with large, overlapping, unaligned writes and
+truncates that grow files past holes, so that the extent layout in C
+(native/extent.c) is exercised where it can go wrong.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from conftest import scratch
+from hypothesis import given, note
+from hypothesis import strategies as st
+from test_restore_basic import Runner, Tree, make_root, read_tree
+
+from cdpcore import CorruptJournal, Journal, PointError, restore
+from cdpcore.format import REC_HDR
+
+
+def big_op(run: Runner, rnd: random.Random) -> None:
+    """Writes and truncates that overlap at odd offsets, leave holes, and
+    cross 64 KiB boundaries, on a few files (alongside the model)."""
+    t = run.t
+    files = sorted(t.files)
+    if not files or rnd.random() < 0.2:
+        return
+    p = rnd.choice(files)
+    ino = t.files[p]
+    ts = run.tick(rnd)
+    if rnd.random() < 0.75:
+        off = rnd.choice([0, 1, 4095, 4096, 65535, 200_000, 1 << 20]) + rnd.randrange(0, 9000)
+        data = random.Random(ts ^ off).randbytes(rnd.choice([1, 4096, 10_000, 70_000]))
+        run.j.append_write(p, off, data, ts=ts)
+        if len(ino.data) < off:
+            ino.data.extend(bytes(off - len(ino.data)))
+        ino.data[off : off + len(data)] = data
+    else:
+        n = rnd.choice([0, 1, 5000, 300_000, 2 << 20])
+        run.j.append_truncate(p, n, ts=ts)
+        del ino.data[n:]
+        ino.data.extend(bytes(n - len(ino.data)))
+    ino.mtime = ts
+    run.points.append((run.j.last_seq, ts, t.snapshot()))
+
+
+def tree_of(dest: Path, since_us: int) -> dict[str, tuple]:
+    """read_tree, without the mtimes the journal never set (directories it
+    did not stamp, files bound by FILEMAP and never written: they get the
+    time the restore made them, which differs between any two restores).
+    The journals' clocks run far from now, so a journaled mtime is never
+    in [since_us, now]. (File systems stamp with a coarse clock that may lag
+    the precise one by a tick: hence the slack.)"""
+    now = time.time_ns() // 1000
+    since_us -= 50_000
+    tree = read_tree(dest)
+    # a hard-link group is named by its smallest name, not by the one that
+    # os.walk met first (directory order differs between two trees)
+    smallest: dict[str, str] = {}
+    for p, v in tree.items():
+        if v[0] == "f":
+            smallest[v[4]] = min(smallest.get(v[4], p), p)
+    out = {}
+    for p, v in tree.items():
+        at = {"d": 2, "f": 3}.get(v[0])
+        if at is not None and since_us <= v[at] <= now:
+            v = v[:at] + (None,) + v[at + 1:]
+        if v[0] == "f":
+            v = v[:4] + (smallest[v[4]],)
+        out[p] = v
+    return out
+
+
+def same_restore(j: Journal, tmp: Path, at: object, tag: str) -> None:
+    try:
+        want_seq = j.resolve(at)
+    except PointError:
+        for method in ("plan", "replay"):  # a time before the first record
+            with pytest.raises(PointError):
+                restore(j, tmp / f"{method}-{tag}", at=at, method=method)  # type: ignore[arg-type]
+        return
+    t0 = time.time_ns() // 1000
+    fast = restore(j, tmp / f"plan-{tag}", at=at)
+    ref = restore(j, tmp / f"replay-{tag}", at=at, method="replay")
+    assert fast.seq == want_seq
+    assert tree_of(tmp / f"plan-{tag}", t0) == tree_of(tmp / f"replay-{tag}", t0)
+    for name in ("seq", "ts", "files", "dirs", "records", "dirty"):
+        assert getattr(fast, name) == getattr(ref, name), name
+
+
+@given(seed=st.integers(0, 2**32), n_ops=st.integers(1, 60), with_base=st.booleans(),
+       seg_size=st.sampled_from([4096, 65536, 1 << 20]))
+def test_plan_matches_replay(seed: int, n_ops: int, with_base: bool, seg_size: int) -> None:
+    rnd = random.Random(seed)
+    with scratch() as d:
+        tmp = Path(d)
+        root = tmp / "root"
+        root.mkdir()
+        tree = make_root(root) if with_base else Tree()
+        with Journal.create(tmp / "j", root, segment_size=seg_size) as j:
+            run = Runner(j, tree, time.time_ns() // 1000 + 10**12)
+            for i in range(n_ops):
+                run.op(rnd) if rnd.random() < 0.6 else big_op(run, rnd)
+                if with_base and i == n_ops // 2 and rnd.random() < 0.3:
+                    # a second base in the middle replaces everything before it
+                    restore(j, tmp / "mid", at="latest")
+                    shutil.rmtree(root)
+                    shutil.copytree(tmp / "mid", root, symlinks=True)
+                    j.take_base()
+            note(f"{j.last_seq} records")
+            picks = [s for s, _, _ in rnd.sample(run.points, min(3, len(run.points)))] if run.points else []
+            for k, seq in enumerate(picks + [j.last_seq]):
+                same_restore(j, tmp, f"seq:{seq}", f"s{k}")
+            if run.points:
+                _s, ts, _ = rnd.choice(run.points)
+                same_restore(j, tmp, ts + rnd.choice([-1, 0, 1]), "t")
+
+
+def test_holes_stay_sparse(journal_dirs: tuple[Path, Path]) -> None:
+    jpath, root = journal_dirs
+    with Journal.create(jpath, root) as j:
+        j.append_write("sparse", 64 << 20, b"end")  # 64 MiB hole, then 3 bytes
+        j.append_write("grown", 0, b"x" * 8192)
+        j.append_truncate("grown", 100)
+        j.append_truncate("grown", 32 << 20)  # cut, then grown: a hole, not old bytes
+        restore(j, jpath.parent / "r")
+    r = jpath.parent / "r"
+    for name, size in (("sparse", (64 << 20) + 3), ("grown", 32 << 20)):
+        st_ = os.stat(r / name)
+        assert st_.st_size == size
+        assert st_.st_blocks * 512 <= 64 * 1024, f"{name} is not sparse"
+    with open(r / "grown", "rb") as f:
+        assert f.read(100) == b"x" * 100 and f.read(8192) == bytes(8192)
+
+
+def test_consistent_picks_the_last_global_flush(journal_dirs: tuple[Path, Path]) -> None:
+    jpath, root = journal_dirs
+    with Journal.create(jpath, root) as j:
+        j.append_write("db", 0, b"one")
+        with pytest.raises(PointError, match="no consistent point"):
+            restore(j, jpath.parent / "none", at="latest", consistent=True)
+        assert not (jpath.parent / "none").exists()
+        flush = j.append_flush()
+        j.append_write("db", 0, b"two")
+        j.append_flush("db")  # a flush of one file is not a point of the tree
+        j.append_write("db", 0, b"six")
+        res = restore(j, jpath.parent / "c", at="latest", consistent=True)
+        assert res.seq == flush and (jpath.parent / "c" / "db").read_bytes() == b"one"
+        # at or before: a global flush that is the point itself counts
+        assert restore(j, jpath.parent / "c2", at=f"seq:{flush}", consistent=True).seq == flush
+
+
+def test_damaged_payload_fails_and_leaves_dest_empty(journal_dirs: tuple[Path, Path]) -> None:
+    """The checksums are checked beside the copy (plan.Validator): damage in
+    a payload that the result would not even contain still fails the
+    restore, and DEST is left as it was found."""
+    jpath, root = journal_dirs
+    with Journal.create(jpath, root, segment_size=1 << 16) as j:
+        for i in range(40):
+            j.append_write("f", 0, bytes([i]) * 4000)
+        last = j.last_seq
+        j.sync()
+    seg = sorted((jpath / "segments").glob("*.seg"))[0]
+    raw = bytearray(seg.read_bytes())
+    off = 64
+    size = REC_HDR.unpack_from(raw, off)[1]
+    off += (48 + size + 7) & ~7  # the second record: a WRITE later overwritten
+    raw[off + 48 + 10] ^= 0xFF
+    seg.write_bytes(bytes(raw))
+    dest = jpath.parent / "dest"
+    dest.mkdir()
+    with Journal.open(jpath, readonly=True) as j:
+        with pytest.raises(CorruptJournal, match="checksum"):
+            restore(j, dest, at=f"seq:{last}")
+    assert os.listdir(dest) == []

@@ -1,0 +1,208 @@
+"""rollback(): the live root returns to a point; the rollback is journaled.
+
+Random journals (test_restore_basic's operations plus large writes and
+truncates) are made live by restoring their latest state into the
+protected root; then the root is rolled back to a random point and must
+equal a restore of that point, the journal's latest state must equal the
+rolled-back root, and the point just before the rollback's records must
+still restore the tree as it was before. Crash tests kill a rollback after
+each of its operations and check that running it again completes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import scratch
+from hypothesis import given, note
+from hypothesis import strategies as st
+from test_restore_basic import Runner, Tree
+from test_restore_plan import big_op, tree_of
+
+from cdpcore import Journal, restore
+from cdpcore.errors import CaptureRunning, RestoreError
+from cdpcore.rollback import CAPTURE_LOCK, INTENT, KILL_ENV, rollback
+
+
+def make_live(j: Journal) -> None:
+    """Make the protected root hold the journal's latest state."""
+    root = Path(j.root)
+    shutil.rmtree(root)
+    restore(j, root)
+
+
+def random_journal(tmp: Path, rnd: random.Random, n_ops: int) -> Journal:
+    root = tmp / "root"
+    root.mkdir()
+    j = Journal.create(tmp / "j", root, segment_size=65536)
+    run = Runner(j, Tree(), time.time_ns() // 1000 + 10**12)
+    for _ in range(n_ops):
+        run.op(rnd) if rnd.random() < 0.6 else big_op(run, rnd)
+    return j
+
+
+def check_rolled_back(j: Journal, tmp: Path, to_seq: int, from_seq: int, t0: int, tag: str) -> None:
+    root = Path(j.root)
+    restore(j, tmp / f"want-{tag}", at=f"seq:{to_seq}")
+    assert tree_of(root, t0) == tree_of(tmp / f"want-{tag}", t0), "root is not the point's tree"
+    restore(j, tmp / f"latest-{tag}")
+    assert tree_of(tmp / f"latest-{tag}", t0) == tree_of(root, t0), "journal's latest != root"
+    restore(j, tmp / f"before-{tag}", at=f"seq:{from_seq}")  # rolling forward undoes the rollback
+    restore(j, tmp / f"before-ref-{tag}", at=f"seq:{from_seq}", method="replay")
+    assert tree_of(tmp / f"before-{tag}", t0) == tree_of(tmp / f"before-ref-{tag}", t0)
+
+
+@given(seed=st.integers(0, 2**32), n_ops=st.integers(1, 40))
+def test_rollback_matches_restore(seed: int, n_ops: int) -> None:
+    rnd = random.Random(seed)
+    with scratch() as d:
+        tmp = Path(d)
+        t0 = time.time_ns() // 1000
+        with random_journal(tmp, rnd, n_ops) as j:
+            make_live(j)
+            from_seq = j.last_seq
+            to_seq = rnd.randint(max(j.first_seq - 1, 0), from_seq)
+            note(f"rollback from {from_seq} to {to_seq}")
+            res = rollback(j, f"seq:{to_seq}")
+            if res.seq:
+                assert j.record(res.seq).name == f"rollback-to-{to_seq}"
+            else:  # the point's tree is the latest one (or seq was the latest)
+                assert j.last_seq == from_seq
+            check_rolled_back(j, tmp, to_seq, from_seq, t0, "a")
+            assert not (Path(j.root) / ".cdpcore-rollback").exists()
+            assert not (Path(j.path) / INTENT).exists()
+
+
+def test_only_changed_bytes_are_rewritten(journal_dirs: tuple[Path, Path]) -> None:
+    jpath, root = journal_dirs
+    with Journal.create(jpath, root) as j:
+        j.append_write("db", 0, bytes(range(256)) * 4096)  # 1 MiB
+        point = j.append_flush()
+        j.append_write("db", 8192, b"x" * 5000)  # the damage
+        j.append_write("db", 600_000, b"y" * 10)
+        j.append_truncate("db", 2 << 20)
+        j.append_create("new")
+        j.append_rename("db", "renamed")
+        make_live(j)
+        res = rollback(j, f"seq:{point}")
+        assert res.bytes_written == 5000 + 10
+        assert res.renamed == [("renamed", "db")] and res.removed == ["new"]
+        assert (root / "db").read_bytes() == bytes(range(256)) * 4096
+
+
+def test_refuses_while_capture_holds_the_lock(journal_dirs: tuple[Path, Path]) -> None:
+    jpath, root = journal_dirs
+    with Journal.create(jpath, root) as j:
+        j.append_write("f", 0, b"old")
+        j.append_write("f", 0, b"new")
+        make_live(j)
+        fd = os.open(jpath / CAPTURE_LOCK, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # what a running capture holds
+        try:
+            with pytest.raises(CaptureRunning):
+                rollback(j, "seq:2")
+            assert (root / "f").read_bytes() == b"new"
+            rollback(j, "seq:2", force=True)
+            assert (root / "f").read_bytes() == b"old"
+        finally:
+            os.close(fd)
+
+
+CRASH_SCRIPT = """
+import sys
+from cdpcore.rollback import rollback
+rollback(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_killed_at_every_step_then_rerun(fast_tmp: Path) -> None:
+    rnd = random.Random(7)
+    base = fast_tmp / "base"
+    base.mkdir()
+    with random_journal(base, rnd, 16) as j:
+        make_live(j)
+        from_seq = j.last_seq
+    to = f"seq:{from_seq // 2}"
+    env = {**os.environ}
+    steps = 0
+    for n in range(1, 200):
+        work = fast_tmp / f"n{n}"
+        shutil.copytree(base, work, symlinks=True)
+        jp = work / "j"
+        _retarget(jp, work / "root")  # the copy's journal still names the original root
+        env[KILL_ENV] = str(n)
+        p = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(jp), to], env=env,
+                           capture_output=True, text=True)
+        if p.returncode == 0:
+            steps = n - 1
+            shutil.rmtree(work)
+            break
+        assert p.returncode == -9, p.stderr
+        env.pop(KILL_ENV)
+        done = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(jp), to], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        with Journal.open(jp) as j:
+            check_rolled_back(j, work, j.resolve(to), from_seq, 0, f"k{n}")
+            assert not (jp / INTENT).exists()
+        shutil.rmtree(work)
+    assert steps > 5  # the rollback had that many steps, each one killed once
+
+
+def _retarget(jpath: Path, root: Path) -> None:
+    """Point a copied journal at its copied root (journal.json, checksummed)."""
+    from cdpcore.format import parse_meta
+    from cdpcore.journal import write_durable
+
+    meta_path = jpath / "journal.json"
+    meta = dataclasses.replace(parse_meta(meta_path.read_bytes(), str(meta_path)), root=str(root))
+    write_durable(str(meta_path), meta.to_json().encode())
+
+
+def test_an_interrupted_rollback_blocks_another_point(journal_dirs: tuple[Path, Path]) -> None:
+    jpath, root = journal_dirs
+    with Journal.create(jpath, root) as j:
+        for i in range(4):
+            j.append_write("f", 0, bytes([i]) * 10)
+        make_live(j)
+        (jpath / INTENT).write_text('{"to": 2, "from": 5}')
+        with pytest.raises(RestoreError, match="seq:2"):
+            rollback(j, "seq:3")
+        rollback(j, "seq:2")
+        assert (root / "f").read_bytes() == bytes([0]) * 10  # seq 2: the first write
+
+
+def test_cli(tmp_path: Path) -> None:
+    from test_cli import assert_error, cli
+
+    root = tmp_path / "root"
+    root.mkdir()
+    with Journal.create(tmp_path / "j", root) as j:
+        j.append_write("db", 0, b"good")
+        good = j.append_flush()
+        j.append_write("db", 0, b"BAD!")
+        j.append_create("ransom.txt")
+        make_live(j)
+    r = cli("rollback", tmp_path / "j", "--to", f"seq:{good}", "--json")
+    assert r.code == 0, r.err
+    doc = r.doc  # stdout is only the document
+    assert doc["to_seq"] == good and doc["removed"] == ["ransom.txt"] and doc["changed"] == ["db"]
+    assert (root / "db").read_bytes() == b"good" and not (root / "ransom.txt").exists()
+    r = cli("rollback", tmp_path / "j", "--to", f"seq:{good}", "--json")  # again: no bytes change
+    assert r.code == 0 and r.doc["bytes_written"] == 0 and r.doc["changed"] == r.doc["removed"] == []
+    fd = os.open(tmp_path / "j" / CAPTURE_LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        assert_error(("rollback", tmp_path / "j", "--to", "seq:1"), 13, "CaptureRunning", "capture")
+    finally:
+        os.close(fd)
+    assert_error(("rollback", tmp_path / "j"), 2, "UsageError")  # no --to
+    assert_error(("rollback", tmp_path / "j", "--to", "bookmark:nope"), 6, "PointError")
