@@ -263,3 +263,34 @@ def test_errors(jp: Path, tmp_path: Path) -> None:
     assert_error(("audit", jp, "--verify", "--anchor"), 2, "UsageError", "not allowed")
     shutil.copy(jp / "journal.json", tmp_path / "journal.json")
     assert_error(("audit", tmp_path / "journal.json", "--verify"), 4, "NotAJournal")
+
+
+def test_restore_and_rollback_are_audited(jp: Path, tmp_path: Path) -> None:
+    """Who restored or rolled back what, including attempts that failed."""
+    from cdpcore import restore, rollback
+
+    before = len(list(audit.AuditLog(jp).entries()))
+    with Journal.open(jp) as j:
+        root = Path(j.root)
+        (root / "live.txt").write_bytes(b"v1")
+        j.append_write("live.txt", 0, b"v1")
+        point = j.append_flush()
+        (root / "live.txt").write_bytes(b"v2")
+        j.append_write("live.txt", 0, b"v2")
+    restore(jp, tmp_path / "r", at=f"seq:{point}")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_bytes(b"")
+    with pytest.raises(Exception):
+        restore(jp, tmp_path / "busy")
+    rollback(jp, to=f"seq:{point}")
+    assert (root / "live.txt").read_bytes() == b"v1"
+    entries = list(audit.AuditLog(jp).entries())[before:]
+    got = [(e.action, e.ok) for e in entries if e.action in ("restore", "rollback")]
+    assert got == [("restore", True), ("restore", False), ("rollback", True)]
+    restored, failed, rolled = [e for e in entries if e.action in ("restore", "rollback")]
+    assert restored.arguments["at"] == f"seq:{point}" and restored.result["seq"] == point
+    assert "not empty" in failed.result["error"]
+    with Journal.open(jp, readonly=True) as j:  # the rollback's entry is anchored
+        anchors = [r.offset for r in j.records(kinds=[Kind.AUDIT])]
+    assert rolled.n in anchors
+    assert verify(jp)["ok"]

@@ -11,6 +11,7 @@ from cdpcore.errors import (
     JournalNotFound,
     NotAJournal,
     PointError,
+    CaptureRunning,
     RestoreError,
     UnsupportedVersion,
 )
@@ -18,13 +19,15 @@ from cdpcore.format import Kind
 from cdpcore.journal import Batch, Journal, PointInfo, VerifyReport
 from cdpcore.point import Point, parse_point
 from cdpcore.record import Record
+from cdpcore.diff import Diff, FileChange, diff
 from cdpcore.restore import RestoreResult, restore
+from cdpcore.rollback import RollbackResult, rollback
 from cdpcore.timeline import Timeline, timeline
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "CdpError", "CorruptJournal", "Journal", "JournalExists", "JournalNotFound",
+    "Batch", "CaptureRunning", "CdpError", "Diff", "FileChange", "RollbackResult", "diff", "rollback", "CorruptJournal", "Journal", "JournalExists", "JournalNotFound",
     "Kind", "NotAJournal", "Point", "PointError", "PointInfo", "Record", "RestoreError",
     "RestoreResult", "Timeline", "UnsupportedVersion", "VerifyReport", "audit", "parse_point",
     "restore", "timeline",

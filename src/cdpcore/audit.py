@@ -38,9 +38,11 @@ import pwd
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+R = TypeVar("R")
 
 from cdpcore.errors import CdpError
 from cdpcore.format import Kind
@@ -465,3 +467,32 @@ def _check_line(raw: bytes, lineno: int, expect_n: int, expect_prev: str
         what = "does not belong to this journal" if n == 1 else "does not follow the entry before it"
         return doc, AuditProblem("broken", f"{what} (chain broken)", entry=n, line=lineno)
     return doc, None
+
+
+def audited(journal: Journal | str | os.PathLike[str], action: str, arguments: dict[str, Any],
+            run: Callable[[], R], anchor: bool = True, required: bool = True) -> R:
+    """Run an action and enter it in the audit log, whether it succeeded
+    (its result's to_json()) or failed (the error, then re-raised).
+
+    required=False is for read-only actions such as a restore, which must
+    still work from a journal on read-only media (a DR copy, a mounted
+    snapshot): failing to write the log then only warns on stderr."""
+    try:
+        result = run()
+    except BaseException as e:
+        _enter(journal, action, arguments, {"error": f"{type(e).__name__}: {e}"}, False, anchor, required)
+        raise
+    doc = result.to_json() if hasattr(result, "to_json") else {"result": result}
+    _enter(journal, action, arguments, doc, True, anchor, required)
+    return result
+
+
+def _enter(journal: Journal | str | os.PathLike[str], action: str, arguments: dict[str, Any],
+           result: dict[str, Any], ok: bool, anchor: bool, required: bool) -> None:
+    try:
+        append(journal, action, arguments, result, ok=ok, anchor=anchor)
+    except OSError as e:
+        if required:
+            raise
+        print(f"cdpcore: warning: {action} not entered in the audit log: {e.strerror}",
+              file=sys.stderr)

@@ -138,19 +138,35 @@ Method = Literal["plan", "replay"]
 
 def restore(journal: Journal | str | os.PathLike[str], dest: str | os.PathLike[str],
             at: PointLike | None = "latest", consistent: bool = False, method: Method = "plan",
-            progress: Progress | None = None) -> RestoreResult:
+            progress: Progress | None = None, audit: bool = True) -> RestoreResult:
     """Materialise the protected root as it was at point `at` into `dest`,
     which must be absent or an empty directory. With consistent=True, the
     last FLUSH of all files at or before `at` is restored instead.
     method="replay" is the slow reference implementation. progress, if
     given, is called as progress(phase, done, total) with phase "plan"
-    (records) or "copy" (bytes)."""
+    (records) or "copy" (bytes). Every restore (and every failed one) is
+    entered in the journal's audit log unless audit=False (for callers that
+    audit the larger action themselves); an unwritable log only warns, so
+    that restoring from read-only media works."""
     if method not in ("plan", "replay"):
         raise ValueError(f"unknown restore method {method!r}")
+    target = os.path.abspath(os.fspath(dest))
+
+    def run(j: Journal) -> RestoreResult:
+        return _restore(j, target, at, consistent, method, progress)
+
+    def audited_run(j: Journal) -> RestoreResult:
+        if not audit:
+            return run(j)
+        from cdpcore import audit as log
+
+        args = {"at": str(at), "dest": target, "consistent": consistent}
+        return log.audited(j, "restore", args, lambda: run(j), anchor=False, required=False)
+
     if isinstance(journal, Journal):
-        return _restore(journal, os.path.abspath(os.fspath(dest)), at, consistent, method, progress)
+        return audited_run(journal)
     with Journal.open(journal, readonly=True) as j:
-        return _restore(j, os.path.abspath(os.fspath(dest)), at, consistent, method, progress)
+        return audited_run(j)
 
 
 def resolve_point(j: Journal, at: PointLike | None, consistent: bool) -> int:

@@ -115,12 +115,21 @@ def capture_lock(j: Journal, force: bool) -> Iterator[None]:
 
 def rollback(journal: Journal | str | os.PathLike[str], to: PointLike, force: bool = False) -> RollbackResult:
     """Return the live protected root (journal.root) to point `to`,
-    rewriting only what changed after it; the rollback is journaled."""
+    rewriting only what changed after it; the rollback is journaled and
+    entered (anchored) in the audit log, as is a failed attempt."""
+    from cdpcore import audit
+
+    def run(j: Journal) -> RollbackResult:
+        with capture_lock(j, force):
+            return _rollback(j, to)
+
+    def audited_run(j: Journal) -> RollbackResult:
+        return audit.audited(j, "rollback", {"to": str(to), "force": force}, lambda: run(j))
+
     if isinstance(journal, Journal):
-        with capture_lock(journal, force):
-            return _rollback(journal, to)
-    with Journal.open(journal) as j, capture_lock(j, force):
-        return _rollback(j, to)
+        return audited_run(journal)
+    with Journal.open(journal) as j:
+        return audited_run(j)
 
 
 def _rollback(j: Journal, to: PointLike) -> RollbackResult:

@@ -24,9 +24,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+MAX_VALUE = 60  # characters of one value in the listing; --json has everything
+
+
+def shorten(v: str) -> str:
+    return v if len(v) <= MAX_VALUE else v[: MAX_VALUE - 3] + "..."
+
+
 def summary(d: dict[str, Any]) -> str:
-    """key=value pairs of an entry's arguments or result, on one line."""
-    return "  ".join(f"{k}={text(v if isinstance(v, str) else audit.canonical(v).decode())}"
+    """key=value pairs of an entry's arguments or result, on one line; long
+    values (a rollback's list of files) are cut."""
+    return "  ".join(f"{k}={shorten(text(v if isinstance(v, str) else audit.canonical(v).decode()))}"
                      for k, v in d.items())
 
 

@@ -139,7 +139,7 @@ def restore_check(j: Journal, at: str, check: str, timeout: float | None,
     remove the directory whatever happens."""
     scratch = tempfile.mkdtemp(prefix="cdpctl-check-", dir=scratch_parent)
     try:
-        result = restore(j, scratch, at=at)
+        result = restore(j, scratch, at=at, audit=False)  # the check is audited as a whole
         command = check.replace("{dir}", shlex.quote(scratch))
         code, timed_out, output, seconds = _run_command(command, scratch, timeout)
     finally:
