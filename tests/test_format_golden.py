@@ -189,6 +189,26 @@ def test_segment_header_layout():
     golden("segment_header.hex", h)
 
 
+def test_segment_header_compacted_flag():
+    """flags = 1 (COMPACTED, written by prune): the only known flag. The
+    Python encoder writes what the C one does, with the flag set."""
+    from cdpcore.errors import CorruptJournal
+    from cdpcore.format import SEG_COMPACTED, encode_segment_header
+
+    assert SEG_COMPACTED == 1
+    assert encode_segment_header(UUID, 7, 42, T0) == seg_header(UUID, 7, 42, T0)
+    h = encode_segment_header(UUID, 7, 42, T0, SEG_COMPACTED)
+    assert struct.unpack_from("<HHI", h, 8) == (1, 64, 1)
+    assert struct.unpack_from("<I", h, 60)[0] == crc32c_reference(h[:60])
+    parsed = parse_segment_header(h, "x")
+    assert parsed.compacted and parsed.flags == 1 and parsed.first_seq == 42
+    assert not parse_segment_header(seg_header(UUID, 7, 42, T0), "x").compacted
+    golden("segment_header_compacted.hex", h)
+    bad = encode_segment_header(UUID, 7, 42, T0, 2)
+    with pytest.raises(CorruptJournal, match="flags 0x2"):
+        parse_segment_header(bad, "x")
+
+
 # ---- a whole journal, built deterministically ------------------------------------------
 
 

@@ -22,12 +22,13 @@ from cdpcore.record import Record
 from cdpcore.diff import Diff, FileChange, diff
 from cdpcore.restore import RestoreResult, restore
 from cdpcore.rollback import RollbackResult, rollback
+from cdpcore.retention import Policy, PruneResult, prune
 from cdpcore.timeline import Timeline, timeline
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "CaptureRunning", "CdpError", "Diff", "FileChange", "RollbackResult", "diff", "rollback", "CorruptJournal", "Journal", "JournalExists", "JournalNotFound",
+    "Batch", "CaptureRunning", "Policy", "PruneResult", "prune", "CdpError", "Diff", "FileChange", "RollbackResult", "diff", "rollback", "CorruptJournal", "Journal", "JournalExists", "JournalNotFound",
     "Kind", "NotAJournal", "Point", "PointError", "PointInfo", "Record", "RestoreError",
     "RestoreResult", "Timeline", "UnsupportedVersion", "VerifyReport", "audit", "parse_point",
     "restore", "timeline",

@@ -209,6 +209,26 @@ class SegmentHeader:
     seg_no: int
     first_seq: int
     created_us: int
+    flags: int = 0
+
+    @property
+    def compacted(self) -> bool:
+        return bool(self.flags & SEG_COMPACTED)
+
+
+# Segment header flags. COMPACTED (written by prune, retention.py): the
+# segment's first seq may exceed the previous segment's last + 1; only its
+# last record is a point of the journal (the others build that state).
+SEG_COMPACTED = 1
+SEG_FLAGS_KNOWN = SEG_COMPACTED
+
+
+def encode_segment_header(uuid: bytes, seg_no: int, first_seq: int, created_us: int,
+                          flags: int = 0) -> bytes:
+    """A segment header (what native cdp_segment_header writes, with flags)."""
+    hdr = SEG_HDR.pack(SEGMENT_MAGIC, FORMAT_VERSION, SEG_HDR.size, flags, uuid, seg_no,
+                       first_seq, created_us, 0, 0)
+    return hdr[:60] + struct.pack("<I", crc32c(hdr[:60]))
 
 
 def parse_segment_header(data: bytes, where: str) -> SegmentHeader:
@@ -227,9 +247,10 @@ def parse_segment_header(data: bytes, where: str) -> SegmentHeader:
         raise UnsupportedVersion(
             f"{where}: journal format version {version}; this cdpcore reads up to {FORMAT_VERSION}"
         )
-    if version != FORMAT_VERSION or hsize != SEG_HDR.size or flags != 0 or _res != 0:
-        raise CorruptJournal(f"{where}: bad segment header (version {version}, size {hsize})")
-    return SegmentHeader(uid, seg_no, first_seq, created)
+    if version != FORMAT_VERSION or hsize != SEG_HDR.size or flags & ~SEG_FLAGS_KNOWN or _res != 0:
+        raise CorruptJournal(
+            f"{where}: bad segment header (version {version}, size {hsize}, flags {flags:#x})")
+    return SegmentHeader(uid, seg_no, first_seq, created, flags)
 
 
 # ---- meta file -----------------------------------------------------------------
@@ -241,6 +262,8 @@ class Meta:
     root: str
     created_us: int
     segment_size: int
+    # the stored retention policy (cdpctl prune --save-policy), or None
+    retention: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         body = {
@@ -251,6 +274,8 @@ class Meta:
             "created_us": self.created_us,
             "segment_size": self.segment_size,
         }
+        if self.retention is not None:
+            body["retention"] = self.retention
         canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
         body["checksum"] = f"{crc32c(canon.encode()):08x}"
         return json.dumps(body, indent=2, sort_keys=True) + "\n"
@@ -280,7 +305,10 @@ def parse_meta(text: bytes, where: str) -> Meta:
             str(body["root"]),
             int(body["created_us"]),
             int(body["segment_size"]),
+            body.get("retention"),
         )
+        if meta.retention is not None and not isinstance(meta.retention, dict):
+            raise ValueError("retention is not an object")
     except (KeyError, ValueError, TypeError) as e:
         raise CorruptJournal(f"{where}: {META_NAME} field missing or invalid: {e}") from None
     if meta.segment_size < MIN_SEGMENT_SIZE:

@@ -161,6 +161,7 @@ class _SegInfo:
     seqs: array
     tss: array
     offs: array
+    compacted: bool = False  # a COMPACTED segment written by prune (retention.py)
 
     @property
     def last_seq(self) -> int:
@@ -506,12 +507,20 @@ class Journal:
                 j._writer = Writer(path)
                 j._writer.lock()
                 try:
+                    from cdpcore.retention import recover_prune
+
+                    note = recover_prune(path)
+                    if note:
+                        j.recovery.append(note)
                     j._load(recover=True)
                 finally:
                     j._writer.unlock()
                 if j._damage is not None:
                     raise j._damage
             else:
+                if os.path.exists(os.path.join(path, "prune.json")):
+                    raise CorruptJournal(f"{path}: a prune was interrupted (prune.json); open the "
+                                         "journal for writing (Journal.open, cdpctl prune) to finish it")
                 j._load(recover=False)
         except BaseException:
             j.close()
@@ -609,7 +618,9 @@ class Journal:
             last = i == len(nums) - 1
             seg = self._segment(n)
             seg.remap()
-            if expect_seq is not None and seg.header.first_seq != expect_seq:
+            if expect_seq is not None and seg.header.first_seq != expect_seq and not (
+                    seg.header.compacted and seg.header.first_seq > expect_seq
+                ):
                 if last and recover and seg.size == SEG_HDR.size:
                     # an empty segment left by a rotation that never published
                     seg.close()
@@ -646,6 +657,7 @@ class Journal:
                         or (head is not None and r.last_seq < head.synced_seq)):
                     self._tail(seg, r, head, recover)
             info = self._info(data, cum)
+            info.compacted = seg.header.compacted
             cum = info.cum_ts_max
             self._segs.append(info)
             expect_seq = info.last_seq + 1
@@ -1096,6 +1108,11 @@ class Journal:
             return last
         if p.kind == "seq":
             assert isinstance(p.value, int)
+            kept = self.compacted_points()
+            if kept and 0 <= p.value < kept[-1] and p.value not in kept:
+                shown = ", ".join(map(str, kept[:20])) + (", ..." if len(kept) > 20 else "")
+                raise PointError(f"seq {p.value} was pruned; kept points: {shown} and every seq "
+                                 f"after {kept[-1]}")
             if not first - 1 <= p.value <= last:
                 raise PointError(f"seq:{p.value} is not in the journal (it holds {first}..{last})")
             return p.value
@@ -1106,6 +1123,11 @@ class Journal:
             return hits[-1].seq
         assert isinstance(p.value, int)
         return self._resolve_time(p.value)
+
+    def compacted_points(self) -> list[int]:
+        """The points a prune kept (the last seq of each COMPACTED segment),
+        oldest first; every seq after the last of them is a point too."""
+        return [s.last_seq for s in self._segs if s.compacted]
 
     def _resolve_time(self, t: int) -> int:
         """Longest prefix, in seq order, of records with ts <= t."""
@@ -1121,7 +1143,9 @@ class Journal:
         info = segs[k]
         j = bisect.bisect_right(info.tss, t)
         if j == 0:
-            seq = info.first_seq - 1
+            # the previous segment's last record (a compacted segment may
+            # start past it)
+            seq = segs[k - 1].last_seq if k > 0 else info.first_seq - 1
         else:
             seq = info.seqs[j - 1] - 1
             for s, ts, *_ in self._iter_raw(info.seqs[j - 1], info.last_seq):
@@ -1156,7 +1180,7 @@ class Journal:
             "path": self.path, "uuid": self.uuid, "root": self.root, "format_version": 1,
             "created": format_us(self.meta.created_us), "segment_size": self.meta.segment_size,
             "segments": len(self._segs), "first_seq": first, "last_seq": last,
-            "records": max(0, last - first + 1),
+            "records": sum(s.count for s in self._segs),  # seqs may have gaps after a prune
             "first_time": format_us(first_ts) if first_ts is not None else None,
             "last_time": format_us(last_ts) if last_ts is not None else None,
             "bytes": size, "synced_seq": head.synced_seq if head else None,
@@ -1202,7 +1226,8 @@ class Journal:
                 if seg.header.uuid != self.meta.uuid:
                     rep.problems.append(Problem("damage", "segment belongs to another journal", n, 0))
                     return rep
-                if expect is not None and seg.header.first_seq != expect:
+                if expect is not None and seg.header.first_seq != expect and not (
+                        seg.header.compacted and seg.header.first_seq > expect):
                     rep.problems.append(Problem(
                         "damage", f"segment starts at seq {seg.header.first_seq}, expected {expect}", n, 0))
                     return rep

@@ -594,8 +594,16 @@ def _apply(tree: PlanTree, rows: _Rows, plan: Plan, kind: int, fid: int, offset:
 
 def _load_base(tree: PlanTree, rows: _Rows, sources: Sources, base: str, seq: int) -> None:
     tree.reset()
+    linked: dict[tuple[int, int], Inode] = {}  # hard links inside the base stay one inode
     for rel, full, st in tree.walk_base(base):
+        if st.st_nlink > 1:
+            same = linked.get((st.st_dev, st.st_ino))
+            if same is not None:
+                tree.nodes[rel] = same
+                continue
         ino = tree.new_inode(st.st_mode & 0o7777)
+        if st.st_nlink > 1:
+            linked[(st.st_dev, st.st_ino)] = ino
         ino.mtime_us, ino.mtime_seq = st.st_mtime_ns // 1000, seq
         tree.nodes[rel] = ino
         if st.st_size:

@@ -25,6 +25,7 @@ from cdpcore.cli import (
     init,
     log,
     points,
+    prune,
     restore,
     rollback,
     show,
@@ -35,7 +36,7 @@ from cdpcore.cli.output import PROG, Output, UsageError
 from cdpcore.errors import CdpError, CorruptJournal
 
 COMMANDS: list[ModuleType] = [init, info, log, show, verify, bookmark, points, restore, rollback,
-                              diff, timeline, audit]
+                              diff, timeline, audit, prune]
 
 EXIT_INTERNAL = 1
 EXIT_OSERROR = 10
