@@ -15,11 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from hypothesis import note, settings
+from hypothesis import event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cdpcore import Journal, restore, rollback
+from cdpcore.retention import Policy, prune
 
 Model = tuple[frozenset[str], tuple[tuple[str, bytes], ...]]  # dirs, files
 NAMES = ["a", "b", "d/c", "d/e", "f/g"]
@@ -43,7 +44,7 @@ class JournaledTree(RuleBasedStateMachine):
         self.tmp = Path(tempfile.mkdtemp(prefix="cdp-stateful-"))
         self.root = self.tmp / "root"
         self.root.mkdir()
-        self.j = Journal.create(self.tmp / "j", self.root, segment_size=8192)
+        self.j = Journal.create(self.tmp / "j", self.root, segment_size=4096)
         self.dirs: set[str] = set()
         self.files: dict[str, bytes] = {}
         # seq -> (ts, model after that record); bookmark name -> seq
@@ -81,7 +82,7 @@ class JournaledTree(RuleBasedStateMachine):
     def start(self) -> None:
         self.done(self.j.last_seq, self.clock)
 
-    @rule(name=st.sampled_from(NAMES), offset=st.integers(0, 300), data=st.binary(min_size=1, max_size=200),
+    @rule(name=st.sampled_from(NAMES), offset=st.integers(0, 300), data=st.binary(min_size=1, max_size=3000),
           step=st.sampled_from([0, 1, 1000, -500]))
     def write(self, name: str, offset: int, data: bytes, step: int) -> None:
         if not self.parent_ok(name) or name in self.dirs:
@@ -198,22 +199,50 @@ class JournaledTree(RuleBasedStateMachine):
         seq, _ts, model = data.draw(st.sampled_from(self.history[1:]))
         before_seq, before = self.j.last_seq, read_live(self.root)
         note(f"rollback to seq:{seq} from seq:{before_seq}")
-        rollback(self.j, f"seq:{seq}")
+        res = rollback(self.j, f"seq:{seq}")
         assert read_live(self.root) == model
         # rolling forward undoes it: the seq before the rollback still restores the later state
         assert self.restored(f"seq:{before_seq}") == before
         # the live tree now is the model at `seq`; go on from there
         self.dirs, self.files = set(model[0]), dict(model[1])
         self.history = [h for h in self.history if h[0] <= before_seq]
+        # The rollback appends its changes, then a FLUSH, a BOOKMARK and an
+        # AUDIT anchor: from the FLUSH on, the tree is the point's.
         last = self.j.record(self.j.last_seq)
-        self.opaque.append((before_seq + 1, last.seq))
+        settled = res.seq - 1 if res.seq else last.seq
+        self.opaque.append((before_seq + 1, settled))
+        for rec in self.j.records(since=f"seq:{settled - 1}"):
+            self.done(rec.seq, rec.ts)
         self.clock = max(self.clock, last.ts)  # rollback stamps with the real clock
-        self.done(last.seq, last.ts)
+
+    @precondition(lambda self: len(self.history) > 3)
+    @rule(fraction=st.sampled_from([0.3, 0.6, 0.9]), hourly=st.booleans(),
+          drop_bookmarks=st.booleans())
+    def prune_old_records(self, fraction: float, hourly: bool, drop_bookmarks: bool) -> None:
+        """Kept points restore exactly what they restored before the prune."""
+        for i in range(3):  # a busy spell, so that there are sealed segments to fold
+            self.write("a", 0, bytes([65 + i]) * 4000, 1000)
+        span = self.clock - self.history[1][1]
+        policy = Policy(keep_all=max(1, int(span * (1 - fraction))),
+                        keep_hourly=10 * 3_600_000_000 if hourly else 0,
+                        drop_bookmarks=drop_bookmarks)
+        res = prune(self.j, policy, now=self.clock)
+        note(f"prune {policy}: boundary {res.boundary}, kept {res.kept}, dropped {res.dropped}")
+        event("prune folded records" if res.boundary is not None else "prune had nothing to fold")
+        if res.boundary is None:
+            return
+        for seq in res.kept:
+            assert self.restored(f"seq:{seq}") == self.state_at_seq(seq), seq
+        assert self.restored("latest") == self.model()
+        kept = set(res.kept)
+        self.history = [h for h in self.history if h[0] > res.boundary or h[0] in kept]
+        self.bookmarks = {n: s for n, s in self.bookmarks.items() if s > res.boundary or s in kept}
+        assert self.j.verify().ok
 
     @invariant()
     def live_tree_is_the_model(self) -> None:
         assert read_live(self.root) == self.model()
 
 
-JournaledTree.TestCase.settings = settings(stateful_step_count=25, deadline=None)
+JournaledTree.TestCase.settings = settings(stateful_step_count=40, deadline=None)
 test_journaled_tree = JournaledTree.TestCase
