@@ -215,7 +215,10 @@ class JournaledTree(RuleBasedStateMachine):
             self.done(rec.seq, rec.ts)
         self.clock = max(self.clock, last.ts)  # rollback stamps with the real clock
 
-    @precondition(lambda self: len(self.history) > 3)
+    # Not after a rollback: a rollback stamps its records with the real
+    # clock, and a policy computed from real time would make the kept points
+    # (and so hypothesis's later draws) differ between runs of one example.
+    @precondition(lambda self: len(self.history) > 3 and not self.opaque)
     @rule(fraction=st.sampled_from([0.3, 0.6, 0.9]), hourly=st.booleans(),
           drop_bookmarks=st.booleans())
     def prune_old_records(self, fraction: float, hourly: bool, drop_bookmarks: bool) -> None:
