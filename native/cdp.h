@@ -135,13 +135,45 @@ int cdp_extract(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expec
  * without rows), last_seq[k], last_ts[k] = seq and ts of its last row (0 if
  * none). Pieces (p_key, p_start, p_len, p_file, p_src) are the data extents
  * below each size, sorted by key then start, neighbours from one contiguous
- * source merged; holes are not listed. cap must be at least 2 * n + 1.
+ * source merged; holes are not listed. p_rec[i] names the record a piece
+ * comes from, for checking it: rec[row] for the rows below n_rec (rows
+ * that stand for pieces of an earlier plan, a checkpoint), src[row] (the
+ * payload's offset) for the others. cap must be at least 2 * n + 1.
  * Rows with key >= n_keys are CDP_EINVAL. */
 int cdp_cover(uint64_t n, const uint64_t *key, const uint64_t *start, const uint64_t *end,
               const uint64_t *file, const uint64_t *src, const uint64_t *seq, const int64_t *ts,
               uint64_t n_keys, uint64_t *size, uint64_t *last_seq, int64_t *last_ts,
+              const uint64_t *rec, uint64_t n_rec,
               uint64_t *p_key, uint64_t *p_start, uint64_t *p_len, uint64_t *p_file,
-              uint64_t *p_src, uint64_t cap, uint64_t *n_pieces);
+              uint64_t *p_src, uint64_t *p_rec, uint64_t cap, uint64_t *n_pieces);
+
+/* The first pass of cdp_cover alone: size, last_seq and last_ts of every
+ * key after all the rows. */
+int cdp_row_sizes(uint64_t n, const uint64_t *key, const uint64_t *start, const uint64_t *end,
+                  const uint64_t *file, const uint64_t *seq, const int64_t *ts, uint64_t n_keys,
+                  uint64_t *size, uint64_t *last_seq, int64_t *last_ts);
+
+/* Keep, in place and in order, only the rows a partial plan needs: rows of
+ * keys with mode[key] = 1, and rows of keys with mode[key] = 2 that meet one
+ * of the key's windows [w_start[i], w_end[i]) for i in [w_lo[key],
+ * w_hi[key]) (sorted, disjoint); mode 0 keys lose all their rows. cols[0..2]
+ * are key, start, end; every one of the n_cols columns is moved. *n_out is
+ * the rows kept, *n_rec_out how many of them came from the first n_rec.
+ * (Rollback: only the bytes that the records after the point changed are
+ * read back.) */
+int cdp_compact_rows(uint64_t n, uint64_t *const *cols, uint64_t n_cols, uint64_t n_rec,
+                     const uint8_t *mode, uint64_t n_keys, const uint64_t *w_lo, const uint64_t *w_hi,
+                     const uint64_t *w_start, const uint64_t *w_end, uint64_t *n_out, uint64_t *n_rec_out);
+
+/* Check the WRITE record that piece i comes from, for every piece whose
+ * source maps[file[i]] is not NULL (segments; NULL for base files): the
+ * record's payload starts at payload[i] (a piece's p_rec). Marker, kind,
+ * length, CRC and zero padding are checked as a scan would, without knowing
+ * the sequence number. On damage, CDP_EINVAL with *bad = the first bad
+ * piece. (A restore from a checkpoint reads only the records whose bytes it
+ * copies, instead of every record before the checkpoint.) */
+int cdp_check_records(const uint8_t *const *maps, const uint64_t *map_len, uint64_t n_maps,
+                      const uint64_t *file, const uint64_t *payload, uint64_t n, uint64_t *bad);
 
 /* Write pieces into fd: piece i is len[i] bytes from maps[file[i]] + src[i]
  * to offset dst[i], gathered with pwritev where destinations are contiguous.

@@ -90,16 +90,17 @@ static void heap_pop(struct active *h, uint64_t *n)
 }
 
 struct pieces {
-    uint64_t *key, *start, *len, *file, *src;
+    uint64_t *key, *start, *len, *file, *src, *rec;
     uint64_t n;
 };
 
 /* Append a piece, or grow the previous one when this one continues it in
- * both the destination and the source. */
-static void emit(struct pieces *p, uint64_t k, uint64_t pos, uint64_t n, uint64_t file, uint64_t src)
+ * both the destination and the source (and comes from the same record). */
+static void emit(struct pieces *p, uint64_t k, uint64_t pos, uint64_t n, uint64_t file, uint64_t src,
+                 uint64_t rec)
 {
     uint64_t j = p->n;
-    if (j && p->key[j - 1] == k && p->file[j - 1] == file &&
+    if (j && p->key[j - 1] == k && p->file[j - 1] == file && p->rec[j - 1] == rec &&
         p->start[j - 1] + p->len[j - 1] == pos && p->src[j - 1] + p->len[j - 1] == src) {
         p->len[j - 1] += n;
         return;
@@ -109,18 +110,14 @@ static void emit(struct pieces *p, uint64_t k, uint64_t pos, uint64_t n, uint64_
     p->len[j] = n;
     p->file[j] = file;
     p->src[j] = src;
+    p->rec[j] = rec;
     p->n++;
 }
 
-int cdp_cover(uint64_t n, const uint64_t *key, const uint64_t *start, const uint64_t *end,
-              const uint64_t *file, const uint64_t *src, const uint64_t *seq, const int64_t *ts,
-              uint64_t n_keys, uint64_t *size, uint64_t *last_seq, int64_t *last_ts,
-              uint64_t *p_key, uint64_t *p_start, uint64_t *p_len, uint64_t *p_file,
-              uint64_t *p_src, uint64_t cap, uint64_t *n_pieces)
+int cdp_row_sizes(uint64_t n, const uint64_t *key, const uint64_t *start, const uint64_t *end,
+                  const uint64_t *file, const uint64_t *seq, const int64_t *ts, uint64_t n_keys,
+                  uint64_t *size, uint64_t *last_seq, int64_t *last_ts)
 {
-    if (!n_pieces || cap < 2 * n + 1)
-        return CDP_EINVAL;
-    *n_pieces = 0;
     memset(size, 0, n_keys * sizeof *size);
     memset(last_seq, 0, n_keys * sizeof *last_seq);
     memset(last_ts, 0, n_keys * sizeof *last_ts);
@@ -136,6 +133,67 @@ int cdp_cover(uint64_t n, const uint64_t *key, const uint64_t *start, const uint
         last_seq[k] = seq[i];
         last_ts[k] = ts[i];
     }
+    return CDP_OK;
+}
+
+/* Does [a, b) meet one of the windows [w_start[i], w_end[i]) for i in
+ * [lo, hi) (sorted, disjoint)? */
+static int meets(uint64_t a, uint64_t b, const uint64_t *w_start, const uint64_t *w_end,
+                 uint64_t lo, uint64_t hi)
+{
+    uint64_t l = lo, h = hi;
+    while (l < h) {  /* the first window that ends after a */
+        uint64_t mid = l + (h - l) / 2;
+        if (w_end[mid] <= a)
+            l = mid + 1;
+        else
+            h = mid;
+    }
+    return l < hi && w_start[l] < b;
+}
+
+int cdp_compact_rows(uint64_t n, uint64_t *const *cols, uint64_t n_cols, uint64_t n_rec,
+                     const uint8_t *mode, uint64_t n_keys, const uint64_t *w_lo, const uint64_t *w_hi,
+                     const uint64_t *w_start, const uint64_t *w_end, uint64_t *n_out, uint64_t *n_rec_out)
+{
+    if (n_cols < 3)
+        return CDP_EINVAL;
+    const uint64_t *key = cols[0], *start = cols[1], *end = cols[2];
+    uint64_t out = 0, out_rec = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t k = key[i];
+        if (k >= n_keys)
+            return CDP_EINVAL;
+        int keep = mode[k] == 1 ||
+                   (mode[k] == 2 && end[i] > start[i] && w_lo[k] < w_hi[k] &&
+                    meets(start[i], end[i], w_start, w_end, w_lo[k], w_hi[k]));
+        if (!keep)
+            continue;
+        if (out != i)
+            for (uint64_t c = 0; c < n_cols; c++)
+                cols[c][out] = cols[c][i];
+        out++;
+        if (i < n_rec)
+            out_rec = out;
+    }
+    *n_out = out;
+    *n_rec_out = out_rec;
+    return CDP_OK;
+}
+
+int cdp_cover(uint64_t n, const uint64_t *key, const uint64_t *start, const uint64_t *end,
+              const uint64_t *file, const uint64_t *src, const uint64_t *seq, const int64_t *ts,
+              uint64_t n_keys, uint64_t *size, uint64_t *last_seq, int64_t *last_ts,
+              const uint64_t *rec, uint64_t n_rec,
+              uint64_t *p_key, uint64_t *p_start, uint64_t *p_len, uint64_t *p_file,
+              uint64_t *p_src, uint64_t *p_rec, uint64_t cap, uint64_t *n_pieces)
+{
+    if (!n_pieces || cap < 2 * n + 1)
+        return CDP_EINVAL;
+    *n_pieces = 0;
+    int st = cdp_row_sizes(n, key, start, end, file, seq, ts, n_keys, size, last_seq, last_ts);
+    if (st != CDP_OK)
+        return st;
     if (n == 0)
         return CDP_OK;
     struct span *buf = malloc(2 * n * sizeof *buf);
@@ -150,7 +208,7 @@ int cdp_cover(uint64_t n, const uint64_t *key, const uint64_t *start, const uint
         if (end[i] > start[i])  /* empty writes cover nothing */
             buf[m++] = (struct span){ key[i], start[i], end[i], i, file[i], src[i] - start[i] };
     struct span *ord = sort_spans(buf, buf + n, m);
-    struct pieces out = { p_key, p_start, p_len, p_file, p_src, 0 };
+    struct pieces out = { p_key, p_start, p_len, p_file, p_src, p_rec, 0 };
     uint64_t i = 0;
     while (i < m) {
         /* One key: sweep its spans by start; between two starts the newest
@@ -178,7 +236,8 @@ int cdp_cover(uint64_t n, const uint64_t *key, const uint64_t *start, const uint
             uint64_t next = more ? ord[i].start : UINT64_MAX;
             uint64_t e = top->end < next ? top->end : next;
             if (pos < limit && top->file != HOLE)
-                emit(&out, k, pos, (e < limit ? e : limit) - pos, top->file, top->delta + pos);
+                emit(&out, k, pos, (e < limit ? e : limit) - pos, top->file, top->delta + pos,
+                     top->idx < n_rec ? rec[top->idx] : src[top->idx]);
             pos = e;
         }
     }
@@ -236,5 +295,42 @@ int cdp_copy_out(int fd, uint64_t n, const uint64_t *dst, const uint64_t *len,
         }
     }
     *written = total;
+    return CDP_OK;
+}
+
+int cdp_check_records(const uint8_t *const *maps, const uint64_t *map_len, uint64_t n_maps,
+                      const uint64_t *file, const uint64_t *payload, uint64_t n, uint64_t *bad)
+{
+    *bad = UINT64_MAX;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t f = file[i];
+        if (f >= n_maps || !maps[f])
+            continue;  /* a hole, or a source that is not a segment */
+        if (i && file[i - 1] == f && payload[i - 1] == payload[i])
+            continue;  /* the next piece of the same record: checked already */
+        uint64_t len = map_len[f], at = payload[i] - CDP_REC_HDR_SIZE;
+        if (payload[i] < CDP_REC_HDR_SIZE || at > len || len - at < CDP_REC_HDR_SIZE || (at & 7)) {
+            *bad = i;
+            return CDP_EINVAL;
+        }
+        const uint8_t *p = maps[f] + at;
+        uint32_t crc, plen, reserved;
+        uint16_t marker;
+        memcpy(&crc, p, 4);
+        memcpy(&plen, p + 4, 4);
+        memcpy(&marker, p + 42, 2);
+        memcpy(&reserved, p + 44, 4);
+        uint64_t size = ((uint64_t)CDP_REC_HDR_SIZE + plen + 7) & ~(uint64_t)7;
+        if (marker != CDP_REC_MARKER || reserved != 0 || p[40] != CDP_WRITE || plen > CDP_MAX_PAYLOAD ||
+            size > len - at || cdp_crc32c(0, p + 4, CDP_REC_HDR_SIZE - 4 + (uint64_t)plen) != crc) {
+            *bad = i;
+            return CDP_EINVAL;
+        }
+        for (uint64_t z = CDP_REC_HDR_SIZE + plen; z < size; z++)
+            if (p[z]) {
+                *bad = i;
+                return CDP_EINVAL;
+            }
+    }
     return CDP_OK;
 }

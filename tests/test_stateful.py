@@ -6,7 +6,8 @@ equal, sometimes stepping back), against an in-memory model of the tree.
 Checked at random moments: a restore at any recorded point (by seq, by
 time, by bookmark) equals the model at that point; a rollback leaves the
 live tree equal to the model at its point; rolling forward to the seq just
-before the rollback gives back the later state."""
+before the rollback gives back the later state. Checkpoints are saved at
+random moments, so later restores and rollbacks start from them."""
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ from hypothesis import event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from cdpcore import Journal, restore, rollback
+from cdpcore import Journal, checkpoint, restore, rollback
 from cdpcore.retention import Policy, prune
 
 Model = tuple[frozenset[str], tuple[tuple[str, bytes], ...]]  # dirs, files
@@ -152,6 +153,13 @@ class JournaledTree(RuleBasedStateMachine):
         name = f"mark-{self.n}"
         self.bookmarks[name] = self.j.bookmark(name, ts=ts)
         self.done(self.bookmarks[name], ts)
+
+    @rule(spacing=st.sampled_from([0, 10_000]))
+    def save_checkpoints(self, spacing: int) -> None:
+        """From here on, restores and rollbacks start from checkpoints (a
+        cache, so the model does not change)."""
+        res = checkpoint.update(self.j, spacing)
+        event("checkpoints saved" if res.kept else "no sealed segment to checkpoint")
 
     # ---- checks -------------------------------------------------------------------
 

@@ -1277,7 +1277,23 @@ class Journal:
                 "warning", f"head expects next seq {head.next_seq}, segments end at {rep.last_seq} "
                 "(the head is rebuilt on the next writable open)"))
         self._verify_audit_chain(rep)
+        self._verify_checkpoints(rep)
         return rep
+
+    def _verify_checkpoints(self, rep: VerifyReport) -> None:
+        # Checkpoints are a cache (checkpoint.py), like index files: one that
+        # cannot be used is reported, and `cdpctl checkpoint` replaces it.
+        from cdpcore import checkpoint
+
+        for s in checkpoint.seqs(self):
+            try:
+                if s > rep.last_seq:
+                    raise checkpoint.Invalid("past the journal's last record")
+                checkpoint.load(self, s)
+            except checkpoint.Invalid as e:
+                rep.problems.append(Problem(
+                    "warning", f"checkpoint at seq {s} is not usable ({e}); restores ignore it, "
+                    "`cdpctl checkpoint` replaces it"))
 
     def _verify_audit_chain(self, rep: VerifyReport) -> None:
         # audit.log is part of the journal directory, so "every byte" covers

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdpcore import checkpoint
 from cdpcore._native import INT64_MIN, ffi, lib
 from cdpcore.errors import CorruptJournal
 from cdpcore.filemap import under
@@ -263,11 +264,14 @@ class _Columns:
 
 class _Rows(_Columns):
     """The rows of the plan, which the C extractor writes into directly:
-    key, start, end, file, src, seq, ts."""
+    key, start, end, file, src, seq, ts; and rec, the record a row of a
+    checkpoint's pieces comes from (rows [0, n_rec) only: the others'
+    record is their src)."""
 
     def __init__(self, capacity: int) -> None:
-        super().__init__("QQQQQQq", capacity)
+        super().__init__("QQQQQQqQ", capacity)
         self.n = 0
+        self.n_rec = 0
 
     def reserve(self, extra: int) -> None:
         if self.n + extra > self.cap:
@@ -310,7 +314,9 @@ class Plan:
     tree: Tree
     sources: Sources  # indexed by a piece's file column; close() unmaps them
     sizes: array = field(default_factory=lambda: array("Q"))  # by inode key
-    pieces: tuple[array, ...] = ()  # key, start, len, file, src: sorted by key, start
+    # key, start, len, file, src, rec (offset of the source record's
+    # payload): sorted by key, start
+    pieces: tuple[array, ...] = ()
     records: int = 0  # records from the base (or the start) to seq
     dirty: list[str] = field(default_factory=list)
 
@@ -333,7 +339,7 @@ class Plan:
 
     def extents(self, ino: Inode) -> Iterator[tuple[int, int, int, int]]:
         """(offset, length, source file, source offset) of each data piece."""
-        _k, start, length, file, src = self.pieces
+        _k, start, length, file, src, _r = self.pieces
         lo, hi = self.piece_range(ino)
         for i in range(lo, hi):
             yield start[i], length[i], file[i], src[i]
@@ -342,7 +348,7 @@ class Plan:
         """The file's bytes in [start, start + length): pieces from their
         sources, zeros where it has holes (or past its end)."""
         out = bytearray(length)
-        _k, starts, lens, files, srcs = self.pieces
+        _k, starts, lens, files, srcs, _r = self.pieces
         lo, hi = self.piece_range(ino)
         i = max(lo, bisect.bisect_right(starts, start, lo, hi) - 1)
         end = start + length
@@ -393,14 +399,60 @@ class Validator:
         """Check `count` records from offset pos (seq `expect`) of a segment."""
         self._jobs.put((path, seg_no, pos, end, expect, count))
 
+    def submit_pieces(self, paths: list[str], file: array, rec: array) -> None:
+        """Check the record that each piece of a plan comes from, where its
+        source is a segment (a plan from a checkpoint: the records before
+        it are not read, and only those whose bytes are copied are
+        checked). The arrays must not change until finish()."""
+        self._jobs.put((paths, file, rec))  # type: ignore[arg-type]
+
+    def _run_pieces(self, paths: list[str], file: array, rec: array) -> None:
+        maps: list[mmap.mmap | None] = []
+        bufs: list[Any] = []
+        try:
+            used = set(file)
+            for i, p in enumerate(paths):
+                m = None
+                if i in used and p.endswith(".seg"):
+                    with open(p, "rb") as f:
+                        size = os.fstat(f.fileno()).st_size
+                        if size:
+                            m = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ,
+                                          flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+                maps.append(m)
+                bufs.append(ffi.from_buffer(m) if m is not None else ffi.NULL)
+            ptrs = ffi.new("const uint8_t *[]", bufs or [ffi.NULL])
+            lens = ffi.new("uint64_t[]", [len(m) if m is not None else 0 for m in maps] or [0])
+            bad = ffi.new("uint64_t *")
+            status = lib.cdp_check_records(ptrs, lens, len(paths), ffi.from_buffer("uint64_t[]", file),
+                                           ffi.from_buffer("uint64_t[]", rec), len(file), bad)
+            if status != lib.CDP_OK:
+                i = bad[0]
+                path = paths[file[i]]
+                self._error = CorruptJournal("a record that the restore copies from is damaged",
+                                             int(os.path.basename(path).split(".")[0], 16), rec[i] - 48)
+        except (OSError, ValueError) as e:
+            self._error = CorruptJournal(f"cannot read segment: {e}")
+        finally:
+            for b in bufs:
+                if b is not None and b != ffi.NULL:
+                    ffi.release(b)
+            for m in maps:
+                if m is not None:
+                    m.close()
+
     def _run(self) -> None:
         out = ffi.new("struct cdp_scan_result *")
         while (job := self._jobs.get()) is not None:
             if self._error is not None:
                 continue
+            if len(job) == 3:
+                self._run_pieces(*job)  # type: ignore[misc]
+                continue
             path, seg_no, pos, end, expect, count = job
             try:
-                with open(path, "rb") as f, mmap.mmap(f.fileno(), end, prot=mmap.PROT_READ) as m:
+                with open(path, "rb") as f, mmap.mmap(f.fileno(), end, prot=mmap.PROT_READ,
+                                                   flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) as m:
                     buf = ffi.from_buffer(m)
                     lib.cdp_scan(buf, end, pos, expect, INT64_MIN, count, 0, 0,
                                  ffi.NULL, ffi.NULL, ffi.NULL, 0, out)
@@ -425,38 +477,154 @@ class Validator:
 
 
 def build_plan(j: Journal, seq: int, progress: Progress | None = None,
-               validator: Validator | None = None) -> Plan:
-    """The plan of the state after record `seq` (first_seq - 1: before any).
-    Every record is checked (CRC) on the way, or, with a validator, handed
-    to it: then the plan must not be trusted before validator.finish()."""
-    tree = PlanTree()
-    # a row per record at most (plus base files, added as they come)
-    rows = _Rows(max(seq - j.first_seq + 1, 0) + 64)
-    sources = Sources()
-    plan = Plan(seq, None, tree, sources)
+               validator: Validator | None = None, use_checkpoints: bool = True) -> Plan:
+    """The plan of the state after record `seq` (first_seq - 1: before any),
+    from the newest checkpoint at or before seq when there is one
+    (checkpoint.py), else from the journal's first record. Every record
+    read is checked (CRC) on the way, or, with a validator, handed to it:
+    then the plan must not be trusted before validator.finish(). With a
+    validator, the records before the checkpoint whose bytes the plan uses
+    are checked too (sealed segments never change, but disks rot); without
+    one, they were checked when the checkpoint was made."""
+    plan, rows, _ck = _begin(j, seq, progress, validator, use_checkpoints)
     try:
-        start_seq = _forward(j, seq, plan, tree, rows, progress, validator)
-        plan.records = max(0, seq - start_seq + 1)
         _cover(plan, rows)
+        if validator is not None and rows.n_rec:
+            validator.submit_pieces(list(plan.sources.paths), plan.pieces[3], plan.pieces[5])
     except BaseException:
-        sources.close()
+        plan.close()
         raise
     finally:
         rows.close()
     return plan
 
 
+def _begin(j: Journal, seq: int, progress: Progress | None, validator: Validator | None,
+           use_checkpoints: bool, pieces: bool = True) -> tuple[Plan, _Rows, checkpoint.Checkpoint | None]:
+    """The tree at seq, and the rows to lay over each other (not yet laid);
+    without `pieces`, a checkpoint's pieces are left out of the rows (the
+    caller adds those it needs, before the rows)."""
+    tree = PlanTree()
+    sources = Sources()
+    plan = Plan(seq, None, tree, sources)
+    ck = checkpoint.best(j, seq) if use_checkpoints else None
+    first = ck.seq + 1 if ck is not None else j.first_seq
+    # a row per record at most (plus base files, added as they come)
+    rows = _Rows(max(seq - first + 1, 0) + 64 + (_from_checkpoint_rows(ck, pieces) if ck is not None else 0))
+    try:
+        start_seq = first
+        if ck is not None:
+            _load_checkpoint(ck, plan, tree, rows, pieces)
+            start_seq = ck.start_seq
+        start_seq = _forward(j, seq, plan, tree, rows, progress, validator, first, start_seq)
+        plan.records = max(0, seq - start_seq + 1)
+    except BaseException:
+        sources.close()
+        rows.close()
+        raise
+    return plan, rows, ck
+
+
+def build_rollback_plan(j: Journal, seq: int, later: int, validator: Validator) -> tuple[Plan, After]:
+    """The plan at seq, and what the records up to `later` changed (After),
+    for a rollback from later to seq. Only the bytes those records wrote or
+    cut, and files that must be recreated, get pieces: the plan's other
+    files have their names, sizes, modes and mtimes but no pieces (a
+    rollback of recent damage reads back megabytes, not the whole root).
+    The validator checks every record read and every record copied from."""
+    plan, rows, ck = _begin(j, seq, None, validator, True, pieces=False)
+    try:
+        n_keys = plan.tree.next_key + 1
+        full = _row_sizes(rows, n_keys)
+        plan.sizes = full[0]
+        _stamp(plan.tree, full[1], full[2])  # before the tree is copied for the later state
+        now = continue_plan(j, plan, later)
+        named_now = {n.key for n in now.tree.nodes.values() if isinstance(n, Inode)}
+        mode = bytearray(n_keys)
+        for node in plan.tree.nodes.values():
+            if isinstance(node, Inode):
+                if node.key not in named_now:
+                    mode[node.key] = 1  # to be recreated: all of it
+                elif node.key in now.ranges:
+                    mode[node.key] = 2  # only where it changed
+        w_lo, w_hi = array("Q", bytes(8 * n_keys)), array("Q", bytes(8 * n_keys))
+        w_start, w_end = array("Q"), array("Q")
+        for k in sorted(now.ranges):
+            if k < n_keys and mode[k] == 2:
+                w_lo[k] = len(w_start)
+                for a, b in now.ranges[k]:
+                    w_start.append(a)
+                    w_end.append(b)
+                w_hi[k] = len(w_start)
+        u64 = "uint64_t[]"
+        windows = (mode, n_keys, ffi.from_buffer(u64, w_lo), ffi.from_buffer(u64, w_hi),
+                   ffi.from_buffer(u64, w_start or array("Q", [0])), ffi.from_buffer(u64, w_end or array("Q", [0])))
+        # the checkpoint's pieces that still matter first (the oldest
+        # rows), then the rows read since, then each kept file's size
+        if ck is not None and plan.records != seq - ck.start_seq + 1:
+            ck = None  # a BASE after the checkpoint replaced its state
+        m = _compact([ffi.from_buffer(u64, c) for c in ck.pieces], len(ck.pieces[0]), windows) if ck else 0
+        n = _compact(rows.pointers(0), rows.n, windows)
+        laid = _Rows(m + n + n_keys + 1)
+        if m:
+            assert ck is not None
+            for c in range(6):
+                laid.cols[(0, 1, 2, 3, 4, 7)[c]][:m] = ck.pieces[c][:m]
+            laid.cols[5][:m] = array("Q", bytes(8 * m))  # seq 0: never newer than the tree's mtime
+            laid.cols[6][:m] = array("q", bytes(8 * m))
+        for c in range(8):
+            laid.cols[c][m : m + n] = rows.cols[c][:n]
+        laid.n, laid.n_rec = m + n, m
+        sizes, last_seq, last_ts = full
+        for k in range(n_keys):  # each kept file's size, as the rows left out would make it
+            if mode[k]:
+                laid.add(k, sizes[k], HOLE, HOLE, 0, last_seq[k], last_ts[k], 0)
+        rows.close()
+        rows = laid
+        _cover(plan, rows, full)
+        if plan.pieces[0]:
+            validator.submit_pieces(list(plan.sources.paths), plan.pieces[3], plan.pieces[5])
+    except BaseException:
+        plan.close()
+        raise
+    finally:
+        rows.close()
+    return plan, now
+
+
+def _compact(ptrs: list[Any], n: int, windows: tuple[Any, ...]) -> int:
+    """cdp_compact_rows over columns (key, start, end first): the rows kept."""
+    cols = ffi.new("uint64_t *[]", [ffi.cast("uint64_t *", p) for p in ptrs])
+    n_out, n_rec_out = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    mode, *rest = windows
+    status = lib.cdp_compact_rows(n, cols, len(ptrs), 0, ffi.from_buffer(mode), *rest, n_out, n_rec_out)
+    if status != lib.CDP_OK:
+        raise CorruptJournal(f"rollback plan: bad rows (status {status})")
+    return int(n_out[0])
+
+
+def _row_sizes(rows: _Rows, n_keys: int) -> tuple[array, array, array]:
+    """Size, seq and timestamp of the last row of every key, over all rows."""
+    sizes, last_seq, last_ts = array("Q", bytes(8 * n_keys)), array("Q", bytes(8 * n_keys)), array("q", bytes(8 * n_keys))
+    key, start, end, file, _src, seq, ts, _rec = rows.pointers(0)
+    status = lib.cdp_row_sizes(rows.n, key, start, end, file, seq, ts, n_keys, ffi.from_buffer("uint64_t[]", sizes),
+                               ffi.from_buffer("uint64_t[]", last_seq), ffi.from_buffer("int64_t[]", last_ts))
+    if status != lib.CDP_OK:
+        raise CorruptJournal(f"restore plan: bad rows (status {status})")
+    return sizes, last_seq, last_ts
+
+
 _ALL_KINDS = (1 << 32) - 1
 
 
 def _forward(j: Journal, seq: int, plan: Plan, tree: PlanTree, rows: _Rows, progress: Progress | None,
-             validator: Validator | None, first: int | None = None) -> int:
+             validator: Validator | None, first: int | None = None, start_seq: int | None = None) -> int:
     """The pass over the records first..seq (default: from the journal's
     first): namespace into the tree, data into rows. Returns the seq the
-    state starts from (the last BASE, or `first`)."""
+    state starts from (the last BASE, else start_seq, else `first`)."""
     sources = plan.sources
     first = j.first_seq if first is None else first
-    start_seq = first
+    start_seq = first if start_seq is None else start_seq
     res = ffi.new("struct cdp_extract_result *")
     total = seq - first + 1
     for seg, pos, expect, end, last in j.spans(first, seq):
@@ -482,7 +650,7 @@ def _forward(j: Journal, seq: int, plan: Plan, tree: PlanTree, rows: _Rows, prog
                 cap = rows.cap - rows.n
                 buf = ffi.from_buffer(view)
                 table = ffi.from_buffer("uint64_t[]", tree.table)
-                ptrs = rows.pointers(rows.n)
+                ptrs = rows.pointers(rows.n)[:7]  # not rec: the extractor leaves it
                 status = lib.cdp_extract(buf, end, pos, expect, stop - expect + 1, _SKIP,
                                          validator is None, table,
                                          len(tree.table), file_no, *ptrs, cap, res)
@@ -499,7 +667,7 @@ def _forward(j: Journal, seq: int, plan: Plan, tree: PlanTree, rows: _Rows, prog
                     _crc, n, rseq, ts, fid, offset, kind, _fl, _m, _r = REC_HDR.unpack_from(view, pos)
                     payload = bytes(view[pos + 48 : pos + 48 + n])
                     if kind == Kind.BASE:
-                        rows.n = 0
+                        rows.n = rows.n_rec = 0
                         start_seq = rseq
                         _load_base(tree, rows, sources, base_path(j, rseq, payload), rseq)
                     else:
@@ -592,6 +760,56 @@ def _apply(tree: PlanTree, rows: _Rows, plan: Plan, kind: int, fid: int, offset:
         tree.apply_ns(kind, fid, offset, payload, seq, ts)
 
 
+def _from_checkpoint_rows(ck: checkpoint.Checkpoint, pieces: bool = True) -> int:
+    return (len(ck.pieces[0]) if pieces else 0) + len(ck.sizes)
+
+
+def _load_checkpoint(ck: checkpoint.Checkpoint, plan: Plan, tree: PlanTree, rows: _Rows,
+                     pieces: bool = True) -> None:
+    """The checkpoint's tree into `tree`, and its state into rows that the
+    later records are laid over: per inode a cut to its size (a hole row
+    from the size on: bytes past it read as zeros if the file grows), then
+    its pieces. Their seq is 0, so they never make an mtime newer than the
+    one the tree holds."""
+    plan.ts = ck.ts
+    plan.dirty = list(ck.dirty)
+    for path in ck.sources:
+        plan.sources.add(path)
+    inodes = {}
+    for key, mode, mtime_us, mtime_seq in ck.inodes:
+        ino = Inode(key, mode, mtime_us, mtime_seq)
+        inodes[key] = ino
+    for path, tag, a, b in ck.nodes:
+        tree.nodes[path] = inodes[a] if tag == 0 else Dir(a, b) if tag == 1 else Link(a)
+    ids = ck.ids
+    for i in range(0, len(ids), 2):
+        tree.bind(ids[i], inodes[ids[i + 1]])
+    tree.next_key = ck.next_key
+    keys = [k for k in range(len(ck.sizes)) if ck.sizes[k]]
+    n_cut, n = len(keys), len(ck.pieces[0]) if pieces else 0
+    rows.reserve(n_cut + n)
+    at = rows.n
+    key, start, end, file, src, seq, ts, rec = rows.cols
+    for i, k in enumerate(keys):
+        key[at + i], start[at + i], end[at + i], file[at + i] = k, ck.sizes[k], HOLE, HOLE
+        src[at + i] = seq[at + i] = ts[at + i] = rec[at + i] = 0
+    at += n_cut
+    if not n:
+        rows.n = rows.n_rec = at
+        return
+    pk, ps, pl, pf, psrc, prec = ck.pieces
+    key[at : at + n] = pk
+    start[at : at + n] = ps
+    file[at : at + n] = pf
+    src[at : at + n] = psrc
+    end[at : at + n] = pl  # the checkpoint stores ends in the length column's place
+    zeros = array("Q", bytes(8 * n))
+    seq[at : at + n] = zeros
+    ts[at : at + n] = array("q", bytes(8 * n))
+    rec[at : at + n] = prec
+    rows.n = rows.n_rec = at + n
+
+
 def _load_base(tree: PlanTree, rows: _Rows, sources: Sources, base: str, seq: int) -> None:
     tree.reset()
     linked: dict[tuple[int, int], Inode] = {}  # hard links inside the base stay one inode
@@ -610,19 +828,24 @@ def _load_base(tree: PlanTree, rows: _Rows, sources: Sources, base: str, seq: in
             rows.add(ino.key, 0, st.st_size, sources.add(full), 0, seq, ino.mtime_us)
 
 
-def _cover(plan: Plan, rows: _Rows) -> None:
+def _cover(plan: Plan, rows: _Rows, full: tuple[array, array, array] | None = None) -> None:
+    """Lay the rows over each other: the plan's sizes and pieces, and the
+    mtimes of files whose data changed last. With `full` (sizes, last seq,
+    last ts of every key over rows that were left out since), those stand
+    for the sizes and last changes instead of what the rows left say."""
     n_keys = plan.tree.next_key + 1
     plan.sizes = array("Q", bytes(8 * n_keys))
     last_seq = array("Q", bytes(8 * n_keys))
     last_ts = array("q", bytes(8 * n_keys))
     cap = 2 * rows.n + 1
-    out = _Columns("QQQQQ", cap)
+    out = _Columns("QQQQQQ", cap)
     n_pieces = ffi.new("uint64_t *")
     u64 = "uint64_t[]"
     try:
-        status = lib.cdp_cover(rows.n, *rows.pointers(0), n_keys, ffi.from_buffer(u64, plan.sizes),
+        *cols, rec = rows.pointers(0)
+        status = lib.cdp_cover(rows.n, *cols, n_keys, ffi.from_buffer(u64, plan.sizes),
                                ffi.from_buffer(u64, last_seq), ffi.from_buffer("int64_t[]", last_ts),
-                               *out.pointers(0), cap, n_pieces)
+                               rec, rows.n_rec, *out.pointers(0), cap, n_pieces)
         if status == lib.CDP_ENOMEM:
             raise MemoryError("restore plan: cannot lay out the extents")
         if status != lib.CDP_OK:
@@ -630,9 +853,16 @@ def _cover(plan: Plan, rows: _Rows) -> None:
         plan.pieces = tuple(array("Q", c[: n_pieces[0]].tobytes()) for c in out.cols)
     finally:
         out.close()
-    # A file's mtime is that of its last change: data rows (C) or the
-    # CREATE / SETATTR / base load the tree saw, whichever came later.
-    for node in plan.tree.nodes.values():
+    if full is not None:
+        plan.sizes, last_seq, last_ts = full
+    _stamp(plan.tree, last_seq, last_ts)
+
+
+def _stamp(tree: Tree, last_seq: array, last_ts: array) -> None:
+    """A file's mtime is that of its last change: data rows (C) or the
+    CREATE / SETATTR / base load the tree saw, whichever came later."""
+    n_keys = len(last_seq)
+    for node in tree.nodes.values():
         if isinstance(node, Inode) and node.key < n_keys and last_seq[node.key] > node.mtime_seq:
             node.mtime_us = last_ts[node.key]
             node.mtime_seq = last_seq[node.key]
@@ -647,12 +877,17 @@ class Sources:
 
     def __init__(self) -> None:
         self.paths: list[str] = []
+        self._index: dict[str, int] = {}
         self._maps: list[mmap.mmap | None] = []
         self._bufs: list[Any] = []
         self._ptrs: Any = None
         self._lens: Any = None
 
     def add(self, path: str) -> int:
+        """The index of source `path`, added if it is new."""
+        if path in self._index:
+            return self._index[path]
+        self._index[path] = len(self.paths)
         self.paths.append(path)
         self._maps.append(None)
         self._bufs.append(None)
@@ -687,7 +922,7 @@ class Sources:
         if self._ptrs is None:
             self._ptrs = ffi.new("const uint8_t *[]", [ffi.NULL if b is None else b for b in self._bufs] or [ffi.NULL])
             self._lens = ffi.new("uint64_t[]", [len(m) if m is not None else 0 for m in self._maps] or [0])
-        _k, start, length, file, src = (ffi.from_buffer("uint64_t[]", c) for c in plan.pieces)
+        _k, start, length, file, src, _r = (ffi.from_buffer("uint64_t[]", c) for c in plan.pieces)
         written = ffi.new("uint64_t *")
         status = lib.cdp_copy_out(fd, hi - lo, start + lo, length + lo, file + lo, src + lo,
                                   self._ptrs, self._lens, len(self.paths), written)

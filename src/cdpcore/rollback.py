@@ -6,7 +6,10 @@ while one does). The point's plan (`want`) is built as for a restore; the
 latest state (`now`) is that plan continued over the records after the
 point only (plan.continue_plan), which also yields, per file, the byte
 ranges those records wrote or cut: only there can the root differ from the
-point. Inode keys are handed out in record order, so a file that exists at
+point. So the point's plan lays out pieces only there, and for files the
+root lost (plan.build_rollback_plan); it starts from the newest checkpoint
+before the point (checkpoint.py), so a rollback of recent damage reads the
+records since that checkpoint and the bytes it puts back, not the journal. Inode keys are handed out in record order, so a file that exists at
 both moments has the same key in both. Rollback rewrites only those:
 
 1. names that must go elsewhere are first moved into a staging directory
@@ -60,8 +63,7 @@ from cdpcore.plan import (
     Node,
     Plan,
     Validator,
-    build_plan,
-    continue_plan,
+    build_rollback_plan,
 )
 from cdpcore.point import PointLike, format_us
 
@@ -151,10 +153,11 @@ def _rollback(j: Journal, to: PointLike) -> RollbackResult:
     if to_seq >= from_seq:
         return result
     validator = Validator()
-    with build_plan(j, to_seq, validator=validator) as want:
-        # the state the root holds: the point's plan continued over the
-        # records after it (few, for a rollback of recent damage)
-        now = continue_plan(j, want, from_seq)
+    # the point's plan (from the nearest checkpoint), continued over the
+    # records after it (few, for a rollback of recent damage) to the state
+    # the root holds; only what those records changed gets read back
+    want, now = build_rollback_plan(j, to_seq, from_seq, validator)
+    with want:
         validator.finish()
         if intent is None:
             write_durable(intent_path, json.dumps({"to": to_seq, "from": from_seq}).encode())
@@ -207,6 +210,7 @@ class _Ops:
         self.journal: list[tuple[str, tuple[Any, ...]]] = []
         self.dirty_fds: list[str] = []
         self.dirs: set[str] = set()
+        self._fds: dict[str, int] = {}  # open data files, by name (closed by any namespace op)
         self.count = 0
         kill = os.environ.get(KILL_ENV)
         self.kill_after = int(kill) if kill else -1
@@ -220,9 +224,30 @@ class _Ops:
     def path(self, rel: str) -> str:
         return fs_path(self.root, rel)
 
+    def _fd(self, rel: str) -> int:
+        """A descriptor of the file at rel, kept open while names stay put:
+        a rollback of scattered damage reads and writes thousands of ranges
+        of one file."""
+        fd = self._fds.get(rel)
+        if fd is None:
+            fd = self._fds[rel] = os.open(self.path(rel), os.O_RDWR | os.O_CLOEXEC)
+        return fd
+
+    def _close_fds(self, sync: bool = False) -> None:
+        fds, self._fds = self._fds, {}
+        try:
+            for fd in fds.values():
+                if sync:
+                    os.fsync(fd)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
     def _done(self, append: str, args: tuple[Any, ...], *names: str) -> None:
         """Note the journal append for an operation done, and the
         directories whose entries it changed (synced before journaling)."""
+        if names:
+            self._close_fds()  # names change: descriptors by name go stale (sync() reopens)
         for rel in names:
             self.dirs.add(os.path.dirname(self.path(rel)))
         self.journal.append((append, args))
@@ -267,23 +292,15 @@ class _Ops:
 
     def read(self, rel: str, offset: int, length: int) -> bytes:
         """What the root holds there now (short past its end)."""
-        fd = os.open(self.path(rel), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
+        return os.pread(self._fd(rel), length, offset)
 
     def write(self, rel: str, offset: int, data: bytes) -> None:
-        fd = os.open(self.path(rel), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.pwrite(fd, data, offset)
-        finally:
-            os.close(fd)
+        os.pwrite(self._fd(rel), data, offset)
         self.dirty_fds.append(rel)
         self._done("append_write", (rel, offset, data))
 
     def truncate(self, rel: str, size: int) -> None:
-        os.truncate(self.path(rel), size)
+        os.ftruncate(self._fd(rel), size)
         self.dirty_fds.append(rel)
         self._done("append_truncate", (rel, size))
 
@@ -303,7 +320,11 @@ class _Ops:
 
     def sync(self) -> None:
         """The root's changes on disk before the journal says they happened."""
+        synced = set(self._fds)
+        self._close_fds(sync=True)
         for rel in dict.fromkeys(self.dirty_fds):
+            if rel in synced:
+                continue
             try:
                 fd = os.open(self.path(rel), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:

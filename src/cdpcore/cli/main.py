@@ -20,6 +20,7 @@ from cdpcore import __version__
 from cdpcore.cli import (
     audit,
     bookmark,
+    checkpoint,
     diff,
     info,
     init,
@@ -36,7 +37,7 @@ from cdpcore.cli.output import PROG, Output, UsageError
 from cdpcore.errors import CdpError, CorruptJournal
 
 COMMANDS: list[ModuleType] = [init, info, log, show, verify, bookmark, points, restore, rollback,
-                              diff, timeline, audit, prune]
+                              diff, timeline, audit, prune, checkpoint]
 
 EXIT_INTERNAL = 1
 EXIT_OSERROR = 10
