@@ -115,15 +115,18 @@ def capture_lock(j: Journal, force: bool) -> Iterator[None]:
         os.close(fd)
 
 
-def rollback(journal: Journal | str | os.PathLike[str], to: PointLike, force: bool = False) -> RollbackResult:
+def rollback(journal: Journal | str | os.PathLike[str], to: PointLike, force: bool = False,
+             ts: int | None = None) -> RollbackResult:
     """Return the live protected root (journal.root) to point `to`,
     rewriting only what changed after it; the rollback is journaled and
-    entered (anchored) in the audit log, as is a failed attempt."""
+    entered (anchored) in the audit log, as is a failed attempt. `ts`
+    stamps the rollback's records (epoch microseconds; default: now), for
+    vendor code and tests that run the journal on a clock of their own."""
     from cdpcore import audit
 
     def run(j: Journal) -> RollbackResult:
         with capture_lock(j, force):
-            return _rollback(j, to)
+            return _rollback(j, to, ts)
 
     def audited_run(j: Journal) -> RollbackResult:
         return audit.audited(j, "rollback", {"to": str(to), "force": force}, lambda: run(j))
@@ -134,7 +137,7 @@ def rollback(journal: Journal | str | os.PathLike[str], to: PointLike, force: bo
         return audited_run(j)
 
 
-def _rollback(j: Journal, to: PointLike) -> RollbackResult:
+def _rollback(j: Journal, to: PointLike, ts: int | None = None) -> RollbackResult:
     intent_path = os.path.join(j.path, INTENT)
     to_seq = j.resolve(to)
     intent = _read_intent(intent_path)
@@ -170,7 +173,7 @@ def _rollback(j: Journal, to: PointLike) -> RollbackResult:
         ops.step()
         # one timestamp for the whole rollback: it is one event, and the
         # result can say when without reading the journal back
-        result.ts = now_us()
+        result.ts = now_us() if ts is None else ts
         with j.batch() as b:
             for name, args in ops.journal:
                 getattr(b, name)(*args, ts=result.ts)
