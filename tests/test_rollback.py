@@ -207,3 +207,36 @@ def test_cli(tmp_path: Path) -> None:
         os.close(fd)
     assert_error(("rollback", tmp_path / "j"), 2, "UsageError")  # no --to
     assert_error(("rollback", tmp_path / "j", "--to", "bookmark:nope"), 6, "PointError")
+
+
+def test_names_removed_with_a_directory_are_bound_afresh(journal_dirs: tuple[Path, Path]) -> None:
+    """Found by the stateful test: a rollback removed d (and d/c in it) with
+    one RMDIR; a later write to d/c through the same Journal must bind d/c
+    to a new file, not go on writing to the removed one (whose name is
+    gone), or the journal and the root disagree and the next rollback
+    leaves d/c behind. The same for a name that a symlink or a hard link
+    replaced."""
+    jpath, root = journal_dirs
+    with Journal.create(jpath, root) as j:
+        (root / "b").write_bytes(b"b")
+        j.append_write("b", 0, b"b")
+        point = j.last_seq
+        (root / "d").mkdir()
+        j.append_mkdir("d")
+        (root / "d" / "c").write_bytes(b"1")
+        j.append_write("d/c", 0, b"1")
+        rollback(j, f"seq:{point}")  # removes d/c and d
+        (root / "d").mkdir()
+        j.append_mkdir("d")
+        (root / "d" / "c").write_bytes(b"2")
+        j.append_write("d/c", 0, b"2")
+        (root / "b").unlink()
+        (root / "b").symlink_to("d/c")
+        j.append_unlink("b")
+        j.append_symlink("d/c", "b")
+        restore(j, jpath.parent / "latest")
+        assert (jpath.parent / "latest" / "d" / "c").read_bytes() == b"2"
+        assert os.readlink(jpath.parent / "latest" / "b") == "d/c"
+        assert [r.path for r in j.records(kinds=[Kind.WRITE])][-1] == "d/c"
+        rollback(j, f"seq:{point}")
+        assert sorted(p.name for p in root.iterdir()) == ["b"] and (root / "b").read_bytes() == b"b"

@@ -2,8 +2,10 @@
 
 Data records carry a file id, not a path. FILEMAP and CREATE bind an id to
 the file at a path; RENAME moves every id at or under the old path; UNLINK
-and replacing renames leave ids naming no path (the writes of a program that
-kept the file open go to a file that no longer has a name); BASE resets all.
+RMDIR (of a directory and everything under it, as a restore applies it),
+SYMLINK and LINK over an existing name, and replacing renames leave ids
+naming no path (the writes of a program that kept the file open go to a
+file that no longer has a name); BASE resets all.
 """
 from __future__ import annotations
 
@@ -50,6 +52,10 @@ class FileMap:
             self.paths[file_id] = path
         elif kind == Kind.UNLINK:
             self._drop_at(decode_path(payload), subtree=False)
+        elif kind == Kind.RMDIR:  # the directory and all under it (as a restore removes them)
+            self._drop_at(decode_path(payload), subtree=True)
+        elif kind in (Kind.SYMLINK, Kind.LINK):  # the new name replaces what was there
+            self._drop_at(decode_path(split_pair(payload)[1]), subtree=False)
         elif kind == Kind.RENAME:
             a, b = split_pair(payload)
             old, new = decode_path(a), decode_path(b)

@@ -806,8 +806,13 @@ class Journal:
         paths = self._paths
         if kind == Kind.CREATE:
             paths[path] = fid
-        elif kind == Kind.UNLINK:
-            paths.pop(path, None)
+        elif kind in (Kind.UNLINK, Kind.SYMLINK):
+            paths.pop(path, None)  # the name no longer names that file
+        elif kind == Kind.RMDIR:
+            for p in [p for p in paths if p == path or p.startswith(path + "/")]:
+                del paths[p]
+        elif kind == Kind.LINK:
+            paths.pop(path[1], None)  # the new name: bound afresh (to the linked file) on first use
         elif kind == Kind.RENAME:
             old, new = path
             if old == new:
@@ -1307,4 +1312,5 @@ class Journal:
                                         f"{AUDIT_NAME} {where}: {p.message}"))
 
 
-_NS_KINDS = frozenset({Kind.FILEMAP, Kind.CREATE, Kind.UNLINK, Kind.RENAME, Kind.BASE})
+_NS_KINDS = frozenset({Kind.FILEMAP, Kind.CREATE, Kind.UNLINK, Kind.RMDIR, Kind.SYMLINK, Kind.LINK,
+                       Kind.RENAME, Kind.BASE})
