@@ -183,6 +183,23 @@ int cdp_copy_out(int fd, uint64_t n, const uint64_t *dst, const uint64_t *len,
                  const uint64_t *file, const uint64_t *src, const uint8_t *const *maps,
                  const uint64_t *map_len, uint64_t n_maps, uint64_t *written);
 
+/* ---- content-defined chunking (native/chunker.c) ------------------------ */
+
+/* Cut buf[0:len) into chunks (FastCDC with normalized chunking, two bytes
+ * per step): min_size >= 64, min_size < avg_size < max_size <= 1 GiB,
+ * avg_size a power of two. Writes the end offset of each chunk to cuts (at
+ * most cap) and their number to *n_cuts. A chunk ends at the first position
+ * past min_size where the gear fingerprint meets the mask (harder before
+ * avg_size, easier after), else at max_size. With last = 0 the bytes after
+ * the last cut are left for the next call (more of the stream follows);
+ * with last = 1 they are the final, possibly short, chunk. A cut depends
+ * only on the bytes from the chunk's start to the cut. */
+int cdp_chunk(const uint8_t *buf, uint64_t len, uint32_t min_size, uint32_t avg_size, uint32_t max_size,
+              int last, uint64_t *cuts, uint64_t cap, uint64_t *n_cuts);
+
+/* The mask with `bits` one-bits that cdp_chunk uses (tests pin them). */
+uint64_t cdp_chunk_mask(int bits);
+
 /* ---- writing ------------------------------------------------------------ */
 
 /* One record to append; payload is not copied before the write(2). */
