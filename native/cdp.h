@@ -194,6 +194,8 @@ void cdp_writer_close(cdp_writer *w);
 /* Initialise the head from a recovery scan (caller holds the lock). */
 int cdp_writer_set_state(cdp_writer *w, const struct cdp_state *st);
 int cdp_writer_get_state(cdp_writer *w, struct cdp_state *st);
+/* The append lock (process mutex + flock on head). Reentrant for the thread
+ * that holds it: every function below may be called with it held. */
 int cdp_writer_lock(cdp_writer *w);
 int cdp_writer_unlock(cdp_writer *w);
 
@@ -208,6 +210,11 @@ int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
  * seq, ts (where INT64_MIN) and crc in place, then writes. */
 int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
                        uint64_t expect_ns_gen, struct cdp_append_result *res);
+
+/* Number of BASE records appended since the head was last rebuilt (read it
+ * with the lock held): a BASE unbinds every file id, so a writer that caches
+ * ids re-binds them when this changes. */
+uint64_t cdp_writer_base_gen(cdp_writer *w);
 
 /* Reserve n file ids; *first receives the first. */
 int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first);

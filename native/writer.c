@@ -41,7 +41,7 @@
 enum {
     H_MAGIC = 0, H_VERSION = 8, H_CRC = 12, H_NEXT_SEQ = 16, H_SEG_NO = 24,
     H_SEG_OFF = 32, H_PENDING = 40, H_NEXT_FILE_ID = 48, H_NS_GEN = 56,
-    H_SYNCED_SEQ = 64, H_LAST_TS = 72, H_SEG_SIZE = 80, H_UUID = 88,
+    H_SYNCED_SEQ = 64, H_LAST_TS = 72, H_SEG_SIZE = 80, H_UUID = 88, H_BASE_GEN = 104,
     H_CRC_START = 16, H_CRC_END = 128
 };
 #define GROUP 128 /* records per pwritev: 3 iovecs each stays under IOV_MAX */
@@ -56,6 +56,11 @@ struct cdp_writer {
     pthread_mutex_t mu;        /* threads of this process */
     pthread_mutex_t sync_mu;   /* group commit within this process */
     unsigned fork_gen;
+    /* The lock is reentrant for the thread that holds it: the capture
+     * library holds it around a program's system call and the appends that
+     * journal it, so that sequence order is the order the kernel saw. */
+    pthread_t owner;
+    int depth;
 };
 
 static volatile unsigned fork_generation;
@@ -163,6 +168,7 @@ static int after_fork(cdp_writer *w)
     char path[4096];
     pthread_mutex_init(&w->mu, NULL);
     pthread_mutex_init(&w->sync_mu, NULL);
+    __atomic_store_n(&w->depth, 0, __ATOMIC_RELAXED);
     snprintf(path, sizeof path, "%s/head", w->dir);
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0)
@@ -203,6 +209,11 @@ int cdp_writer_lock(cdp_writer *w)
 {
     if (w->fork_gen != fork_generation && after_fork(w) != CDP_OK)
         return CDP_EIO;
+    /* Only the holder itself can see depth > 0 with owner == itself. */
+    if (__atomic_load_n(&w->depth, __ATOMIC_ACQUIRE) > 0 && pthread_equal(w->owner, pthread_self())) {
+        w->depth++;
+        return CDP_OK;
+    }
     pthread_mutex_lock(&w->mu);
     while (flock(w->head_fd, LOCK_EX) < 0) {
         if (errno != EINTR) {
@@ -212,6 +223,8 @@ int cdp_writer_lock(cdp_writer *w)
             return CDP_EIO;
         }
     }
+    w->owner = pthread_self();
+    __atomic_store_n(&w->depth, 1, __ATOMIC_RELEASE);
     if (head_valid(w) && hget(w, H_PENDING)) {
         int r = cut_pending(w);
         if (r != CDP_OK) {
@@ -226,6 +239,11 @@ int cdp_writer_lock(cdp_writer *w)
 
 int cdp_writer_unlock(cdp_writer *w)
 {
+    if (w->depth > 1) {
+        w->depth--;
+        return CDP_OK;
+    }
+    __atomic_store_n(&w->depth, 0, __ATOMIC_RELAXED);
     flock(w->head_fd, LOCK_UN);
     pthread_mutex_unlock(&w->mu);
     return CDP_OK;
@@ -384,7 +402,7 @@ static int begin_append(cdp_writer *w, uint64_t expect_ns_gen)
 }
 
 static void end_append(cdp_writer *w, uint64_t off, uint64_t next_seq, int64_t last_ts,
-                       uint64_t ns_bumps, struct cdp_append_result *res, uint64_t first_seq)
+                       uint64_t ns_bumps, uint64_t base_bumps, struct cdp_append_result *res, uint64_t first_seq)
 {
     hset(w, H_SEG_NO, w->seg_no);
     hset(w, H_SEG_OFF, off);
@@ -392,6 +410,7 @@ static void end_append(cdp_writer *w, uint64_t off, uint64_t next_seq, int64_t l
     if (last_ts > (int64_t)hget(w, H_LAST_TS))
         hset(w, H_LAST_TS, (uint64_t)last_ts);
     hset(w, H_NS_GEN, hget(w, H_NS_GEN) + ns_bumps);
+    hset(w, H_BASE_GEN, hget(w, H_BASE_GEN) + base_bumps);
     hset(w, H_PENDING, 0);
     head_seal(w);
     if (res) {
@@ -422,7 +441,7 @@ int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
     if (r != CDP_OK)
         return r;
     uint64_t seq = hget(w, H_NEXT_SEQ), first_seq = seq;
-    uint64_t off = hget(w, H_SEG_OFF), seg_size = hget(w, H_SEG_SIZE), bumps = 0;
+    uint64_t off = hget(w, H_SEG_OFF), seg_size = hget(w, H_SEG_SIZE), bumps = 0, base_bumps = 0;
     int64_t now = cdp_now_us(), last_ts = INT64_MIN;
     size_t i = 0;
     while (i < n) {
@@ -466,12 +485,13 @@ int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
             if (ts > last_ts)
                 last_ts = ts;
             bumps += is_ns_kind(rc->kind);
+            base_bumps += rc->kind == CDP_BASE;
         }
         if (cnt && (r = write_all(w->seg_fd, iov, cnt, off)) != CDP_OK)
             goto fail;
         off += run;
     }
-    end_append(w, off, seq, last_ts, bumps, res, first_seq);
+    end_append(w, off, seq, last_ts, bumps, base_bumps, res, first_seq);
     return CDP_OK;
 fail:
     return abandon_append(w, r);
@@ -496,7 +516,7 @@ int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
     if (r != CDP_OK)
         return r;
     uint64_t seq = hget(w, H_NEXT_SEQ), first_seq = seq;
-    uint64_t off = hget(w, H_SEG_OFF), seg_size = hget(w, H_SEG_SIZE), bumps = 0;
+    uint64_t off = hget(w, H_SEG_OFF), seg_size = hget(w, H_SEG_SIZE), bumps = 0, base_bumps = 0;
     int64_t now = cdp_now_us(), last_ts = INT64_MIN;
     size_t p = 0, run_start = 0;
     while (p < len) {
@@ -528,6 +548,7 @@ int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
         if (ts > last_ts)
             last_ts = ts;
         bumps += is_ns_kind(h[40]);
+        base_bumps += h[40] == CDP_BASE;
         p += total;
     }
     if (p > run_start) {
@@ -536,10 +557,15 @@ int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
             goto fail;
         off += p - run_start;
     }
-    end_append(w, off, seq, last_ts, bumps, res, first_seq);
+    end_append(w, off, seq, last_ts, bumps, base_bumps, res, first_seq);
     return CDP_OK;
 fail:
     return abandon_append(w, r);
+}
+
+uint64_t cdp_writer_base_gen(cdp_writer *w)
+{
+    return hget(w, H_BASE_GEN);
 }
 
 int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first)

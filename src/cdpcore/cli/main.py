@@ -19,14 +19,17 @@ from typing import Any, NoReturn
 from cdpcore import __version__
 from cdpcore.cli import (
     audit,
+    baseline,
     bookmark,
     diff,
     info,
     init,
     log,
     points,
+    protect,
     prune,
     restore,
+    resync,
     rollback,
     show,
     timeline,
@@ -36,7 +39,7 @@ from cdpcore.cli.output import PROG, Output, UsageError
 from cdpcore.errors import CdpError, CorruptJournal
 
 COMMANDS: list[ModuleType] = [init, info, log, show, verify, bookmark, points, restore, rollback,
-                              diff, timeline, audit, prune]
+                              diff, timeline, audit, prune, protect, resync, baseline]
 
 EXIT_INTERNAL = 1
 EXIT_OSERROR = 10
