@@ -499,7 +499,9 @@ static ssize_t cap_writev(int fd, const struct iovec *iov, int cnt, off_t off, i
     int sync = e->sync || (rwf & (RWF_DSYNC | RWF_SYNC));
     if (r > 0 && held) {
         off_t at = off;
-        if (rwf & RWF_APPEND) {
+        /* O_APPEND (or RWF_APPEND) puts every write, pwrite included, at the
+         * end: the lock keeps the size from moving under us */
+        if ((rwf & RWF_APPEND) || e->append) {
             struct stat st;
             at = fstat(fd, &st) == 0 ? st.st_size - r : -1;
         } else if (off < 0) {

@@ -34,6 +34,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,6 @@ ENV_JOURNAL = "CDPCORE_JOURNAL"
 ENV_ROOT = "CDPCORE_ROOT"
 CAPTURE_LOCK = "capture.lock"
 BASE_DIR = "base"
-RESYNC_SCRATCH = "resync.tmp"
 COMPLETE_SUFFIX = " complete"
 CHUNK = 1 << 20
 PT_INTERP = 3
@@ -316,9 +316,9 @@ def resync(journal: Journal | str | os.PathLike[str]) -> ResyncResult:
     from cdpcore.restore import restore
 
     j = journal
-    scratch = os.path.join(j.path, RESYNC_SCRATCH)
-    if os.path.exists(scratch):
-        shutil.rmtree(scratch)
+    # the scratch copy goes to TMPDIR, not into the journal: a journal whose
+    # file system filled up (the commonest reason to resync) has no room
+    scratch = os.path.join(tempfile.mkdtemp(prefix="cdp-resync-"), "tree")
     result = ResyncResult()
     try:
         restore(j, scratch, at="latest", audit=False)
@@ -379,8 +379,7 @@ def resync(journal: Journal | str | os.PathLike[str]) -> ResyncResult:
             result.seq = j.append_flush()
             j.sync()
     finally:
-        if os.path.exists(scratch):
-            shutil.rmtree(scratch)
+        shutil.rmtree(os.path.dirname(scratch), ignore_errors=True)
     return result
 
 

@@ -12,7 +12,7 @@ from cdpcore.cli.output import Doc, Output, add_command, open_journal, text
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return add_command(subparsers, "resync", "journal what capture missed",
-                       "Restore the latest point into a scratch directory (JOURNAL/resync.tmp), "
+                       "Restore the latest point into a scratch directory (in TMPDIR), "
                        "compare it with the live root, and journal every difference (content, "
                        "size, mode, names), then a FLUSH. Run it while nothing writes the root; "
                        "`cdpctl protect` runs it when its program exits. Opens the journal for "
