@@ -88,6 +88,10 @@ static int warned_fail, warned_mmap, warned_uring, warned_raw;
 static uint64_t lost[MAX_LOST];
 static int n_lost, lost_overflow;
 static char *chunk_buf;
+/* per-thread copy of the data being written, recycled (TBUF_MAX at most) */
+#define TBUF_MAX (1 << 20)
+static __thread uint8_t *tbuf __attribute__((tls_model("initial-exec")));
+static __thread size_t tbuf_cap __attribute__((tls_model("initial-exec")));
 
 /* ---- real functions ------------------------------------------------------ */
 
@@ -493,8 +497,39 @@ static ssize_t cap_writev(int fd, const struct iovec *iov, int cnt, off_t off, i
     struct fdent *e = classify(fd);
     if (!e || e->state != FD_TRACK)
         return call(fd, iov, cnt, off, rwf);
+    /* The program's buffer may change while we look at it (PostgreSQL sets
+     * hint bits in shared buffers that another backend is writing out): copy
+     * it once, hand the copy to the kernel and to the journal, so that both
+     * hold the same bytes and the record's checksum stays true. */
+    size_t total = 0;
+    for (int i = 0; i < cnt; i++)
+        total += iov[i].iov_len;
+    uint8_t *copy = NULL, *heap = NULL;
+    if (total <= TBUF_MAX) {
+        if (tbuf_cap < total || !tbuf) {
+            size_t want = total < 65536 ? 65536 : total;
+            uint8_t *nb = realloc(tbuf, want);
+            if (nb) {
+                tbuf = nb;
+                tbuf_cap = want;
+            }
+        }
+        if (tbuf && tbuf_cap >= total)
+            copy = tbuf;
+    } else if (total <= WHOLE_LIMIT) {
+        copy = heap = malloc(total);
+    }
+    struct iovec one;
+    if (copy) {
+        size_t at = 0;
+        for (int i = 0; i < cnt; i++) {
+            memcpy(copy + at, iov[i].iov_base, iov[i].iov_len);
+            at += iov[i].iov_len;
+        }
+        one = (struct iovec){copy, total};
+    }
     int held = lock();
-    ssize_t r = call(fd, iov, cnt, off, rwf);
+    ssize_t r = copy ? call(fd, &one, 1, off, rwf) : call(fd, iov, cnt, off, rwf);
     int err = errno;
     int sync = e->sync || (rwf & (RWF_DSYNC | RWF_SYNC));
     if (r > 0 && held) {
@@ -510,14 +545,17 @@ static ssize_t cap_writev(int fd, const struct iovec *iov, int cnt, off_t off, i
         }
         if (at < 0)
             mark_dirty(fd, e, 0, 0, "capture: cannot tell where a write went");
+        else if (copy)
+            rec_writev(fd, e, (uint64_t)at, &one, 1, (size_t)r);
         else
-            rec_writev(fd, e, (uint64_t)at, iov, cnt, (size_t)r);
+            rec_readback(fd, e, (uint64_t)at, (uint64_t)r); /* too big to copy: what landed */
         if (sync)
             flush_record();
     } else if (r > 0) {
         lost_fid(e->fid);
     }
     unlock(held);
+    free(heap);
     if (r > 0 && sync && held)
         journal_sync();
     errno = err;
