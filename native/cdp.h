@@ -223,6 +223,25 @@ int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first);
  * stable storage. *synced receives the durable sequence number. */
 int cdp_sync(cdp_writer *w, uint64_t *synced);
 
+/* ---- staging (the capture library's fast path; writer.c explains) ------- */
+
+/* Create the journal's stage (cap bytes of records, in $CDPCORE_STAGE_DIR or
+ * /dev/shm) and name it in the head; every writer drains it when it locks. */
+int cdp_stage_create(cdp_writer *w, uint64_t cap);
+/* Move staged records into the journal while programs keep staging (the
+ * background drain of `cdpctl protect`). */
+int cdp_stage_drain(cdp_writer *w);
+/* Drain and remove the stage; writers that still stage go direct. */
+int cdp_stage_remove(cdp_writer *w);
+/* Reserve room for a record of at most maxlen payload bytes and take the
+ * stage mutex; *payload is where the payload goes. CDP_ESTALE: no stage
+ * (append directly instead); CDP_ETOOBIG: too large to stage. */
+int cdp_stage_begin(cdp_writer *w, uint32_t maxlen, uint8_t **payload);
+/* Publish the reserved record with len <= maxlen payload bytes, release. */
+void cdp_stage_commit(cdp_writer *w, uint8_t kind, uint64_t file_id, uint64_t offset, uint32_t len);
+/* Release without publishing. */
+void cdp_stage_abort(cdp_writer *w);
+
 /* Write a segment header into buf (CDP_SEG_HDR_SIZE bytes). */
 void cdp_segment_header(uint8_t *buf, const uint8_t *uuid, uint64_t seg_no,
                         uint64_t first_seq, int64_t created_us);

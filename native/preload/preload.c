@@ -64,6 +64,7 @@
 #define CHUNK (1 << 20)         /* bytes per WRITE record when we read content back */
 #define WHOLE_LIMIT (64 << 20)  /* stdio files larger than this are marked dirty instead */
 #define MAX_LOST 256
+#define STAGE_MAX (256 << 10)   /* larger writes take the direct path */
 
 enum { FD_UNKNOWN = 0, FD_IGNORE = 1, FD_TRACK = 2 };
 
@@ -108,8 +109,8 @@ int __open64_2(const char *, int);
 int __openat_2(int, const char *, int);
 int __openat64_2(int, const char *, int);
 REAL(write); REAL(pwrite); REAL(pwrite64); REAL(writev); REAL(pwritev); REAL(pwritev64);
-REAL(pwritev2); REAL(pwritev64v2); REAL(ftruncate); REAL(ftruncate64); REAL(truncate);
-REAL(truncate64); REAL(fallocate); REAL(fallocate64); REAL(posix_fallocate);
+REAL(pwritev2); REAL(pwritev64v2); REAL(ftruncate64); 
+REAL(truncate64); REAL(fallocate64); 
 REAL(posix_fallocate64); REAL(copy_file_range); REAL(sendfile); REAL(sendfile64); REAL(splice);
 REAL(fsync); REAL(fdatasync); REAL(sync_file_range); REAL(sync); REAL(syncfs);
 REAL(open); REAL(open64); REAL(openat); REAL(openat64); REAL(creat); REAL(creat64);
@@ -160,6 +161,9 @@ __attribute__((constructor)) static void capture_init(void)
              st == CDP_EIO ? strerror(errno) : cdp_strerror(st));
         goto out;
     }
+    /* the first lock maps the stage (if protect made one) and drains it */
+    if (cdp_writer_lock(W) == CDP_OK)
+        cdp_writer_unlock(W);
     active = 1;
 out:
     in_cap--;
@@ -177,7 +181,16 @@ static inline struct fdent *ent(int fd)
 static int lock(void)
 {
     in_cap++;
-    return cdp_writer_lock(W) == CDP_OK;
+    int st = cdp_writer_lock(W);
+    if (st == CDP_OK)
+        return 1;
+    if (!warned_fail) {
+        /* taking the lock drains the stage into the journal: that failed */
+        warned_fail = 1;
+        warn("cdpcore capture: journal append failed (%s); affected files will be marked dirty: "
+             "run `cdpctl resync`\n", st == CDP_EIO ? strerror(errno) : cdp_strerror(st));
+    }
+    return 0;
 }
 
 static void unlock(int held)
@@ -488,6 +501,69 @@ static void journal_sync(void)
 
 /* ---- write family ----------------------------------------------------------- */
 
+/* The fast path: copy the data into the stage (shared memory, drained into
+ * the journal by whoever locks it next), hand that copy to the kernel, and
+ * publish the record with the offset the call used. No system call of our
+ * own unless write() must ask where it went. Returns 0 when the write must
+ * take the direct path instead (no stage, file not bound in this base
+ * generation, too big). */
+static int staged_write(int fd, struct fdent *e, const struct iovec *iov, int cnt, size_t total,
+                        off_t off, int rwf, ssize_t (*call)(int, const struct iovec *, int, off_t, int),
+                        ssize_t *ret)
+{
+    uint8_t *pl;
+    in_cap++;
+    if (cdp_stage_begin(W, (uint32_t)total, &pl) != CDP_OK) {
+        in_cap--;
+        return 0;
+    }
+    if (e->gen != cdp_writer_base_gen(W)) {
+        cdp_stage_abort(W);
+        in_cap--;
+        return 0;
+    }
+    size_t at0 = 0;
+    for (int i = 0; i < cnt; i++) {
+        memcpy(pl + at0, iov[i].iov_base, iov[i].iov_len);
+        at0 += iov[i].iov_len;
+    }
+    struct iovec one = {pl, total};
+    ssize_t r = call(fd, &one, 1, off, rwf);
+    int err = errno;
+    off_t at = off;
+    if (r > 0) {
+        if ((rwf & RWF_APPEND) || e->append) {
+            struct stat st;
+            at = fstat(fd, &st) == 0 ? st.st_size - r : -1;
+        } else if (off < 0) {
+            off_t pos = lseek(fd, 0, SEEK_CUR);
+            at = pos < 0 ? -1 : pos - r;
+        }
+    }
+    if (r > 0 && at >= 0)
+        cdp_stage_commit(W, CDP_WRITE, e->fid, (uint64_t)at, (uint32_t)r);
+    else
+        cdp_stage_abort(W);
+    in_cap--;
+    if (r > 0 && at < 0) {
+        int held = lock();
+        if (held)
+            mark_dirty(fd, e, 0, 0, "capture: cannot tell where a write went");
+        unlock(held);
+    }
+    if (r > 0 && (e->sync || (rwf & (RWF_DSYNC | RWF_SYNC)))) {
+        int held = lock();
+        if (held)
+            flush_record();
+        unlock(held);
+        if (held)
+            journal_sync();
+    }
+    errno = err;
+    *ret = r;
+    return 1;
+}
+
 /* The common shape: lock, real call, journal, unlock, then the barrier an
  * O_SYNC descriptor asks for. off < 0: the descriptor's position (read back
  * after the call: position - bytes written, right for O_APPEND too). */
@@ -497,13 +573,18 @@ static ssize_t cap_writev(int fd, const struct iovec *iov, int cnt, off_t off, i
     struct fdent *e = classify(fd);
     if (!e || e->state != FD_TRACK)
         return call(fd, iov, cnt, off, rwf);
+    size_t total = 0;
+    for (int i = 0; i < cnt; i++)
+        total += iov[i].iov_len;
+    if (e->fid && total <= STAGE_MAX) {
+        ssize_t r;
+        if (staged_write(fd, e, iov, cnt, total, off, rwf, call, &r))
+            return r;
+    }
     /* The program's buffer may change while we look at it (PostgreSQL sets
      * hint bits in shared buffers that another backend is writing out): copy
      * it once, hand the copy to the kernel and to the journal, so that both
      * hold the same bytes and the record's checksum stays true. */
-    size_t total = 0;
-    for (int i = 0; i < cnt; i++)
-        total += iov[i].iov_len;
     uint8_t *copy = NULL, *heap = NULL;
     if (total <= TBUF_MAX) {
         if (tbuf_cap < total || !tbuf) {

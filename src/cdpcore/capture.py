@@ -52,6 +52,8 @@ BASE_DIR = "base"
 COMPLETE_SUFFIX = " complete"
 CHUNK = 1 << 20
 PT_INTERP = 3
+STAGE_SIZE = 16 << 20  # default; CDPCORE_STAGE_SIZE overrides
+DRAIN_INTERVAL = 0.01  # seconds between background drains of the stage
 
 
 class CaptureError(CdpError):
@@ -438,6 +440,19 @@ class Protection:
             self._do_resync = resync
             self._lock_fd = hold_capture_lock(j.path)
             self.first_seq = j.last_seq + 1
+            self._staged = False
+            stage_size = int(os.environ.get("CDPCORE_STAGE_SIZE", STAGE_SIZE))
+            if stage_size > 0:
+                try:
+                    j._need_writer().stage_create(stage_size)
+                    self._staged = True
+                except (CdpError, OSError):
+                    pass  # no shared memory: the library appends directly
+            self._stop = threading.Event()
+            self._drainer: threading.Thread | None = None
+            if self._staged:
+                self._drainer = threading.Thread(target=self._drain_loop, daemon=True)
+                self._drainer.start()
             self._baseline_result: BaselineResult | None = None
             self._baseline_error: BaseException | None = None
             want_base = baseline and not has_base(j)
@@ -457,7 +472,32 @@ class Protection:
         except BaseException as e:  # reported by wait()
             self._baseline_error = e
 
+    def _drain_loop(self) -> None:
+        # the stage is shared memory: it survives the program, not the
+        # machine; moving it into the journal often bounds what a power cut
+        # can take (barriers drain it themselves)
+        writer = self.journal._need_writer()
+        while not self._stop.wait(DRAIN_INTERVAL):
+            try:
+                writer.drain()
+            except (CdpError, OSError):
+                pass  # the journal is full or failing: the library marks files dirty
+
+    def _unstage(self) -> None:
+        if getattr(self, "_drainer", None) is not None:
+            self._stop.set()
+            assert self._drainer is not None
+            self._drainer.join()
+            self._drainer = None
+        if getattr(self, "_staged", False):
+            self._staged = False
+            try:
+                self.journal._need_writer().stage_remove()
+            except (CdpError, OSError):
+                pass  # left for the next writer to drain
+
     def _release(self) -> None:
+        self._unstage()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -481,6 +521,7 @@ class Protection:
                     continue
             if self._thread is not None:
                 self._thread.join()
+            self._unstage()
             if self._baseline_error is not None:
                 raise self._baseline_error
             j = self.journal

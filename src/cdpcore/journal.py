@@ -279,6 +279,18 @@ class Writer:
         check(lib.cdp_sync(self.handle, synced), "sync")
         return int(synced[0])
 
+    def stage_create(self, size: int) -> None:
+        """Give the journal a stage (shared memory the capture library
+        copies records into; native/writer.c explains)."""
+        check(lib.cdp_stage_create(self.handle, size), "create the capture stage")
+
+    def stage_remove(self) -> None:
+        check(lib.cdp_stage_remove(self.handle), "remove the capture stage")
+
+    def drain(self) -> None:
+        """Move staged records into the journal, letting programs stage on."""
+        check(lib.cdp_stage_drain(self.handle), "drain the capture stage")
+
 
 def _pack_pointer(recs: list[tuple[Any, ...]], kind: int, file_id: int, offset: int, payload: Any,
                   ts: int | None) -> None:
