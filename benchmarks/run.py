@@ -7,7 +7,9 @@
 Suites: append (target 1), c (target 2), resolve (target 3), checksum
 (target 4), restore (issue 3: restore vs cp, restore time against records;
 not in the default set: it builds a 4 GB journal, a few minutes; run it
-with --out benchmarks/results/restore). Writes benchmarks/results/results.json
+with --out benchmarks/results/restore), capture (issue 4: the LD_PRELOAD
+capture against plain runs: random pwrite, pgbench; several minutes; run it
+with --out benchmarks/results/capture). Writes benchmarks/results/results.json
 and results.md (or the
 --out directory) and prints the Markdown. Files go to $CDP_BENCH_DIR, else
 the system temp dir, and are deleted afterwards.
@@ -22,9 +24,10 @@ import sys
 import time
 
 import _bench
+import _capture_bench
 import _restore_bench
 
-SUITES = ("append", "c", "resolve", "checksum", "restore")
+SUITES = ("append", "c", "resolve", "checksum", "restore", "capture")
 DEFAULT_SUITES = ("append", "c", "resolve", "checksum")
 
 
@@ -62,12 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     if "restore" in suites:
         res["restore"] = _restore_bench.restore_suite(
             records=1_000_000 if not args.quick else 250_000, rounds=args.rounds, log=log)
+    if "capture" in suites:
+        res["capture"] = _capture_bench.capture_suite(rounds=max(1, min(args.rounds, 3)) if args.quick
+                                                      else args.rounds, log=log)
     res["elapsed_s"] = round(time.perf_counter() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
     md = _bench.render_markdown(res, command)
     if "restore" in res:
         png = _restore_bench.plot(res["restore"], os.path.join(args.out, "restore-vs-records.png"))
         md += "\n" + "\n".join(_restore_bench.render(res["restore"], png))
+    if "capture" in res:
+        md += "\n" + "\n".join(_capture_bench.render(res["capture"])) + "\n"
     md += f"\nTotal run time: {res['elapsed_s']} s.\n"
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1, sort_keys=True)

@@ -1,6 +1,6 @@
 /* The capture overhead benchmark's program: N random 4 KiB pwrite calls on
  * an existing file (in page cache), optionally fdatasync every K writes.
- * Prints the elapsed wall seconds of the loop. Run captured (LD_PRELOAD)
+ * Prints the elapsed wall seconds of the loop, then its peak RSS (VmHWM). Run captured (LD_PRELOAD)
  * and uncaptured by benchmarks/_capture_bench.py.
  * usage: bench_pwrite FILE COUNT SYNC_EVERY SEED */
 #define _GNU_SOURCE
@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -44,5 +45,13 @@ int main(int argc, char **argv)
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
     printf("%.6f\n", (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
+    /* peak resident memory, to report what the capture library adds */
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, "VmHWM:", 6) == 0)
+            printf("%s", line);
+    if (f)
+        fclose(f);
     return 0;
 }
