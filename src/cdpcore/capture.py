@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from cdpcore.errors import CdpError
+from cdpcore.errors import CaptureError, CdpError
 from cdpcore.format import Kind
 from cdpcore.journal import Journal, _fsync_dir
 
@@ -54,12 +54,6 @@ CHUNK = 1 << 20
 PT_INTERP = 3
 STAGE_SIZE = 16 << 20  # default; CDPCORE_STAGE_SIZE overrides
 DRAIN_INTERVAL = 0.01  # seconds between background drains of the stage
-
-
-class CaptureError(CdpError):
-    """Capture cannot start (library missing, program not found, ...)."""
-
-    exit_code = 14
 
 
 def library_path() -> str:
