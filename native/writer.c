@@ -519,6 +519,12 @@ static int rotate(cdp_writer *w, uint64_t first_seq)
     int fd = openat(w->segdir_fd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0)
         return CDP_EIO;
+    /* Segments belong to whoever owns the head: a root supervisor draining
+     * the stage of a program that runs as another user (PostgreSQL) must
+     * not leave it a segment it cannot write. */
+    struct stat hs;
+    if (geteuid() == 0 && fstat(w->head_fd, &hs) == 0 && hs.st_uid != 0)
+        (void)!fchown(fd, hs.st_uid, hs.st_gid);
     cdp_segment_header(hdr, w->head + H_UUID, next, first_seq, cdp_now_us());
     if (pwrite(fd, hdr, sizeof hdr, 0) != (ssize_t)sizeof hdr || fdatasync(fd) < 0 ||
         renameat(w->segdir_fd, tmp, w->segdir_fd, name) < 0 || fsync(w->segdir_fd) < 0) {
@@ -784,7 +790,7 @@ int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first)
 
 int cdp_sync(cdp_writer *w, uint64_t *synced)
 {
-    int r = cdp_writer_lock(w);
+    int r = cdp_writer_lock(w); /* drains the stage: its records are covered too */
     if (r != CDP_OK)
         return r;
     if (!head_valid(w)) {
@@ -797,53 +803,60 @@ int cdp_sync(cdp_writer *w, uint64_t *synced)
         cdp_writer_unlock(w);
         return CDP_OK;
     }
-    /* Earlier segments were made durable when they were sealed; only the
-     * active one can hold unsynced records. */
-    r = open_segment(w, hget(w, H_SEG_NO));
-    int fd = r == CDP_OK ? dup(w->seg_fd) : -1;
-    int e = errno;
     cdp_writer_unlock(w);
-    if (fd < 0) {
-        errno = e;
-        return CDP_EIO;
-    }
-    /* Threads queue here; whoever finds its target already covered by the
-     * sync that ran while it waited returns without a system call. */
+    /* Group commit. Threads queue on sync_mu, processes on an OFD lock on
+     * the head's last byte (independent of the flock that appends take);
+     * whoever finds its target covered by the sync that ran while it
+     * waited returns without a system call. The one that syncs covers
+     * everything appended up to the moment it starts. */
     pthread_mutex_lock(&w->sync_mu);
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = CDP_HEAD_SIZE - 1, .l_len = 1};
+    int ofd = 0;
+    while ((ofd = fcntl(w->head_fd, F_OFD_SETLKW, &fl)) < 0 && errno == EINTR)
+        ;
+    int e = 0;
     if (*(volatile uint64_t *)(w->head + H_SYNCED_SEQ) < target) {
-        if (fdatasync(fd) < 0) {
-            e = errno;
-            pthread_mutex_unlock(&w->sync_mu);
-            close(fd);
-            errno = e;
-            return CDP_EIO;
-        }
+        uint64_t cover = 0;
+        int fd = -1;
         if ((r = cdp_writer_lock(w)) == CDP_OK) {
-            if (hget(w, H_SYNCED_SEQ) < target) {
-                hset(w, H_SYNCED_SEQ, target);
+            cover = hget(w, H_NEXT_SEQ) - 1;
+            /* Earlier segments were made durable when they were sealed;
+             * only the active one can hold unsynced records. */
+            r = open_segment(w, hget(w, H_SEG_NO));
+            fd = r == CDP_OK ? dup(w->seg_fd) : -1;
+            e = errno;
+            cdp_writer_unlock(w);
+        }
+        if (r == CDP_OK && fd < 0)
+            r = CDP_EIO;
+        /* The head must be on disk before anyone is told these records
+         * are: after a power cut the head on disk could otherwise be an
+         * older snapshot, perhaps marked pending, and recovery would cut
+         * synced records back to its committed end. It is written after the
+         * segment's data, outside the append lock: whatever state it is
+         * caught in, its committed end is at or past the covered records. */
+        if (r == CDP_OK && (fdatasync(fd) < 0 || msync(w->head, CDP_HEAD_SIZE, MS_SYNC) < 0)) {
+            e = errno;
+            r = CDP_EIO;
+        }
+        if (fd >= 0)
+            close(fd);
+        if (r == CDP_OK && (r = cdp_writer_lock(w)) == CDP_OK) {
+            if (hget(w, H_SYNCED_SEQ) < cover) {
+                hset(w, H_SYNCED_SEQ, cover);
                 head_seal(w);
-                /* The head must be on disk before anyone is told these
-                 * records are: after a power cut the head on disk could
-                 * otherwise be an older snapshot, perhaps marked pending,
-                 * and recovery would cut synced records back to its
-                 * committed end. Under the lock, so that a writer that sees
-                 * synced_seq cover its target knows it is durable. */
-                if (msync(w->head, CDP_HEAD_SIZE, MS_SYNC) < 0) {
-                    e = errno;
-                    r = CDP_EIO;
-                }
             }
             cdp_writer_unlock(w);
-            if (r == CDP_EIO)
-                errno = e;
         }
-    } else if ((r = cdp_writer_lock(w)) == CDP_OK) {
-        /* covered by another writer's sync: wait until its head is on disk */
-        cdp_writer_unlock(w);
+    }
+    if (ofd == 0) {
+        fl.l_type = F_UNLCK;
+        fcntl(w->head_fd, F_OFD_SETLK, &fl);
     }
     pthread_mutex_unlock(&w->sync_mu);
-    close(fd);
     *synced = hget(w, H_SYNCED_SEQ);
+    if (r == CDP_EIO)
+        errno = e;
     return r;
 }
 
