@@ -408,3 +408,36 @@ def test_uncaptured_when_env_missing(tmp_path):
     env["LD_PRELOAD"] = cdpcore.capture.library_path()
     r = subprocess.run(["sh", "-c", "echo ok > f; cat f"], cwd=tmp_path, env=env, capture_output=True)
     assert r.stdout == b"ok\n" and r.stderr == b""
+
+
+def test_staged_writes_keep_order_with_direct_appends(jr, tmp_path, monkeypatch):
+    """A write the program made (staged, not yet drained) gets a smaller seq
+    than a bookmark appended after it returned; a write made after the
+    bookmark, a larger one (the order contract across the stage)."""
+    jpath, root = jr
+    monkeypatch.setenv("CDPCORE_DRAIN_INTERVAL", "3600")  # only the bookmark drains
+    script = tmp_path / "o.py"
+    script.write_text(r"""
+import os, sys
+fd = os.open("f", os.O_RDWR | os.O_CREAT, 0o644)
+os.pwrite(fd, b"warmup", 0)           # binds the file: later writes take the staged path
+os.pwrite(fd, b"A" * 4096, 4096)
+print("a", flush=True)
+sys.stdin.readline()
+os.pwrite(fd, b"B" * 4096, 8192)
+""")
+    p = cdpcore.protect(jpath, [PY, str(script)], cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        baseline=False, resync=False)
+    assert p.process.stdout is not None and p.process.stdin is not None
+    assert p.process.stdout.readline() == b"a\n"
+    with Journal.open(jpath, readonly=True) as j:
+        staged_only = not any(r.data[:1] == b"A" for r in j.records(kinds=(cdpcore.Kind.WRITE,)))
+    with Journal.open(jpath) as j:
+        mark = j.bookmark("between")
+    p.process.stdin.write(b"go\n")
+    p.process.stdin.close()
+    assert p.wait().returncode == 0
+    with Journal.open(jpath, readonly=True) as j:
+        writes = {bytes(r.data[:1]): r.seq for r in j.records(kinds=(cdpcore.Kind.WRITE,))}
+    assert writes[b"A"] < mark < writes[b"B"]
+    assert staged_only  # A was still in the stage when the bookmark came

@@ -53,7 +53,7 @@ COMPLETE_SUFFIX = " complete"
 CHUNK = 1 << 20
 PT_INTERP = 3
 STAGE_SIZE = 16 << 20  # default; CDPCORE_STAGE_SIZE overrides
-DRAIN_INTERVAL = 0.01  # seconds between background drains of the stage
+DRAIN_INTERVAL = 0.01  # seconds between background drains; CDPCORE_DRAIN_INTERVAL overrides
 
 
 def library_path() -> str:
@@ -471,7 +471,8 @@ class Protection:
         # machine; moving it into the journal often bounds what a power cut
         # can take (barriers drain it themselves)
         writer = self.journal._need_writer()
-        while not self._stop.wait(DRAIN_INTERVAL):
+        interval = float(os.environ.get("CDPCORE_DRAIN_INTERVAL", DRAIN_INTERVAL))
+        while not self._stop.wait(interval):
             try:
                 writer.drain()
             except (CdpError, OSError):
