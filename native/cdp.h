@@ -248,4 +248,9 @@ void cdp_segment_header(uint8_t *buf, const uint8_t *uuid, uint64_t seg_no,
 
 int64_t cdp_now_us(void);
 
+/* A 64-bit digest of /proc/sys/kernel/random/boot_id (0 if unreadable). The
+ * head stores the boot it was written in: a head from an earlier boot is not
+ * trusted (cdp_sync does not msync it). */
+uint64_t cdp_boot_id(void);
+
 #endif

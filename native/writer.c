@@ -58,7 +58,7 @@ enum {
     H_MAGIC = 0, H_VERSION = 8, H_CRC = 12, H_NEXT_SEQ = 16, H_SEG_NO = 24,
     H_SEG_OFF = 32, H_PENDING = 40, H_NEXT_FILE_ID = 48, H_NS_GEN = 56,
     H_SYNCED_SEQ = 64, H_LAST_TS = 72, H_SEG_SIZE = 80, H_UUID = 88, H_BASE_GEN = 104,
-    H_STAGE = 112,
+    H_STAGE = 112, H_BOOT = 120,
     H_CRC_START = 16, H_CRC_END = 128
 };
 #define GROUP 128 /* records per pwritev: 3 iovecs each stays under IOV_MAX */
@@ -78,6 +78,7 @@ struct cdp_writer {
      * journal it, so that sequence order is the order the kernel saw. */
     pthread_t owner;
     int depth;
+    uint64_t boot;             /* cdp_boot_id() at open; 0: unknown */
     struct stage *stage;       /* mapped stage, or NULL */
     uint64_t stage_len;        /* bytes mapped */
     uint64_t stage_gen;        /* head `stage` value it belongs to */
@@ -143,6 +144,20 @@ static int is_ns_kind(uint8_t k)
            k == CDP_LINK || k == CDP_SYMLINK || k == CDP_BASE;
 }
 
+uint64_t cdp_boot_id(void)
+{
+    char buf[64];
+    int fd = open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf);
+    close(fd);
+    if (n < 32)
+        return 0;
+    uint64_t id = ((uint64_t)cdp_crc32c(0x9E3779B9u, buf, (size_t)n) << 32) | cdp_crc32c(0, buf, (size_t)n);
+    return id ? id : 1;
+}
+
 int cdp_writer_open(const char *dir, cdp_writer **out)
 {
     pthread_once(&atfork_once, install_atfork);
@@ -152,6 +167,7 @@ int cdp_writer_open(const char *dir, cdp_writer **out)
         return CDP_ENOMEM;
     w->head_fd = w->segdir_fd = w->seg_fd = -1;
     w->head = MAP_FAILED;
+    w->boot = cdp_boot_id();
     w->dir = strdup(dir);
     if (!w->dir)
         goto nomem;
@@ -393,6 +409,14 @@ int cdp_writer_lock(cdp_writer *w)
     }
     w->owner = pthread_self();
     __atomic_store_n(&w->depth, 1, __ATOMIC_RELEASE);
+    if (w->boot && head_valid(w) && hget(w, H_BOOT) != w->boot) {
+        /* Written before this boot: since cdp_sync does not msync the head,
+         * its committed end may be older than records made durable after
+         * it, so it must not be used to cut anything. Invalidate it; a
+         * writable Journal.open rebuilds it from the segments (and C
+         * appenders get CDP_ECORRUPT until then). */
+        w->head[H_CRC] ^= 0xff;
+    }
     if (head_valid(w) && hget(w, H_PENDING)) {
         int r = cut_pending(w);
         if (r != CDP_OK) {
@@ -471,6 +495,7 @@ int cdp_writer_set_state(cdp_writer *w, const struct cdp_state *st)
     memset(w->head, 0, CDP_HEAD_SIZE);
     hset(w, H_STAGE, stage);
     hset(w, H_BASE_GEN, base_gen);
+    hset(w, H_BOOT, w->boot);
     memcpy(w->head, "CDPHEAD\0", 8);
     wr32(w->head + H_VERSION, 1);
     hset(w, H_NEXT_SEQ, st->next_seq);
@@ -829,13 +854,15 @@ int cdp_sync(cdp_writer *w, uint64_t *synced)
         }
         if (r == CDP_OK && fd < 0)
             r = CDP_EIO;
-        /* The head must be on disk before anyone is told these records
-         * are: after a power cut the head on disk could otherwise be an
-         * older snapshot, perhaps marked pending, and recovery would cut
-         * synced records back to its committed end. It is written after the
-         * segment's data, outside the append lock: whatever state it is
-         * caught in, its committed end is at or past the covered records. */
-        if (r == CDP_OK && (fdatasync(fd) < 0 || msync(w->head, CDP_HEAD_SIZE, MS_SYNC) < 0)) {
+        /* After a power cut the head on disk may be an older snapshot,
+         * perhaps marked pending, whose committed end lies before records
+         * synced here. The head records the boot it was written in, and a
+         * head from an earlier boot is never trusted (cdp_writer_lock):
+         * recovery then scans the segments. So only the segment is flushed
+         * (one device flush per sync, not two). Without a boot id the head
+         * is msync'd as well, after the data: whatever state it is caught
+         * in, its committed end is at or past the covered records. */
+        if (r == CDP_OK && (fdatasync(fd) < 0 || (!w->boot && msync(w->head, CDP_HEAD_SIZE, MS_SYNC) < 0))) {
             e = errno;
             r = CDP_EIO;
         }

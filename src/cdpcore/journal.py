@@ -603,7 +603,9 @@ class Journal:
         for _ in range(3):  # a writer may be updating it under us
             head = parse_head(data)
             if head is not None:
-                return head if head.uuid == self.meta.uuid else None
+                # a head from an earlier boot may predate synced records:
+                # not to be believed (the segments are scanned instead)
+                return head if head.uuid == self.meta.uuid and head.current_boot else None
             with open(os.path.join(self.path, HEAD_NAME), "rb") as f:
                 data = f.read(4096)
         return None
@@ -1219,6 +1221,8 @@ class Journal:
             head = None
         elif head is not None and any(raw[128:]):
             rep.problems.append(Problem("damage", "head file has non-zero reserved bytes"))
+        elif head is not None and not head.current_boot:
+            head = None  # written before this boot: a cache to rebuild, not evidence
         try:
             nums = self._segment_numbers()
         except CorruptJournal as e:
