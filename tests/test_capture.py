@@ -72,6 +72,7 @@ def test_syscall_paths_c_program(jr, tmp_path):
     dest = tmp_path / "restored"
     assert len((dest / "forked.txt").read_text().splitlines()) == 150
     assert (dest / "exec.txt").read_text() == "from exec\n"
+    assert (dest / "envless.txt").read_text() == "without env\n"
     assert (dest / "left_open.txt").read_text() == "flushed at exit only\n"
     assert (dest / "incoming").stat().st_size == 7777
     # resync repairs the dirty file
@@ -328,6 +329,15 @@ for r in range(40):
         os.close(fd)
 os.rename("old3", "renamed3")
 os.unlink("old4")
+# names moving while the copy runs (the copy's blind spot)
+os.makedirs("dir_a/inner")
+with open("dir_a/inner/x", "wb") as f:
+    f.write(os.urandom(70000))
+for r in range(200):
+    os.rename("old5", "old5.moved")
+    os.rename("old5.moved", "old5")
+    os.rename("dir_a", "dir_b")
+    os.rename("dir_b", "dir_a")
 """)
     res = run(jpath, [PY, str(script)], cwd=root, resync=False)
     assert res.baseline is not None and res.baseline.complete_seq > res.baseline.base_seq

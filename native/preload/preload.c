@@ -89,6 +89,8 @@ static int warned_fail, warned_mmap, warned_uring, warned_raw;
 static uint64_t lost[MAX_LOST];
 static int n_lost, lost_overflow;
 static char *chunk_buf;
+/* the capture's variables as the program started with them (exec puts them back) */
+static char saved_env[3][PATH_MAX + 64];
 /* per-thread copy of the data being written, recycled (TBUF_MAX at most) */
 #define TBUF_MAX (1 << 20)
 static __thread uint8_t *tbuf __attribute__((tls_model("initial-exec")));
@@ -120,7 +122,7 @@ REAL(mkdirat); REAL(symlinkat); REAL(linkat);
 REAL(fchmod); REAL(fchmodat); REAL(utimensat); REAL(futimens); REAL(utimes);
 REAL(dup); REAL(dup2); REAL(dup3); REAL(fcntl); REAL(fcntl64); REAL(close);
 REAL(fopen); REAL(fopen64); REAL(fdopen); REAL(fflush); REAL(fclose); REAL(mmap); REAL(mmap64);
-REAL(syscall);
+REAL(syscall); REAL(execve); REAL(execvpe);
 
 /* ---- setup ---------------------------------------------------------------- */
 
@@ -144,6 +146,10 @@ __attribute__((constructor)) static void capture_init(void)
     if (!j || !*j || !r || !*r)
         return;
     in_cap++;
+    const char *pre = getenv("LD_PRELOAD");
+    snprintf(saved_env[0], sizeof saved_env[0], "%s", pre ? pre : "");
+    snprintf(saved_env[1], sizeof saved_env[1], "%s", j);
+    snprintf(saved_env[2], sizeof saved_env[2], "%s", r);
     if (!realpath(r, root)) {
         warn("cdpcore capture: protected root %s: %s; NOT capturing\n", r, strerror(errno));
         goto out;
@@ -1824,6 +1830,81 @@ EXPORT long syscall(long nr, ...)
             }
         }
     }
+    errno = err;
+    return r;
+}
+
+/* ---- exec: capture carries on ------------------------------------------------------------------------ */
+
+/* A program that execs with an environment of its own (env -i, a daemon
+ * that sanitises it) would start its child uncaptured: put the capture's
+ * variables back. Returns envp itself when nothing is missing. */
+static char *const *capture_envp(char *const envp[], char **extra, char ***out_heap)
+{
+    static const char *names[3] = {"LD_PRELOAD=", "CDPCORE_JOURNAL=", "CDPCORE_ROOT="};
+    int have[3] = {0, 0, 0}, n = 0;
+    for (; envp && envp[n]; n++)
+        for (int k = 0; k < 3; k++)
+            if (strncmp(envp[n], names[k], strlen(names[k])) == 0)
+                have[k] = 1;
+    int missing = 0;
+    for (int k = 0; k < 3; k++) {
+        if (!have[k]) {
+            char var[32];
+            size_t l = strlen(names[k]) - 1;
+            memcpy(var, names[k], l);
+            var[l] = 0;
+            const char *val = saved_env[k];
+            if (!val[0])
+                continue;
+            size_t len = l + 1 + strlen(val) + 1;
+            extra[missing] = malloc(len);
+            if (!extra[missing])
+                continue;
+            snprintf(extra[missing], len, "%s=%s", var, val);
+            missing++;
+        }
+    }
+    if (!missing)
+        return envp;
+    char **e = malloc(sizeof(char *) * (size_t)(n + missing + 1));
+    if (!e)
+        return envp;
+    for (int i = 0; i < n; i++)
+        e[i] = envp[i];
+    for (int i = 0; i < missing; i++)
+        e[n + i] = extra[i];
+    e[n + missing] = NULL;
+    *out_heap = e;
+    return e;
+}
+
+EXPORT int execve(const char *path, char *const argv[], char *const envp[])
+{
+    if (!active)
+        return R(execve)(path, argv, envp);
+    char *extra[3] = {0}, **heap = NULL;
+    char *const *e = capture_envp(envp, extra, &heap);
+    int r = R(execve)(path, argv, e);
+    int err = errno;
+    free(heap);
+    for (int i = 0; i < 3; i++)
+        free(extra[i]);
+    errno = err;
+    return r;
+}
+
+EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
+{
+    if (!active)
+        return R(execvpe)(file, argv, envp);
+    char *extra[3] = {0}, **heap = NULL;
+    char *const *e = capture_envp(envp, extra, &heap);
+    int r = R(execvpe)(file, argv, e);
+    int err = errno;
+    free(heap);
+    for (int i = 0; i < 3; i++)
+        free(extra[i]);
     errno = err;
     return r;
 }

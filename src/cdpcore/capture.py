@@ -15,7 +15,9 @@ How the pieces fit (docs/capture.md tells it for users):
   base/NAME.tmp. The copy is fuzzy, but every change made after S has a
   record after S, which restore replays over the copy, so from the moment
   the copy finished (a bookmark "baseline NAME complete", seq E) every
-  point is complete. The base directory is renamed into place only after
+  point is complete. (Except for names moved during the copy, which it may
+  have missed in both places: their live content is journaled again, under
+  the lock, just before E; _rejournal_moved.) The base directory is renamed into place only after
   that bookmark is durable: a baseline that died half way leaves a BASE that
   names a missing directory (restore says so) rather than a silently short
   copy. Points in [S, E) and before the first BASE are incomplete;
@@ -221,11 +223,62 @@ def baseline(journal: Journal | str | os.PathLike[str]) -> BaselineResult:
     base_seq = j._one("append_base", f"{BASE_DIR}/{name}")
     j.sync()
     files, nbytes = _copy_tree(j.root, tmp)
-    complete_seq = j.bookmark(f"baseline {name}{COMPLETE_SUFFIX}")
+    writer = j._need_writer()
+    writer.lock()  # captured programs wait: the tree holds still
+    try:
+        _rejournal_moved(j, base_seq)
+        complete_seq = j.bookmark(f"baseline {name}{COMPLETE_SUFFIX}")
+    finally:
+        writer.unlock()
     j.sync()
     os.rename(tmp, dest)
     _fsync_dir(base_dir)
     return BaselineResult(name, base_seq, complete_seq, files, nbytes)
+
+
+def _rejournal_moved(j: Journal, base_seq: int) -> None:
+    """The fuzzy copy's blind spot: a file renamed (or linked) while the copy
+    ran, from a name the copy had not reached to one it had already passed,
+    is in neither place in the copy, and replaying the RENAME finds nothing
+    to move. So, with the append lock held (nothing changes meanwhile),
+    journal the live content of every name a RENAME or LINK after the BASE
+    points to (the whole subtree for a directory): after this the plan at
+    this point equals the live tree for those names too. Renames are rare in
+    the databases this protects, so this is cheap."""
+    targets: dict[str, None] = {}
+    for rec in j.records(since=f"seq:{base_seq}", kinds=(Kind.RENAME, Kind.LINK)):
+        if rec.target:
+            targets[rec.target] = None
+    b = j.batch()
+    for rel in targets:
+        full = os.path.join(j.root, rel)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            continue  # moved on again or removed: its own records say so
+        entries = [(rel, full, st)]
+        if stat.S_ISDIR(st.st_mode):
+            for top, dirs, names in os.walk(full):
+                for n in dirs + names:
+                    f = os.path.join(top, n)
+                    entries.append((os.path.relpath(f, j.root).replace(os.sep, "/"), f, os.lstat(f)))
+        for r, f, fst in entries:
+            if stat.S_ISDIR(fst.st_mode):
+                b.append_mkdir(r, stat.S_IMODE(fst.st_mode))
+            elif stat.S_ISLNK(fst.st_mode):
+                b.append_symlink(os.readlink(f), r)
+            elif stat.S_ISREG(fst.st_mode):
+                b.append_truncate(r, fst.st_size)
+                with builtins.open(f, "rb") as fin:
+                    off = 0
+                    while chunk := fin.read(CHUNK):
+                        b.append_write(r, off, chunk)
+                        off += len(chunk)
+                # the content was not changed now: keep the file's own mtime
+                b.append_setattr(r, mode=stat.S_IMODE(fst.st_mode), mtime_us=fst.st_mtime_ns // 1000)
+            if len(b) > 4096:
+                b.commit()
+    b.commit()
 
 
 def incomplete_ranges(j: Journal) -> list[tuple[int, int]]:

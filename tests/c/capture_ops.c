@@ -231,6 +231,15 @@ int main(int argc, char **argv)
     }
     int st;
     CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    /* exec with an environment of its own: capture must carry on */
+    pid = fork();
+    if (pid == 0) {
+        char *const args[] = {"sh", "-c", "echo without env > envless.txt", NULL};
+        char *const env[] = {"PATH=/usr/bin:/bin", NULL};
+        execve("/bin/sh", args, env);
+        _exit(127);
+    }
+    CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0);
 
     /* what cannot be seen: a shared writable mapping and a raw write syscall */
     fd = open("mapped.bin", O_RDWR | O_CREAT | O_TRUNC, 0644);
