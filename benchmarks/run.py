@@ -7,7 +7,9 @@
 Suites: append (target 1), c (target 2), resolve (target 3), checksum
 (target 4), restore (issue 3: restore vs cp, restore time against records;
 not in the default set: it builds a 4 GB journal, a few minutes; run it
-with --out benchmarks/results/restore), chunk (issue 5: FastCDC against
+with --out benchmarks/results/restore), capture (issue 4: the LD_PRELOAD
+capture against plain runs: random pwrite, pgbench; several minutes; run it
+with --out benchmarks/results/capture), chunk (issue 5: FastCDC against
 pyfastcdc; needs the `bench` extra; --out benchmarks/results/chunk). Writes benchmarks/results/results.json
 and results.md (or the
 --out directory) and prints the Markdown. Files go to $CDP_BENCH_DIR, else
@@ -23,10 +25,11 @@ import sys
 import time
 
 import _bench
+import _capture_bench
 import _chunk_bench
 import _restore_bench
 
-SUITES = ("append", "c", "resolve", "checksum", "restore", "chunk")
+SUITES = ("append", "c", "resolve", "checksum", "restore", "capture", "chunk")
 DEFAULT_SUITES = ("append", "c", "resolve", "checksum")
 
 
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if "restore" in suites:
         res["restore"] = _restore_bench.restore_suite(
             records=1_000_000 if not args.quick else 250_000, rounds=args.rounds, log=log)
+    if "capture" in suites:
+        res["capture"] = _capture_bench.capture_suite(rounds=max(1, min(args.rounds, 3)) if args.quick
+                                                      else args.rounds, log=log)
     if "chunk" in suites:
         res["chunk"] = _chunk_bench.chunk_suite(rounds=args.rounds, mib=64 if args.quick else 256, log=log)
     res["elapsed_s"] = round(time.perf_counter() - t0, 1)
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if "restore" in res:
         png = _restore_bench.plot(res["restore"], os.path.join(args.out, "restore-vs-records.png"))
         md += "\n" + "\n".join(_restore_bench.render(res["restore"], png))
+    if "capture" in res:
+        md += "\n" + "\n".join(_capture_bench.render(res["capture"])) + "\n"
     if "chunk" in res:
         md += "\n" + "\n".join(_chunk_bench.render(res["chunk"]))
     md += f"\nTotal run time: {res['elapsed_s']} s.\n"

@@ -243,6 +243,8 @@ void cdp_writer_close(cdp_writer *w);
 /* Initialise the head from a recovery scan (caller holds the lock). */
 int cdp_writer_set_state(cdp_writer *w, const struct cdp_state *st);
 int cdp_writer_get_state(cdp_writer *w, struct cdp_state *st);
+/* The append lock (process mutex + flock on head). Reentrant for the thread
+ * that holds it: every function below may be called with it held. */
 int cdp_writer_lock(cdp_writer *w);
 int cdp_writer_unlock(cdp_writer *w);
 
@@ -258,6 +260,11 @@ int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
 int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
                        uint64_t expect_ns_gen, struct cdp_append_result *res);
 
+/* Number of BASE records appended since the head was last rebuilt (read it
+ * with the lock held): a BASE unbinds every file id, so a writer that caches
+ * ids re-binds them when this changes. */
+uint64_t cdp_writer_base_gen(cdp_writer *w);
+
 /* Reserve n file ids; *first receives the first. */
 int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first);
 
@@ -265,10 +272,34 @@ int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first);
  * stable storage. *synced receives the durable sequence number. */
 int cdp_sync(cdp_writer *w, uint64_t *synced);
 
+/* ---- staging (the capture library's fast path; writer.c explains) ------- */
+
+/* Create the journal's stage (cap bytes of records, in $CDPCORE_STAGE_DIR or
+ * /dev/shm) and name it in the head; every writer drains it when it locks. */
+int cdp_stage_create(cdp_writer *w, uint64_t cap);
+/* Move staged records into the journal while programs keep staging (the
+ * background drain of `cdpctl protect`). */
+int cdp_stage_drain(cdp_writer *w);
+/* Drain and remove the stage; writers that still stage go direct. */
+int cdp_stage_remove(cdp_writer *w);
+/* Reserve room for a record of at most maxlen payload bytes and take the
+ * stage mutex; *payload is where the payload goes. CDP_ESTALE: no stage
+ * (append directly instead); CDP_ETOOBIG: too large to stage. */
+int cdp_stage_begin(cdp_writer *w, uint32_t maxlen, uint8_t **payload);
+/* Publish the reserved record with len <= maxlen payload bytes, release. */
+void cdp_stage_commit(cdp_writer *w, uint8_t kind, uint64_t file_id, uint64_t offset, uint32_t len);
+/* Release without publishing. */
+void cdp_stage_abort(cdp_writer *w);
+
 /* Write a segment header into buf (CDP_SEG_HDR_SIZE bytes). */
 void cdp_segment_header(uint8_t *buf, const uint8_t *uuid, uint64_t seg_no,
                         uint64_t first_seq, int64_t created_us);
 
 int64_t cdp_now_us(void);
+
+/* A 64-bit digest of /proc/sys/kernel/random/boot_id (0 if unreadable). The
+ * head stores the boot it was written in: a head from an earlier boot is not
+ * trusted (cdp_sync does not msync it). */
+uint64_t cdp_boot_id(void);
 
 #endif

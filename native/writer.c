@@ -21,6 +21,22 @@
  * flock locks belong to an open file description, which fork() shares; a
  * child that inherited a writer therefore reopens the head file before it
  * locks (detected with a pthread_atfork generation counter).
+ *
+ * Staging (the capture library's fast path)
+ * -----------------------------------------
+ * A journal may have a stage: a shared file in /dev/shm (head field
+ * `stage`, docs/journal-format.md) holding records laid out as on disk but
+ * without their seq and CRC, behind a process-shared robust mutex. A
+ * captured write copies its record into the stage under that mutex (no
+ * system call); whoever takes the append lock next drains the stage into
+ * the journal first, assigning seqs in staging order, and keeps the stage
+ * mutex until it unlocks. So every record, staged or appended directly,
+ * gets its seq in the order the appends happened, and the journal's rule
+ * "each seq is the previous + 1" holds. tmpfs survives a SIGKILL of any
+ * process (not a power cut): barriers drain and fdatasync before they
+ * return. A record is published (`used` moves past it) only once complete,
+ * so a process killed while staging leaves nothing half-written; a drainer
+ * killed half way is resolved from the head (`drain_target`).
  */
 #define _GNU_SOURCE
 #include "cdp.h"
@@ -41,7 +57,8 @@
 enum {
     H_MAGIC = 0, H_VERSION = 8, H_CRC = 12, H_NEXT_SEQ = 16, H_SEG_NO = 24,
     H_SEG_OFF = 32, H_PENDING = 40, H_NEXT_FILE_ID = 48, H_NS_GEN = 56,
-    H_SYNCED_SEQ = 64, H_LAST_TS = 72, H_SEG_SIZE = 80, H_UUID = 88,
+    H_SYNCED_SEQ = 64, H_LAST_TS = 72, H_SEG_SIZE = 80, H_UUID = 88, H_BASE_GEN = 104,
+    H_STAGE = 112, H_BOOT = 120,
     H_CRC_START = 16, H_CRC_END = 128
 };
 #define GROUP 128 /* records per pwritev: 3 iovecs each stays under IOV_MAX */
@@ -56,7 +73,34 @@ struct cdp_writer {
     pthread_mutex_t mu;        /* threads of this process */
     pthread_mutex_t sync_mu;   /* group commit within this process */
     unsigned fork_gen;
+    /* The lock is reentrant for the thread that holds it: the capture
+     * library holds it around a program's system call and the appends that
+     * journal it, so that sequence order is the order the kernel saw. */
+    pthread_t owner;
+    int depth;
+    uint64_t boot;             /* cdp_boot_id() at open; 0: unknown */
+    struct stage *stage;       /* mapped stage, or NULL */
+    uint64_t stage_len;        /* bytes mapped */
+    uint64_t stage_gen;        /* head `stage` value it belongs to */
+    int stage_held;            /* this lock holder holds the stage mutex */
 };
+
+/* The stage file: this header, then `cap` bytes of records from STAGE_DATA. */
+struct stage {
+    char magic[8];             /* "CDPSTAGE" */
+    uint64_t gen;              /* equals the head's `stage` while in use */
+    uint64_t cap;
+    /* a ring: records in [tail, head), wrapping at wrap_at (bytes past it
+     * to the end are unused); staged/drained count records ever */
+    uint64_t head, tail, fill, wrap_at, staged, drained;
+    uint64_t slot;             /* offset reserved by cdp_stage_begin */
+    uint64_t closed;           /* removed: stage writers go direct */
+    /* the drain in progress (flock holder only): published once the head's
+     * next_seq reaches drain_target, then tail = drain_end */
+    uint64_t draining, drain_end, drain_count, drain_target, drain_bytes;
+    pthread_mutex_t mu;        /* process-shared, robust */
+};
+#define STAGE_DATA 4096
 
 static volatile unsigned fork_generation;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
@@ -64,6 +108,11 @@ static void on_fork_child(void) { fork_generation++; }
 static void install_atfork(void) { pthread_atfork(NULL, NULL, on_fork_child); }
 
 static const uint8_t zeros[8];
+
+static inline uint64_t rec_total(uint32_t len)
+{
+    return ((uint64_t)CDP_REC_HDR_SIZE + len + 7) & ~(uint64_t)7;
+}
 
 static inline uint64_t hget(const cdp_writer *w, int off) { uint64_t v; memcpy(&v, w->head + off, 8); return v; }
 static inline void hset(cdp_writer *w, int off, uint64_t v) { memcpy(w->head + off, &v, 8); }
@@ -95,6 +144,20 @@ static int is_ns_kind(uint8_t k)
            k == CDP_LINK || k == CDP_SYMLINK || k == CDP_BASE;
 }
 
+uint64_t cdp_boot_id(void)
+{
+    char buf[64];
+    int fd = open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf);
+    close(fd);
+    if (n < 32)
+        return 0;
+    uint64_t id = ((uint64_t)cdp_crc32c(0x9E3779B9u, buf, (size_t)n) << 32) | cdp_crc32c(0, buf, (size_t)n);
+    return id ? id : 1;
+}
+
 int cdp_writer_open(const char *dir, cdp_writer **out)
 {
     pthread_once(&atfork_once, install_atfork);
@@ -104,6 +167,7 @@ int cdp_writer_open(const char *dir, cdp_writer **out)
         return CDP_ENOMEM;
     w->head_fd = w->segdir_fd = w->seg_fd = -1;
     w->head = MAP_FAILED;
+    w->boot = cdp_boot_id();
     w->dir = strdup(dir);
     if (!w->dir)
         goto nomem;
@@ -152,6 +216,8 @@ void cdp_writer_close(cdp_writer *w)
         close(w->segdir_fd);
     if (w->seg_fd >= 0)
         close(w->seg_fd);
+    if (w->stage)
+        munmap(w->stage, w->stage_len);
     free(w->dir);
     free(w);
 }
@@ -163,6 +229,7 @@ static int after_fork(cdp_writer *w)
     char path[4096];
     pthread_mutex_init(&w->mu, NULL);
     pthread_mutex_init(&w->sync_mu, NULL);
+    __atomic_store_n(&w->depth, 0, __ATOMIC_RELAXED);
     snprintf(path, sizeof path, "%s/head", w->dir);
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0)
@@ -199,10 +266,138 @@ static int cut_pending(cdp_writer *w)
     return CDP_OK;
 }
 
+static void stage_path(cdp_writer *w, char *buf, size_t n, const char *suffix)
+{
+    const char *dir = getenv("CDPCORE_STAGE_DIR");
+    char hex[33];
+    for (int i = 0; i < 16; i++)
+        snprintf(hex + 2 * i, 3, "%02x", w->head[H_UUID + i]);
+    snprintf(buf, n, "%s/cdpcore-%s.stage%s", dir && *dir ? dir : "/dev/shm", hex, suffix);
+}
+
+static void stage_detach(cdp_writer *w)
+{
+    if (w->stage)
+        munmap(w->stage, w->stage_len);
+    w->stage = NULL;
+    w->stage_gen = 0;
+}
+
+/* Map the stage the head names (lock held). */
+static int stage_attach(cdp_writer *w, uint64_t gen)
+{
+    char path[4200];
+    stage_path(w, path, sizeof path, "");
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return CDP_EIO;
+    struct stat st;
+    void *p = MAP_FAILED;
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size > STAGE_DATA)
+        p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED)
+        return CDP_EIO;
+    struct stage *sg = p;
+    if (memcmp(sg->magic, "CDPSTAGE", 8) != 0 || sg->gen != gen ||
+        sg->cap + STAGE_DATA > (uint64_t)st.st_size) {
+        munmap(p, (size_t)st.st_size);
+        errno = EINVAL;
+        return CDP_ECORRUPT;
+    }
+    w->stage = sg;
+    w->stage_len = (uint64_t)st.st_size;
+    w->stage_gen = gen;
+    return CDP_OK;
+}
+
+static void stage_mutex_lock(struct stage *sg)
+{
+    int r = pthread_mutex_lock(&sg->mu);
+    if (r == EOWNERDEAD) /* `used` only ever covers complete records */
+        pthread_mutex_consistent(&sg->mu);
+}
+
+int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
+                       uint64_t expect_ns_gen, struct cdp_append_result *res);
+
+/* Move the tail past a published drain (stage mutex held). */
+static void stage_advance(struct stage *sg)
+{
+    sg->tail = sg->drain_end;
+    sg->fill -= sg->drain_bytes;
+    sg->drained += sg->drain_count;
+    if (sg->tail == sg->wrap_at && sg->tail != sg->head) {
+        sg->fill -= sg->cap - sg->wrap_at;
+        sg->tail = 0;
+        sg->wrap_at = sg->cap;
+    }
+    if (sg->fill == 0)
+        sg->head = sg->tail = 0, sg->wrap_at = sg->cap;
+    sg->draining = 0;
+}
+
+/* With the flock held: move staged records into the journal, one
+ * contiguous piece per append. With held_mu the caller holds the stage
+ * mutex throughout (nothing is staged meanwhile: the stage ends empty);
+ * without, the mutex is taken only to look and to advance, so programs keep
+ * staging while the bytes go to the journal. */
+static int stage_drain(cdp_writer *w, int held_mu)
+{
+    struct stage *sg = w->stage;
+    for (;;) {
+        if (!held_mu)
+            stage_mutex_lock(sg);
+        if (sg->draining) {
+            /* a drainer died: its append is either published or was cut */
+            if (hget(w, H_NEXT_SEQ) >= sg->drain_target)
+                stage_advance(sg);
+            sg->draining = 0;
+        }
+        if (sg->tail == sg->wrap_at && sg->fill) {
+            sg->fill -= sg->cap - sg->wrap_at;
+            sg->tail = 0;
+            sg->wrap_at = sg->cap;
+        }
+        uint64_t start = sg->tail, end = sg->tail < sg->head ? sg->head : sg->wrap_at;
+        if (sg->fill == 0 || end <= start) {
+            if (!held_mu)
+                pthread_mutex_unlock(&sg->mu);
+            return CDP_OK;
+        }
+        if (!held_mu)
+            pthread_mutex_unlock(&sg->mu);
+        uint8_t *data = (uint8_t *)sg + STAGE_DATA;
+        uint64_t n = 0;
+        for (uint64_t p = start; p < end; p += rec_total(rd32(data + p + 4)))
+            n++;
+        sg->drain_end = end;
+        sg->drain_bytes = end - start;
+        sg->drain_count = n;
+        sg->drain_target = hget(w, H_NEXT_SEQ) + n;
+        sg->draining = 1;
+        int r = cdp_append_encoded(w, data + start, end - start, UINT64_MAX, NULL);
+        if (!held_mu)
+            stage_mutex_lock(sg);
+        if (r == CDP_OK)
+            stage_advance(sg);
+        sg->draining = 0;
+        if (!held_mu)
+            pthread_mutex_unlock(&sg->mu);
+        if (r != CDP_OK)
+            return r;
+    }
+}
+
 int cdp_writer_lock(cdp_writer *w)
 {
     if (w->fork_gen != fork_generation && after_fork(w) != CDP_OK)
         return CDP_EIO;
+    /* Only the holder itself can see depth > 0 with owner == itself. */
+    if (__atomic_load_n(&w->depth, __ATOMIC_ACQUIRE) > 0 && pthread_equal(w->owner, pthread_self())) {
+        w->depth++;
+        return CDP_OK;
+    }
     pthread_mutex_lock(&w->mu);
     while (flock(w->head_fd, LOCK_EX) < 0) {
         if (errno != EINTR) {
@@ -212,8 +407,42 @@ int cdp_writer_lock(cdp_writer *w)
             return CDP_EIO;
         }
     }
+    w->owner = pthread_self();
+    __atomic_store_n(&w->depth, 1, __ATOMIC_RELEASE);
+    if (w->boot && head_valid(w) && hget(w, H_BOOT) != w->boot) {
+        /* Written before this boot: since cdp_sync does not msync the head,
+         * its committed end may be older than records made durable after
+         * it, so it must not be used to cut anything. Invalidate it; a
+         * writable Journal.open rebuilds it from the segments (and C
+         * appenders get CDP_ECORRUPT until then). */
+        w->head[H_CRC] ^= 0xff;
+    }
     if (head_valid(w) && hget(w, H_PENDING)) {
         int r = cut_pending(w);
+        if (r != CDP_OK) {
+            int e = errno;
+            cdp_writer_unlock(w);
+            errno = e;
+            return r;
+        }
+    }
+    uint64_t gen = head_valid(w) ? hget(w, H_STAGE) : 0;
+    if (w->stage && w->stage_gen != gen)
+        stage_detach(w);
+    if (!w->stage && gen) {
+        int r = stage_attach(w, gen);
+        if (r != CDP_OK) {
+            /* appending past records we cannot drain would break the order */
+            int e = errno;
+            cdp_writer_unlock(w);
+            errno = e;
+            return r;
+        }
+    }
+    if (w->stage) {
+        stage_mutex_lock(w->stage);
+        w->stage_held = 1;
+        int r = stage_drain(w, 1);
         if (r != CDP_OK) {
             int e = errno;
             cdp_writer_unlock(w);
@@ -226,6 +455,15 @@ int cdp_writer_lock(cdp_writer *w)
 
 int cdp_writer_unlock(cdp_writer *w)
 {
+    if (w->depth > 1) {
+        w->depth--;
+        return CDP_OK;
+    }
+    __atomic_store_n(&w->depth, 0, __ATOMIC_RELAXED);
+    if (w->stage_held) {
+        w->stage_held = 0;
+        pthread_mutex_unlock(&w->stage->mu);
+    }
     flock(w->head_fd, LOCK_UN);
     pthread_mutex_unlock(&w->mu);
     return CDP_OK;
@@ -250,7 +488,14 @@ int cdp_writer_get_state(cdp_writer *w, struct cdp_state *st)
 
 int cdp_writer_set_state(cdp_writer *w, const struct cdp_state *st)
 {
+    /* a rebuilt head keeps the live stage (its records are not drained yet)
+     * and the base generation (writers compare it) */
+    uint64_t stage = head_valid(w) ? hget(w, H_STAGE) : w->stage_gen;
+    uint64_t base_gen = head_valid(w) ? hget(w, H_BASE_GEN) : 0;
     memset(w->head, 0, CDP_HEAD_SIZE);
+    hset(w, H_STAGE, stage);
+    hset(w, H_BASE_GEN, base_gen);
+    hset(w, H_BOOT, w->boot);
     memcpy(w->head, "CDPHEAD\0", 8);
     wr32(w->head + H_VERSION, 1);
     hset(w, H_NEXT_SEQ, st->next_seq);
@@ -299,6 +544,12 @@ static int rotate(cdp_writer *w, uint64_t first_seq)
     int fd = openat(w->segdir_fd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0)
         return CDP_EIO;
+    /* Segments belong to whoever owns the head: a root supervisor draining
+     * the stage of a program that runs as another user (PostgreSQL) must
+     * not leave it a segment it cannot write. */
+    struct stat hs;
+    if (geteuid() == 0 && fstat(w->head_fd, &hs) == 0 && hs.st_uid != 0)
+        (void)!fchown(fd, hs.st_uid, hs.st_gid);
     cdp_segment_header(hdr, w->head + H_UUID, next, first_seq, cdp_now_us());
     if (pwrite(fd, hdr, sizeof hdr, 0) != (ssize_t)sizeof hdr || fdatasync(fd) < 0 ||
         renameat(w->segdir_fd, tmp, w->segdir_fd, name) < 0 || fsync(w->segdir_fd) < 0) {
@@ -384,7 +635,7 @@ static int begin_append(cdp_writer *w, uint64_t expect_ns_gen)
 }
 
 static void end_append(cdp_writer *w, uint64_t off, uint64_t next_seq, int64_t last_ts,
-                       uint64_t ns_bumps, struct cdp_append_result *res, uint64_t first_seq)
+                       uint64_t ns_bumps, uint64_t base_bumps, struct cdp_append_result *res, uint64_t first_seq)
 {
     hset(w, H_SEG_NO, w->seg_no);
     hset(w, H_SEG_OFF, off);
@@ -392,6 +643,7 @@ static void end_append(cdp_writer *w, uint64_t off, uint64_t next_seq, int64_t l
     if (last_ts > (int64_t)hget(w, H_LAST_TS))
         hset(w, H_LAST_TS, (uint64_t)last_ts);
     hset(w, H_NS_GEN, hget(w, H_NS_GEN) + ns_bumps);
+    hset(w, H_BASE_GEN, hget(w, H_BASE_GEN) + base_bumps);
     hset(w, H_PENDING, 0);
     head_seal(w);
     if (res) {
@@ -402,10 +654,6 @@ static void end_append(cdp_writer *w, uint64_t off, uint64_t next_seq, int64_t l
     cdp_writer_unlock(w);
 }
 
-static inline uint64_t rec_total(uint32_t len)
-{
-    return ((uint64_t)CDP_REC_HDR_SIZE + len + 7) & ~(uint64_t)7;
-}
 
 int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
                uint64_t expect_ns_gen, struct cdp_append_result *res)
@@ -422,7 +670,7 @@ int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
     if (r != CDP_OK)
         return r;
     uint64_t seq = hget(w, H_NEXT_SEQ), first_seq = seq;
-    uint64_t off = hget(w, H_SEG_OFF), seg_size = hget(w, H_SEG_SIZE), bumps = 0;
+    uint64_t off = hget(w, H_SEG_OFF), seg_size = hget(w, H_SEG_SIZE), bumps = 0, base_bumps = 0;
     int64_t now = cdp_now_us(), last_ts = INT64_MIN;
     size_t i = 0;
     while (i < n) {
@@ -466,12 +714,13 @@ int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
             if (ts > last_ts)
                 last_ts = ts;
             bumps += is_ns_kind(rc->kind);
+            base_bumps += rc->kind == CDP_BASE;
         }
         if (cnt && (r = write_all(w->seg_fd, iov, cnt, off)) != CDP_OK)
             goto fail;
         off += run;
     }
-    end_append(w, off, seq, last_ts, bumps, res, first_seq);
+    end_append(w, off, seq, last_ts, bumps, base_bumps, res, first_seq);
     return CDP_OK;
 fail:
     return abandon_append(w, r);
@@ -496,7 +745,7 @@ int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
     if (r != CDP_OK)
         return r;
     uint64_t seq = hget(w, H_NEXT_SEQ), first_seq = seq;
-    uint64_t off = hget(w, H_SEG_OFF), seg_size = hget(w, H_SEG_SIZE), bumps = 0;
+    uint64_t off = hget(w, H_SEG_OFF), seg_size = hget(w, H_SEG_SIZE), bumps = 0, base_bumps = 0;
     int64_t now = cdp_now_us(), last_ts = INT64_MIN;
     size_t p = 0, run_start = 0;
     while (p < len) {
@@ -528,6 +777,7 @@ int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
         if (ts > last_ts)
             last_ts = ts;
         bumps += is_ns_kind(h[40]);
+        base_bumps += h[40] == CDP_BASE;
         p += total;
     }
     if (p > run_start) {
@@ -536,10 +786,15 @@ int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
             goto fail;
         off += p - run_start;
     }
-    end_append(w, off, seq, last_ts, bumps, res, first_seq);
+    end_append(w, off, seq, last_ts, bumps, base_bumps, res, first_seq);
     return CDP_OK;
 fail:
     return abandon_append(w, r);
+}
+
+uint64_t cdp_writer_base_gen(cdp_writer *w)
+{
+    return hget(w, H_BASE_GEN);
 }
 
 int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first)
@@ -560,7 +815,7 @@ int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first)
 
 int cdp_sync(cdp_writer *w, uint64_t *synced)
 {
-    int r = cdp_writer_lock(w);
+    int r = cdp_writer_lock(w); /* drains the stage: its records are covered too */
     if (r != CDP_OK)
         return r;
     if (!head_valid(w)) {
@@ -573,52 +828,263 @@ int cdp_sync(cdp_writer *w, uint64_t *synced)
         cdp_writer_unlock(w);
         return CDP_OK;
     }
-    /* Earlier segments were made durable when they were sealed; only the
-     * active one can hold unsynced records. */
-    r = open_segment(w, hget(w, H_SEG_NO));
-    int fd = r == CDP_OK ? dup(w->seg_fd) : -1;
-    int e = errno;
     cdp_writer_unlock(w);
-    if (fd < 0) {
-        errno = e;
-        return CDP_EIO;
-    }
-    /* Threads queue here; whoever finds its target already covered by the
-     * sync that ran while it waited returns without a system call. */
+    /* Group commit. Threads queue on sync_mu, processes on an OFD lock on
+     * the head's last byte (independent of the flock that appends take);
+     * whoever finds its target covered by the sync that ran while it
+     * waited returns without a system call. The one that syncs covers
+     * everything appended up to the moment it starts. */
     pthread_mutex_lock(&w->sync_mu);
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = CDP_HEAD_SIZE - 1, .l_len = 1};
+    int ofd = 0;
+    while ((ofd = fcntl(w->head_fd, F_OFD_SETLKW, &fl)) < 0 && errno == EINTR)
+        ;
+    int e = 0;
     if (*(volatile uint64_t *)(w->head + H_SYNCED_SEQ) < target) {
-        if (fdatasync(fd) < 0) {
+        uint64_t cover = 0;
+        int fd = -1;
+        if ((r = cdp_writer_lock(w)) == CDP_OK) {
+            cover = hget(w, H_NEXT_SEQ) - 1;
+            /* Earlier segments were made durable when they were sealed;
+             * only the active one can hold unsynced records. */
+            r = open_segment(w, hget(w, H_SEG_NO));
+            fd = r == CDP_OK ? dup(w->seg_fd) : -1;
             e = errno;
-            pthread_mutex_unlock(&w->sync_mu);
+            cdp_writer_unlock(w);
+        }
+        if (r == CDP_OK && fd < 0)
+            r = CDP_EIO;
+        /* After a power cut the head on disk may be an older snapshot,
+         * perhaps marked pending, whose committed end lies before records
+         * synced here. The head records the boot it was written in, and a
+         * head from an earlier boot is never trusted (cdp_writer_lock):
+         * recovery then scans the segments. So only the segment is flushed
+         * (one device flush per sync, not two). Without a boot id the head
+         * is msync'd as well, after the data: whatever state it is caught
+         * in, its committed end is at or past the covered records. */
+        if (r == CDP_OK && (fdatasync(fd) < 0 || (!w->boot && msync(w->head, CDP_HEAD_SIZE, MS_SYNC) < 0))) {
+            e = errno;
+            r = CDP_EIO;
+        }
+        if (fd >= 0)
             close(fd);
+        if (r == CDP_OK && (r = cdp_writer_lock(w)) == CDP_OK) {
+            if (hget(w, H_SYNCED_SEQ) < cover) {
+                hset(w, H_SYNCED_SEQ, cover);
+                head_seal(w);
+            }
+            cdp_writer_unlock(w);
+        }
+    }
+    if (ofd == 0) {
+        fl.l_type = F_UNLCK;
+        fcntl(w->head_fd, F_OFD_SETLK, &fl);
+    }
+    pthread_mutex_unlock(&w->sync_mu);
+    *synced = hget(w, H_SYNCED_SEQ);
+    if (r == CDP_EIO)
+        errno = e;
+    return r;
+}
+
+/* ---- staging ---------------------------------------------------------------- */
+
+int cdp_stage_create(cdp_writer *w, uint64_t cap)
+{
+    char path[4200], tmp[4300];
+    int r = cdp_writer_lock(w);
+    if (r != CDP_OK)
+        return r;
+    if (w->stage) {
+        cdp_writer_unlock(w);
+        return CDP_OK;
+    }
+    cap = (cap + 4095) & ~(uint64_t)4095;
+    stage_path(w, path, sizeof path, "");
+    snprintf(tmp, sizeof tmp, "%s.%d", path, (int)getpid());
+    int fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    void *p = MAP_FAILED;
+    struct stat hs;
+    if (fd >= 0 && fstat(w->head_fd, &hs) == 0) {
+        /* the stage is written by whoever may write the journal */
+        if (fchown(fd, hs.st_uid, hs.st_gid) < 0 && geteuid() == 0)
+            goto fail;
+        fchmod(fd, hs.st_mode & 0666);
+        if (ftruncate(fd, (off_t)(STAGE_DATA + cap)) == 0)
+            p = mmap(NULL, STAGE_DATA + cap, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    }
+    if (p == MAP_FAILED)
+        goto fail;
+    /* touch every page now: the first touch of fresh memory is the slow
+     * part, and the stage is recycled, never grown */
+    memset((uint8_t *)p + STAGE_DATA, 0, cap);
+    struct stage *sg = p;
+    memcpy(sg->magic, "CDPSTAGE", 8);
+    sg->gen = (uint64_t)cdp_now_us();
+    sg->cap = cap;
+    sg->wrap_at = cap;
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(&sg->mu, &a);
+    pthread_mutexattr_destroy(&a);
+    if (rename(tmp, path) < 0)
+        goto fail;
+    close(fd);
+    uint64_t gen = sg->gen;
+    munmap(p, STAGE_DATA + cap);
+    hset(w, H_STAGE, gen);
+    head_seal(w);
+    r = stage_attach(w, gen);
+    if (r == CDP_OK) {
+        stage_mutex_lock(w->stage);
+        w->stage_held = 1;
+    }
+    cdp_writer_unlock(w);
+    return r;
+fail:;
+    int e = errno;
+    if (p != MAP_FAILED)
+        munmap(p, STAGE_DATA + cap);
+    if (fd >= 0) {
+        close(fd);
+        unlink(tmp);
+    }
+    cdp_writer_unlock(w);
+    errno = e;
+    return CDP_EIO;
+}
+
+int cdp_stage_remove(cdp_writer *w)
+{
+    int r = cdp_writer_lock(w); /* drains */
+    if (r != CDP_OK)
+        return r;
+    if (w->stage) {
+        char path[4200];
+        w->stage->closed = 1;
+        hset(w, H_STAGE, 0);
+        head_seal(w);
+        stage_path(w, path, sizeof path, "");
+        unlink(path);
+    }
+    cdp_writer_unlock(w);
+    stage_detach(w);
+    return CDP_OK;
+}
+
+int cdp_stage_begin(cdp_writer *w, uint32_t maxlen, uint8_t **payload)
+{
+    if (w->fork_gen != fork_generation) {
+        /* a forked child: re-arm the writer (its lock is the parent's) */
+        int r = cdp_writer_lock(w);
+        if (r != CDP_OK)
+            return r;
+        cdp_writer_unlock(w);
+    }
+    struct stage *sg = w->stage;
+    if (!sg || w->stage_gen != hget(w, H_STAGE))
+        return CDP_ESTALE;
+    uint64_t need = ((uint64_t)CDP_REC_HDR_SIZE + maxlen + 7) & ~(uint64_t)7;
+    if (need > sg->cap / 4)
+        return CDP_ETOOBIG;
+    if (__atomic_load_n(&w->depth, __ATOMIC_ACQUIRE) > 0 && pthread_equal(w->owner, pthread_self()))
+        return CDP_EINVAL;
+    for (int tries = 0; tries < 4; tries++) {
+        stage_mutex_lock(sg);
+        if (sg->closed) {
+            pthread_mutex_unlock(&sg->mu);
+            return CDP_ESTALE;
+        }
+        if (sg->fill == 0 && !sg->draining)
+            sg->head = sg->tail = 0, sg->wrap_at = sg->cap;
+        uint64_t slot = UINT64_MAX;
+        if (sg->wrap_at == sg->cap) { /* records in [tail, head) */
+            if (sg->head + need <= sg->cap)
+                slot = sg->head;
+            else if (need <= sg->tail) {
+                /* wrap: the bytes from head to the end stay unused (head
+                 * moves to 0 now, so a writer killed before its commit
+                 * leaves the ring consistent) */
+                sg->wrap_at = sg->head;
+                sg->fill += sg->cap - sg->head;
+                sg->head = 0;
+                slot = 0;
+            }
+        } else if (sg->head + need <= sg->tail) { /* wrapped: free in [head, tail) */
+            slot = sg->head;
+        }
+        if (slot != UINT64_MAX) {
+            sg->slot = slot;
+            *payload = (uint8_t *)sg + STAGE_DATA + slot + CDP_REC_HDR_SIZE;
+            return CDP_OK; /* stage mutex held until commit or abort */
+        }
+        pthread_mutex_unlock(&sg->mu);
+        int r = cdp_writer_lock(w); /* drains (and settles a dead drainer) */
+        if (r != CDP_OK)
+            return r;
+        cdp_writer_unlock(w);
+        if (w->stage != sg)
+            return CDP_ESTALE;
+    }
+    return CDP_ENOMEM;
+}
+
+void cdp_stage_commit(cdp_writer *w, uint8_t kind, uint64_t file_id, uint64_t offset, uint32_t len)
+{
+    struct stage *sg = w->stage;
+    uint8_t *h = (uint8_t *)sg + STAGE_DATA + sg->slot;
+    uint64_t total = rec_total(len);
+    wr32(h + 4, len);
+    wr64(h + 8, 0);
+    wr64(h + 16, (uint64_t)cdp_now_us());
+    wr64(h + 24, file_id);
+    wr64(h + 32, offset);
+    h[40] = kind;
+    h[41] = 0;
+    h[42] = CDP_REC_MARKER & 0xff;
+    h[43] = CDP_REC_MARKER >> 8;
+    wr32(h + 44, 0);
+    sg->staged++;
+    sg->head = sg->slot + total;
+    sg->fill += total;
+    pthread_mutex_unlock(&sg->mu);
+}
+
+void cdp_stage_abort(cdp_writer *w)
+{
+    pthread_mutex_unlock(&w->stage->mu);
+}
+
+int cdp_stage_drain(cdp_writer *w)
+{
+    if (w->fork_gen != fork_generation && after_fork(w) != CDP_OK)
+        return CDP_EIO;
+    /* the flock without the stage mutex: programs keep staging meanwhile */
+    pthread_mutex_lock(&w->mu);
+    while (flock(w->head_fd, LOCK_EX) < 0) {
+        if (errno != EINTR) {
+            int e = errno;
+            pthread_mutex_unlock(&w->mu);
             errno = e;
             return CDP_EIO;
         }
-        if ((r = cdp_writer_lock(w)) == CDP_OK) {
-            if (hget(w, H_SYNCED_SEQ) < target) {
-                hset(w, H_SYNCED_SEQ, target);
-                head_seal(w);
-                /* The head must be on disk before anyone is told these
-                 * records are: after a power cut the head on disk could
-                 * otherwise be an older snapshot, perhaps marked pending,
-                 * and recovery would cut synced records back to its
-                 * committed end. Under the lock, so that a writer that sees
-                 * synced_seq cover its target knows it is durable. */
-                if (msync(w->head, CDP_HEAD_SIZE, MS_SYNC) < 0) {
-                    e = errno;
-                    r = CDP_EIO;
-                }
-            }
-            cdp_writer_unlock(w);
-            if (r == CDP_EIO)
-                errno = e;
-        }
-    } else if ((r = cdp_writer_lock(w)) == CDP_OK) {
-        /* covered by another writer's sync: wait until its head is on disk */
-        cdp_writer_unlock(w);
     }
-    pthread_mutex_unlock(&w->sync_mu);
-    close(fd);
-    *synced = hget(w, H_SYNCED_SEQ);
+    w->owner = pthread_self();
+    __atomic_store_n(&w->depth, 1, __ATOMIC_RELEASE);
+    int r = CDP_OK;
+    if (head_valid(w) && hget(w, H_PENDING))
+        r = cut_pending(w);
+    uint64_t gen = head_valid(w) ? hget(w, H_STAGE) : 0;
+    if (r == CDP_OK && w->stage && w->stage_gen != gen)
+        stage_detach(w);
+    if (r == CDP_OK && !w->stage && gen)
+        r = stage_attach(w, gen);
+    if (r == CDP_OK && w->stage)
+        r = stage_drain(w, 0);
+    int e = errno;
+    cdp_writer_unlock(w);
+    errno = e;
     return r;
 }

@@ -224,8 +224,9 @@ def test_verify_ok(built: Path) -> None:
 def test_points(built: Path) -> None:
     r = cli("points", built, "--json")
     with api(built) as j:
-        expect = [p.to_json() for p in j.points()]
-    assert r.code == 0 and r.doc == {"points": expect, "count": len(expect)}
+        expect = [{**p.to_json(), "complete": True} for p in j.points()]
+    assert r.code == 0 and r.doc == {"points": expect, "count": len(expect), "complete_from": None,
+                                     "incomplete": []}
     human = cli("points", built).out
     assert "BOOKMARK  before-upgrade" in human and "FLUSH     file data/db.bin" in human
 

@@ -24,6 +24,8 @@ from cdpcore.restore import RestoreResult, restore
 from cdpcore.rollback import RollbackResult, rollback
 from cdpcore.retention import Policy, PruneResult, prune
 from cdpcore.timeline import Timeline, timeline
+from cdpcore.capture import (BaselineResult, JournaledFile, ProtectResult, Protection, ResyncResult,
+                             baseline, open, protect, resync)
 
 __version__ = "0.1.0"
 
@@ -31,5 +33,6 @@ __all__ = [
     "Batch", "CaptureRunning", "Policy", "PruneResult", "prune", "CdpError", "Diff", "FileChange", "RollbackResult", "diff", "rollback", "CorruptJournal", "Journal", "JournalExists", "JournalNotFound",
     "Kind", "NotAJournal", "Point", "PointError", "PointInfo", "Record", "RestoreError",
     "RestoreResult", "Timeline", "UnsupportedVersion", "VerifyReport", "audit", "parse_point",
-    "restore", "timeline",
+    "restore", "timeline", "BaselineResult", "JournaledFile", "ProtectResult", "Protection",
+    "ResyncResult", "baseline", "open", "protect", "resync",
 ]

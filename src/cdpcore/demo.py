@@ -1,18 +1,17 @@
-"""The README's main job: a hospital's HIS database and PACS archive are
-journaled through the Python API; ransomware strikes; the operator finds it
-on the timeline and rolls the live tree back to the point it suggests.
+"""The README's main job: a hospital's HIS database (a real SQLite program)
+and PACS archive are captured by `cdpctl protect`; ransomware strikes; the
+operator finds it on the timeline and rolls the live tree back to the point
+it suggests.
 
     python -m cdpcore.demo [--dir DIR] [--transactions N] [--images N]
 
-The "database" is a file of 4 KiB pages holding fixed-width patient rows;
-every transaction rewrites a few pages in place, as a real database does,
-and ends with a flush (a crash-consistent point). PACS images are files of
-16-bit pixels. The program writes the live files itself and journals each
-write, the way vendor code with its own capture uses the API.
-
-A simulated clock stamps the records so that a working morning fits in a
-few seconds: the day starts two hours ago, the attack comes at the end. The
-operator's part runs the real `cdpctl` commands.
+The HIS application is an unmodified Python program using sqlite3 (rollback
+journal mode: each commit ends with fsync, which the capture library turns
+into a crash-consistent point); it also stores PACS studies (files of
+16-bit pixels, fsync'd). It runs under `cdpctl protect`, which preloads the
+capture library: the program does not know it is journaled. The ransomware
+is another unmodified program under capture. The operator's part runs the
+real `cdpctl` commands.
 """
 from __future__ import annotations
 
@@ -20,40 +19,74 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import shlex
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 
-from cdpcore import Journal
-from cdpcore._native import now_us
 from cdpcore.point import format_us
 
-PAGE = 4096
-ROW = 64
-ROWS_PER_PAGE = PAGE // ROW
 WARDS = ["ICU", "ER", "CARD", "ONC", "PED", "NEURO", "ORTHO", "OBST"]
-MINUTE = 60_000_000
 
+HIS_APP = r"""
+import os, random, sqlite3, sys
+root, phase, transactions, images, patients = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+wards = %(wards)r
+rng = random.Random(7 if phase == "yesterday" else 8)
+os.makedirs(os.path.join(root, "his"), exist_ok=True)
+db = sqlite3.connect(os.path.join(root, "his", "patients.db"))
+db.execute("pragma journal_mode=delete")
+if phase == "yesterday":
+    db.execute("create table patients(id integer primary key, ward text, note text)")
+    with db:
+        db.executemany("insert into patients values (?, ?, 'admitted')",
+                       [(p, rng.choice(wards)) for p in range(patients)])
+first = 0 if phase == "yesterday" else images
+every = max(1, transactions // max(1, images))
+for t in range(transactions):
+    with db:
+        for _ in range(rng.randint(1, 4)):
+            db.execute("update patients set ward = ?, note = ? where id = ?",
+                       (rng.choice(wards), f"{phase} vitals rev {t}", rng.randrange(patients)))
+    if t %% every == 0 and t // every < images:
+        n = first + t // every
+        path = os.path.join(root, "pacs", f"study-{n // 10:03d}", f"img-{n %% 10:02d}.dcm")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        base = rng.randrange(2000)
+        data = b"".join((base + (i %% 512) * 3 + rng.randrange(64)).to_bytes(2, "little")
+                        for i in range(16384))
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+db.close()
+os.sync()  # end of shift: everything on disk (and a consistent point in the journal)
+""" % {"wards": WARDS}
 
-def row(pid: int, ward: str, note: str) -> bytes:
-    text = f"{pid:08d}|{ward:<6}|{note}"
-    return text.encode()[: ROW - 1].ljust(ROW - 1) + b"\n"
+RANSOMWARE = r"""
+import os, sys
+for top, _dirs, files in os.walk(sys.argv[1]):
+    for name in files:
+        path = os.path.join(top, name)
+        size = os.path.getsize(path)
+        with open(path, "r+b") as f:
+            f.write(os.urandom(size))
+        os.rename(path, path + ".locked")
+"""
 
 
 def read_row(db: str, pid: int) -> str:
-    with open(db, "rb") as f:
-        f.seek(pid * ROW)
-        return f.read(ROW).decode(errors="replace").rstrip()
-
-
-def image(rng: random.Random, size: int) -> bytes:
-    """16-bit pixels: a smooth gradient with sensor noise (compressible, as
-    real images are, but far from text)."""
-    base = rng.randrange(2000)
-    return b"".join((base + (i % 512) * 3 + rng.randrange(64)).to_bytes(2, "little")
-                    for i in range(size // 2))
+    try:
+        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = c.execute("select id, ward, note from patients where id = ?", (pid,)).fetchone()
+        finally:
+            c.close()
+    except sqlite3.Error as e:
+        return f"(unreadable: {e})"
+    return "|".join(str(x) for x in row) if row else "(missing)"
 
 
 def tree_digest(root: str) -> dict[str, str]:
@@ -96,83 +129,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: {work} is not empty", file=sys.stderr)
         return 2
     root, jpath = os.path.join(work, "hospital"), os.path.join(work, "journal")
-    os.makedirs(os.path.join(root, "his"))
+    os.makedirs(root)
     db = os.path.join(root, "his", "patients.db")
-    rng = random.Random(7)
-    pages = args.patients // ROWS_PER_PAGE
-    clock = now_us() - 120 * MINUTE  # the simulated working morning
-
-    def tick(us: int) -> int:
-        nonlocal clock
-        clock += us
-        return clock
+    app, ransomware = os.path.join(work, "his_app.py"), os.path.join(work, "ransomware.py")
+    with open(app, "w") as f:
+        f.write(HIS_APP)
+    with open(ransomware, "w") as f:
+        f.write(RANSOMWARE)
 
     print(f"== cdpcore demo in {work}")
-    # The tree is empty but for his/, journaled below: no base copy needed.
-    j = Journal.create(jpath, root=root, segment_size=16 << 20, base=False)
-    fd = os.open(db, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        j.append_mkdir("his", ts=tick(0))
-        # Admissions: the initial load of the patient table.
-        with j.batch() as b:
-            ts = tick(MINUTE)
-            for p in range(pages):
-                page = b"".join(row(p * ROWS_PER_PAGE + i, rng.choice(WARDS), "admitted")
-                                for i in range(ROWS_PER_PAGE))
-                os.pwrite(fd, page, p * PAGE)
-                b.append_write("his/patients.db", p * PAGE, page, ts=ts)
-            b.append_flush(ts=ts)
-        # The morning: transactions on the database, studies arriving in PACS.
-        step = 100 * MINUTE // max(1, args.transactions)
-        for t in range(args.transactions):
-            with j.batch() as b:
-                ts = tick(step)
-                for _ in range(rng.randint(1, 4)):
-                    p = rng.randrange(pages)
-                    buf = bytearray(os.pread(fd, PAGE, p * PAGE))
-                    i = rng.randrange(ROWS_PER_PAGE)
-                    buf[i * ROW:(i + 1) * ROW] = row(p * ROWS_PER_PAGE + i, rng.choice(WARDS),
-                                                     f"vitals rev {t}")
-                    os.pwrite(fd, bytes(buf), p * PAGE)
-                    b.append_write("his/patients.db", p * PAGE, buf, ts=ts)
-                if t % max(1, args.transactions // args.images) == 0:
-                    n = t // max(1, args.transactions // args.images)
-                    rel = f"pacs/study-{n // 10:03d}/img-{n % 10:02d}.dcm"
-                    os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
-                    data = image(rng, 32768)
-                    with open(os.path.join(root, rel), "wb") as f:
-                        f.write(data)
-                    b.append_create(rel, ts=ts)
-                    b.append_write(rel, 0, data, ts=ts)
-                b.append_flush(ts=ts)
-        os.fsync(fd)
-        j.sync()
-    finally:
-        os.close(fd)
+    cdpctl("init", jpath, "--root", root, "--no-base", show=None)
+    half = max(8, args.images // 2)
+    # Yesterday: the unmodified HIS program admits patients and stores
+    # studies, captured; the night's base copy follows (it is what makes
+    # these files "old" to the timeline's ransomware test).
+    cdpctl("protect", jpath, "--", sys.executable, app, root, "yesterday",
+           str(max(1, args.transactions // 4)), str(half), str(args.patients), show=2)
+    cdpctl("baseline", jpath)
+    # This morning: the same program, captured again.
+    cdpctl("protect", jpath, "--", sys.executable, app, root, "morning", str(args.transactions),
+           str(max(0, args.images - half)), str(args.patients))
     before = tree_digest(root)
-    print(f"journaled a morning: {j.last_seq} records, {len(before)} files; "
-          f"patient 42: {read_row(db, 42)}")
+    print(f"patient 42: {read_row(db, 42)}")
+    # a quiet spell, so that the attack stands apart on the timeline
+    time.sleep(2.5)
 
     # Ransomware: every file overwritten with ciphertext and renamed *.locked.
-    attack = tick(15 * MINUTE)
-    with j.batch() as b:
-        for rel in sorted(before):
-            path = os.path.join(root, rel)
-            size = os.path.getsize(path)
-            junk = os.urandom(size)
-            with open(path, "r+b") as f:
-                f.write(junk)
-            os.rename(path, path + ".locked")
-            b.append_write(rel, 0, junk, ts=attack)
-            b.append_rename(rel, rel + ".locked", ts=attack)
-    j.sync()
-    j.close()
+    attack = time.time_ns() // 1000
+    cdpctl("protect", jpath, "--", sys.executable, ransomware, root, show=3)
     print(f"-- {format_us(attack)}: ransomware encrypted and renamed {len(before)} files; "
           f"{db} is gone")
 
     # The operator's side.
-    cdpctl("timeline", jpath, "--bucket", "10m")
-    point = json.loads(cdpctl("timeline", jpath, "--bucket", "10m", "--json", show=None)
+    cdpctl("timeline", jpath, "--bucket", "1s")
+    point = json.loads(cdpctl("timeline", jpath, "--bucket", "1s", "--json", show=None)
                        )["suggestion"]["point"]
     cdpctl("diff", jpath, "--from", point, show=8)
     cdpctl("rollback", jpath, "--to", point, show=8)

@@ -65,6 +65,13 @@ class CaptureRunning(CdpError):
     exit_code = 13
 
 
+class CaptureError(CdpError):
+    """Capture cannot start: the capture library is missing, the program
+    cannot be found, no program was given (docs/capture.md)."""
+
+    exit_code = 14
+
+
 class StaleNamespace(CdpError):
     """Internal: another writer changed the namespace; re-encode and retry."""
 

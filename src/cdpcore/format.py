@@ -15,7 +15,7 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
 
-from cdpcore._native import INT64_MIN, crc32c
+from cdpcore._native import INT64_MIN, crc32c, lib
 from cdpcore.errors import CorruptJournal, NotAJournal, UnsupportedVersion
 
 FORMAT_VERSION = 1
@@ -47,6 +47,8 @@ IDX_HDR = struct.Struct("<8sHHIQQQQqqQQII")
 HEAD = struct.Struct("<8sIIQQQQQQQqQ16s")
 HEAD_CRC_RANGE = (16, 128)
 HEAD_SIZE = 4096
+HEAD_BOOT = 120  # u64: cdp_boot_id() of the boot that wrote the head
+BOOT_ID = int(lib.cdp_boot_id())
 _HEAD_RESERVED = bytes(HEAD_SIZE - HEAD_CRC_RANGE[1])
 
 SEG_HDR_SIZE = 64
@@ -331,6 +333,9 @@ class Head:
     last_ts: int
     seg_size: int
     uuid: bytes
+    # written in this boot: only then are its committed end and pending
+    # flag to be believed (cdp_sync does not flush the head; docs/journal-format.md)
+    current_boot: bool = True
 
 
 def parse_head(data: bytes) -> Head | None:
@@ -343,7 +348,12 @@ def parse_head(data: bytes) -> Head | None:
         return None
     if f[2] != crc32c(data[HEAD_CRC_RANGE[0] : HEAD_CRC_RANGE[1]]):
         return None
-    return Head(*f[3:])
+    return Head(*f[3:], current_boot=head_boot(data) == BOOT_ID)
+
+
+def head_boot(data: bytes) -> int:
+    """The boot (cdp_boot_id) the head was written in; 0 before it was kept."""
+    return int.from_bytes(data[HEAD_BOOT : HEAD_BOOT + 8], "little")
 
 
 # ---- index file -------------------------------------------------------------------

@@ -279,6 +279,18 @@ class Writer:
         check(lib.cdp_sync(self.handle, synced), "sync")
         return int(synced[0])
 
+    def stage_create(self, size: int) -> None:
+        """Give the journal a stage (shared memory the capture library
+        copies records into; native/writer.c explains)."""
+        check(lib.cdp_stage_create(self.handle, size), "create the capture stage")
+
+    def stage_remove(self) -> None:
+        check(lib.cdp_stage_remove(self.handle), "remove the capture stage")
+
+    def drain(self) -> None:
+        """Move staged records into the journal, letting programs stage on."""
+        check(lib.cdp_stage_drain(self.handle), "drain the capture stage")
+
 
 def _pack_pointer(recs: list[tuple[Any, ...]], kind: int, file_id: int, offset: int, payload: Any,
                   ts: int | None) -> None:
@@ -591,7 +603,9 @@ class Journal:
         for _ in range(3):  # a writer may be updating it under us
             head = parse_head(data)
             if head is not None:
-                return head if head.uuid == self.meta.uuid else None
+                # a head from an earlier boot may predate synced records:
+                # not to be believed (the segments are scanned instead)
+                return head if head.uuid == self.meta.uuid and head.current_boot else None
             with open(os.path.join(self.path, HEAD_NAME), "rb") as f:
                 data = f.read(4096)
         return None
@@ -1212,6 +1226,8 @@ class Journal:
             head = None
         elif head is not None and any(raw[128:]):
             rep.problems.append(Problem("damage", "head file has non-zero reserved bytes"))
+        elif head is not None and not head.current_boot:
+            head = None  # written before this boot: a cache to rebuild, not evidence
         try:
             nums = self._segment_numbers()
         except CorruptJournal as e:

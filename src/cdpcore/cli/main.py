@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from cdpcore import __version__
 from cdpcore.cli import (
     audit,
+    baseline,
     bookmark,
     checkpoint,
     diff,
@@ -26,8 +27,10 @@ from cdpcore.cli import (
     init,
     log,
     points,
+    protect,
     prune,
     restore,
+    resync,
     rollback,
     show,
     timeline,
@@ -37,7 +40,7 @@ from cdpcore.cli.output import PROG, Output, UsageError
 from cdpcore.errors import CdpError, CorruptJournal
 
 COMMANDS: list[ModuleType] = [init, info, log, show, verify, bookmark, points, restore, rollback,
-                              diff, timeline, audit, prune, checkpoint]
+                              diff, timeline, audit, prune, checkpoint, protect, resync, baseline]
 
 EXIT_INTERNAL = 1
 EXIT_OSERROR = 10
