@@ -336,8 +336,11 @@ async def test_passes_trios_generic_stream_checks():
         return memory_link_pair(Link(latency=0.001, buffer=1 << 16))
 
     async def clogged():
-        # A buffer this small, with nobody reading, is a stream that blocks.
-        return memory_link_pair(Link(buffer=1))
+        # One-byte buffers each holding a byte nobody has read: the next send blocks, either way.
+        a, b = memory_link_pair(Link(buffer=1))
+        await a.send_all(b"\0")
+        await b.send_all(b"\0")
+        return a, b
 
     await check_half_closeable_stream(maker, clogged)
 
