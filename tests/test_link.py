@@ -427,3 +427,56 @@ async def test_wrap_shapes_a_real_socket(nursery):
         assert trio.current_time() - t0 >= 0.02  # the latency was paid (a lower bound only)
         await s.send_eof()
         assert await s.receive_some() == b""
+
+
+# -- Link.parse ----------------------------------------------------------------------------------
+
+def test_parse_reads_the_short_form():
+    assert Link.parse("10mbit,50ms,jitter=5ms") == Link(bandwidth=10e6, latency=0.05, jitter=0.005)
+    assert Link.parse(" 50ms , unlimited ") == Link(latency=0.05)
+    assert Link.parse("rate=1.5Mbit,delay=200us,mtu=9000,buffer=64KiB,drop-after=1MiB,drop-at=2s,"
+                      "drop-rate=0.5/s,seed=7") == Link(
+        bandwidth=1.5e6, latency=200e-6, segment=9000, buffer=65536, drop_after=1 << 20, drop_at=2.0,
+        drop_rate=0.5, seed=7)
+    assert Link.parse("segment=none").segment is None
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "empty link description"),
+    ("10mbps", "neither a rate"),
+    ("10", "neither a rate"),
+    ("10mbit,,50ms", "empty item"),
+    ("10mbit,20mbit", "bandwidth given twice"),
+    ("50ms,latency=10ms", "latency given twice"),
+    ("colour=red", "unknown key 'colour'"),
+    ("jitter=5", "not a duration"),
+    ("jitter=-5ms", "not a duration"),
+    ("rate=fast", "not a rate"),
+    ("0mbit", "bandwidth must be a finite number > 0"),
+    ("segment=0", "segment must be an integer >= 1"),
+    ("buffer=1.3KiB", "whole number of bytes"),
+    ("drop-rate=often", "probability per second"),
+    ("seed=-1", "non-negative integer"),
+    ("rate=1e999mbit", "out of range"),
+])
+def test_parse_rejects_bad_input_with_one_clear_line(text, words):
+    with pytest.raises(ValueError) as e:
+        Link.parse(text)
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg, msg
+
+
+@given(st.builds(
+    Link,
+    bandwidth=st.one_of(st.none(), st.integers(1, 10**10).map(float), st.floats(1, 1e10)),
+    latency=st.floats(0, 10),
+    jitter=st.floats(0, 1),
+    segment=st.one_of(st.none(), st.integers(1, 1 << 20)),
+    buffer=st.integers(1, 1 << 30),
+    drop_after=st.one_of(st.none(), st.integers(0, 1 << 40)),
+    drop_at=st.one_of(st.none(), st.floats(0, 1e4)),
+    drop_rate=st.floats(0, 100),
+    seed=st.integers(0, 2**63),
+))
+def test_str_round_trips_through_parse(link):
+    assert Link.parse(str(link)) == link

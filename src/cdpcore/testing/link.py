@@ -22,7 +22,7 @@ DEFAULT_SEGMENT = 1460  # a TCP MSS on Ethernet: the pacing granularity
 DEFAULT_BUFFER = 1 << 20  # bytes one direction holds: Linux's autotuned socket buffers are of this order
 
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
-_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+_TIME_UNITS = {"us": -10**6, "ms": -1000, "s": 1}  # negative: divide (200us is 200 / 1e6, exactly 0.0002)
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 _NUMBER = r"(\d+(?:\.\d*)?(?:e[+-]?\d+)?|\.\d+)"
 
@@ -168,7 +168,8 @@ def _number(text: str, units: dict[str, float], what: str, example: str) -> floa
     m = re.fullmatch(_NUMBER + r"\s*([a-z]*)", text.strip().lower())
     if m is None or m.group(2) not in units:
         raise _Bad(f"not a {what} (expected e.g. {example}; units: {', '.join(u for u in units if u)})")
-    value = float(m.group(1)) * units[m.group(2)]
+    unit = units[m.group(2)]
+    value = float(m.group(1)) * unit if unit > 0 else float(m.group(1)) / -unit
     if not math.isfinite(value):
         raise _Bad(f"{what} out of range")
     return value
