@@ -480,3 +480,34 @@ def test_parse_rejects_bad_input_with_one_clear_line(text, words):
 ))
 def test_str_round_trips_through_parse(link):
     assert Link.parse(str(link)) == link
+
+
+@pytest.mark.trio
+async def test_wrap_flushes_on_exit_and_resets_the_socket_on_a_cut(nursery):
+    seen: list[tuple[bytes, str]] = []
+
+    async def sink(stream: trio.SocketStream) -> None:
+        got = bytearray()
+        try:
+            while data := await stream.receive_some():
+                got += data
+            seen.append((bytes(got), "eof"))
+        except trio.BrokenResourceError:
+            seen.append((bytes(got), "reset"))
+
+    listeners = await nursery.start(partial(trio.serve_tcp, sink, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    payload = random.Random(5).randbytes(20_000)
+    # Leaving the block normally lets the bytes in flight reach the socket, then an orderly close.
+    async with EmulatedStream.wrap(await trio.open_tcp_stream("127.0.0.1", port), Link.parse("10ms")) as s:
+        await s.send_all(payload)
+    # A cut: the real peer sees a reset, after a prefix of the allowed bytes.
+    link = Link.parse("10ms,drop-after=5000")
+    async with EmulatedStream.wrap(await trio.open_tcp_stream("127.0.0.1", port), link) as s:
+        with pytest.raises(trio.BrokenResourceError):
+            await s.send_all(payload)
+    with trio.fail_after(5):
+        while len(seen) < 2:
+            await trio.sleep(0.01)
+    assert seen[0] == (payload, "eof")
+    assert seen[1][1] == "reset" and payload[:5000].startswith(seen[1][0])
