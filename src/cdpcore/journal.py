@@ -50,6 +50,7 @@ from cdpcore.format import (
     SEGMENT_DIR,
     Head,
     IndexData,
+    REC_KEPT,
     Kind,
     Meta,
     decode_path,
@@ -162,9 +163,12 @@ class _SegInfo:
     tss: array
     offs: array
     compacted: bool = False  # a COMPACTED segment written by prune (retention.py)
+    gap_last: int | None = None  # its last seq (seqs inside may skip: count does not tell)
 
     @property
     def last_seq(self) -> int:
+        if self.gap_last is not None:
+            return self.gap_last
         return self.first_seq + self.count - 1
 
 
@@ -441,6 +445,7 @@ class Journal:
         self._free_ids: list[int] = []
         self._bookmarks: list[PointInfo] | None = None
         self._seen: tuple[int, int, int] | None = None  # the head _load went by
+        self._kept: tuple[tuple[tuple[int, int], ...], list[int], frozenset[int]] | None = None
         self._append_lock = threading.Lock()
         self._fork_gen = _fork_gen
 
@@ -658,6 +663,11 @@ class Journal:
                     self._tail(seg, r, head, recover)
             info = self._info(data, cum)
             info.compacted = seg.header.compacted
+            if info.compacted:
+                # seqs may skip: the last one is read from the records after
+                # the index's last entry (at most 64 records or 256 KiB)
+                info.gap_last = (seg.scan(start=info.offs[-1], expect_seq=info.seqs[-1], limit=info.end).last_seq
+                                 if info.count else info.first_seq - 1)
             cum = info.cum_ts_max
             self._segs.append(info)
             expect_seq = info.last_seq + 1
@@ -1108,8 +1118,8 @@ class Journal:
             return last
         if p.kind == "seq":
             assert isinstance(p.value, int)
-            kept = self.compacted_points()
-            if kept and 0 <= p.value < kept[-1] and p.value not in kept:
+            kept, kept_set = self._kept_points()
+            if kept and 0 <= p.value < kept[-1] and p.value not in kept_set:
                 shown = ", ".join(map(str, kept[:20])) + (", ..." if len(kept) > 20 else "")
                 raise PointError(f"seq {p.value} was pruned; kept points: {shown} and every seq "
                                  f"after {kept[-1]}")
@@ -1125,9 +1135,30 @@ class Journal:
         return self._resolve_time(p.value)
 
     def compacted_points(self) -> list[int]:
-        """The points a prune kept (the last seq of each COMPACTED segment),
-        oldest first; every seq after the last of them is a point too."""
-        return [s.last_seq for s in self._segs if s.compacted]
+        """The points a prune kept, oldest first: in COMPACTED segments, the
+        records flagged KEPT and each segment's last record. Every seq after
+        the last of them is a point too."""
+        return self._kept_points()[0]
+
+    def _kept_points(self) -> tuple[list[int], frozenset[int]]:
+        key = tuple((s.seg_no, s.end) for s in self._segs if s.compacted)
+        if self._kept is None or self._kept[0] != key:
+            kept: list[int] = []
+            for info in self._segs:
+                if info.compacted and info.count:
+                    kept.extend(seq for seq, _ts, _k, flags, *_ in self._iter_raw(info.first_seq, info.last_seq)
+                                if flags & REC_KEPT or seq == info.last_seq)
+            self._kept = (key, kept, frozenset(kept))
+        return self._kept[1], self._kept[2]
+
+    def _round_to_kept(self, seq: int) -> int:
+        """seq, or inside pruned history the kept point at or before it
+        (first_seq - 1 when none is)."""
+        kept, kept_set = self._kept_points()
+        if not kept or seq >= kept[-1] or seq in kept_set:
+            return seq
+        i = bisect.bisect_right(kept, seq)
+        return kept[i - 1] if i else self.first_seq - 1
 
     def _resolve_time(self, t: int) -> int:
         """Longest prefix, in seq order, of records with ts <= t."""
@@ -1152,6 +1183,15 @@ class Journal:
                 if ts > t:
                     break
                 seq = s
+        # Records folded by a prune keep timestamps up to their kept point's
+        # (docs/journal-format.md, Prune): a prefix that ends inside a group
+        # stands for the kept point before it.
+        rounded = self._round_to_kept(seq)
+        if rounded < seq and rounded < self.first_seq:
+            kept = self.compacted_points()
+            raise PointError(f"{format_us(t)} is before the oldest kept point (seq {kept[0]}); "
+                             "older history was pruned")
+        seq = rounded
         if seq < self.first_seq:
             first_ts = next(self._iter_raw(self.first_seq, self.first_seq))[1]
             raise PointError(f"{format_us(t)} is before the journal's first record ({format_us(first_ts)})")
@@ -1163,7 +1203,10 @@ class Journal:
     def points(self) -> list[PointInfo]:
         """Flush points (crash-consistent) and bookmarks, oldest first."""
         out = []
+        kept, kept_set = self._kept_points()
         for rec in self.records(kinds=(Kind.FLUSH, Kind.BOOKMARK)):
+            if kept and rec.seq < kept[-1] and rec.seq not in kept_set:
+                continue  # inside pruned history: not a point any more
             out.append(PointInfo(rec.seq, rec.ts, rec.kind.name, rec.name if rec.kind == Kind.BOOKMARK else rec.path))
         return out
 
