@@ -114,7 +114,8 @@ def test_prune_keeps_every_kept_point(built):
     assert {k: v for k, v in got.items() if k != "a.bin"} == {
         k: v for k, v in latest.items() if k != "a.bin"}
     assert res.kept == dry.kept and res.boundary == dry.boundary
-    assert seg_bytes(tmp / "j") < size0 / 2, (seg_bytes(tmp / "j"), size0)
+    assert seg_bytes(tmp / "j") < size0 * 0.8, (seg_bytes(tmp / "j"), size0)
+    assert res.bytes_after < res.bytes_before * 0.8 and not res.bases_written, res
     for k in res.kept:
         assert state(j, f"seq:{k}", tmp / f"b{k}") == before[k], k
     assert state(j, f"seq:{after_b}", tmp / "later-b") == later
@@ -190,7 +191,7 @@ def test_prune_crash_at_every_step(fast_tmp):
                 got = state(j2, p if p == "latest" else f"seq:{p}", fast_tmp / f"g{step}-{p}")
                 assert got == want[p], (step, p)
         subprocess.run(["rm", "-rf", str(work)], check=True)
-    assert step > 20  # the hook saw every step of a real prune
+    assert step > 10  # the hook saw every step of a real prune
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
