@@ -425,3 +425,69 @@ def test_small_files_take_less_than_a_full_copy(fast_tmp):
         assert state(j, f"seq:{k}", fast_tmp / f"g{k}") == want[k], k
     assert j.verify().ok
     j.close()
+
+
+@pytest.mark.parametrize("verbatim", [False, True])
+def test_bases_hard_links_and_the_verbatim_fallback(fast_tmp, monkeypatch, verbatim):
+    """A journal that starts from a base (with a hard link and a sparse
+    file) and takes another base half-way: kept points before, across and
+    after the second base restore as before; also when every group is
+    written as its interval's own records (the fallback for net changes
+    that would not fit their seqs)."""
+    if verbatim:
+        monkeypatch.setenv(retention.VERBATIM_ENV, "1")
+    root = fast_tmp / "root"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "a.txt").write_bytes(b"base a\n" * 100)
+    os.link(root / "d" / "a.txt", root / "hard.txt")
+    with open(root / "sparse.bin", "wb") as f:
+        f.seek(1 << 20)
+        f.write(b"end")
+    j = Journal.create(fast_tmp / "j", root, segment_size=4096, base=False)
+
+    def take_base(name: str, ts: int) -> None:  # Journal.take_base, at a chosen time
+        # cp -a keeps the hard link: one inode with two names in the base
+        (fast_tmp / "j" / "base").mkdir(exist_ok=True)
+        subprocess.run(["cp", "-a", str(root), str(fast_tmp / "j" / "base" / name)], check=True)
+        with j.batch() as b:
+            b.append_base(f"base/{name}", ts=ts)
+
+    take_base("first", T0 - 1)
+    t = T0
+    for day in range(8):
+        for hour in range(0, 24, 4):
+            t = T0 + day * D + hour * H
+            j.append_write("hard.txt", hour * 7, f"d{day}h{hour}".encode(), ts=t)
+            j.append_write("sparse.bin", (day * 24 + hour) * 4096, b"page" * 64, ts=t + 1)
+            if hour == 8:
+                j.append_link("d/a.txt", f"d/link{day}", ts=t + 2)
+                j.append_setattr("d/a.txt", mtime_us=t - D, ts=t + 3)
+            if hour == 12:
+                j.append_truncate("sparse.bin", (1 << 20) - day * 8192, ts=t + 4)
+            j.append_flush(ts=t + 5)
+        if day == 3:
+            take_base("second", t + 6)  # the live root: the journal's state before no longer matters
+    now = T0 + 8 * D
+    pol = Policy.parse("1d", keep_hourly="3d", keep_daily="30d")
+    dry = prune(j, pol, now=now, dry_run=True)
+    want = {k: state(j, f"seq:{k}", fast_tmp / f"w{k}") for k in dry.kept}
+    latest = state(j, "latest", fast_tmp / "wl")
+    res = prune(j, pol, now=now)
+    assert len(res.kept) >= 8 and not res.bases_removed  # kept points before the second base need the first
+    if verbatim:
+        assert "verbatim" in res.message and "net" not in res.message
+    for k in res.kept:
+        assert state(j, f"seq:{k}", fast_tmp / f"g{k}") == want[k], k
+    assert state(j, "latest", fast_tmp / "gl") == latest
+    assert j.verify().ok
+    # a second prune that keeps nothing from before the second base: the
+    # first base goes, its group starts at the second
+    res2 = prune(j, Policy.parse("1d", keep_hourly="1d"), now=now)
+    assert res2.kept
+    assert res2.bases_removed == ["first"] and not (fast_tmp / "j" / "base" / "first").exists()
+    for k in res2.kept:
+        if k in want:
+            assert state(j, f"seq:{k}", fast_tmp / f"h{k}") == want[k], k
+    assert state(j, "latest", fast_tmp / "hl") == latest
+    assert j.verify().ok
+    j.close()

@@ -61,6 +61,10 @@ MANIFEST = "prune.json"
 PRUNE_SUFFIX = ".prune"
 BASE_PREFIX = "pruned-"
 KILL_ENV = "CDPCORE_PRUNE_KILL_AFTER"  # tests: SIGKILL this process after step N
+# tests: write every group as the interval's own records (the fallback when
+# a net change would need more seqs than its interval had), so that the
+# fallback is exercised on real journals
+VERBATIM_ENV = "CDPCORE_PRUNE_VERBATIM"
 
 _FREE = frozenset({Kind.FLUSH, Kind.BOOKMARK, Kind.AUDIT})  # kinds that change no tree
 _US = {"s": 10**6, "m": 60 * 10**6, "h": 3600 * 10**6, "d": 86400 * 10**6,
@@ -472,7 +476,7 @@ def _net_group(j: Journal, sim: _Sim, raw: list[_Raw], prev: int, k: int, cum: i
         recs = _emit(j, sim, raw, start, k, cum, cum_prev, touched)
     except _NoFit:
         recs = None
-    if recs is None or len(recs) > k - prev:
+    if recs is None or len(recs) > k - prev or os.environ.get(VERBATIM_ENV):
         return _verbatim(j, prev, k, cum, cum_prev)
     for i, r in enumerate(recs):
         r.seq = k - len(recs) + 1 + i
@@ -573,16 +577,18 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _verbatim(j: Journal, prev: int, k: int, cum: int, cum_prev: int) -> _Group:
-    """The interval's own records (seqs, timestamps and all), but for
-    FLUSH, BOOKMARK and AUDIT records that are not the kept point (a FLUSH
-    left inside would be a consistent point that is not kept): always fits,
-    saves nothing."""
+    """The interval's own records (seqs, timestamps and all) from its last
+    BASE on, but for FLUSH, BOOKMARK and AUDIT records that are not the kept
+    point (a FLUSH left inside would be a consistent point that is not
+    kept): always fits, saves little."""
     recs: list[_Rec] = []
     for seq, ts, kind, _fl, fid, offset, payload in j._iter_raw(prev + 1, k):
         if kind in _FREE and seq != k:
             continue
-        recs.append(_Rec(kind, fid, offset, bytes(payload), ts, kind in _FREE or kind in _NS - {Kind.CREATE},
-                         seq))
+        if kind == Kind.BASE:
+            recs.clear()  # the tree before a base does not matter
+        ts_free = kind in _FREE or kind == Kind.BASE or (kind in _NS and kind != Kind.CREATE)
+        recs.append(_Rec(kind, fid, offset, bytes(payload), ts, ts_free, seq))
     last = recs[-1]
     if last.kind in _FREE:
         last.ts = cum
