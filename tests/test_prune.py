@@ -178,23 +178,18 @@ def test_prune_keeps_every_kept_point(built):
 
 
 
-def test_prune_crash_at_every_step(fast_tmp):
-    root = fast_tmp / "root"
-    root.mkdir()
-    days = 8
-    now = T0 + days * D
-    with build(fast_tmp / "j", root, days=days) as j:
-        plan = prune(j, Policy.parse("1d", keep_hourly="2d", keep_daily="7d"), now=now, dry_run=True)
-        assert plan.boundary and len(plan.kept) >= 5 and not plan.dropped
-        assert {b.seq for b in j.bookmarks()} & set(plan.kept)
-        points = plan.kept + ["latest"]
-        want = {p: state(j, p if p == "latest" else f"seq:{p}", fast_tmp / f"w{p}") for p in points}
+def crash_at_every_step(tmp: Path, jdir: Path, policy: Policy, now: int, points: list) -> int:
+    """Run the prune of a copy of jdir, SIGKILLed after step 1, 2, ... until
+    it completes; after each, a writable open recovers a journal that
+    verifies and restores every point as before. Returns the steps seen."""
+    with Journal.open(jdir) as j:
+        want = {p: state(j, p if p == "latest" else f"seq:{p}", tmp / f"w{p}") for p in points}
     step, finished = 0, False
     while not finished:
         step += 1
         assert step < 200
-        work = fast_tmp / f"crash{step}"
-        subprocess.run(["cp", "-a", str(fast_tmp / "j"), str(work)], check=True)
+        work = tmp / f"crash{step}"
+        subprocess.run(["cp", "-a", str(jdir), str(work)], check=True)
         # a forked child (no interpreter start-up per step) runs the prune
         # and SIGKILLs itself after step `step`
         pid = os.fork()
@@ -203,7 +198,7 @@ def test_prune_crash_at_every_step(fast_tmp):
             try:
                 os.environ[KILL_ENV] = str(step)
                 retention._steps = 0
-                prune(str(work), Policy.parse("1d", keep_hourly="2d", keep_daily="7d"), now=now)
+                prune(str(work), policy, now=now)
                 code = 0
             finally:
                 os._exit(code)
@@ -214,13 +209,79 @@ def test_prune_crash_at_every_step(fast_tmp):
         with Journal.open(work) as j2:
             assert not (work / MANIFEST).exists()
             assert not list((work / "segments").glob("*.prune"))
+            assert not list((work / "base").glob("*.prune")) if (work / "base").exists() else True
             rep = j2.verify()
             assert rep.ok, (step, [str(p) for p in rep.problems])
             for p in points:
-                got = state(j2, p if p == "latest" else f"seq:{p}", fast_tmp / f"g{step}-{p}")
+                got = state(j2, p if p == "latest" else f"seq:{p}", tmp / f"g{step}-{p}")
                 assert got == want[p], (step, p)
         subprocess.run(["rm", "-rf", str(work)], check=True)
-    assert step > 10  # the hook saw every step of a real prune
+    return step
+
+
+def test_prune_crash_at_every_step(fast_tmp):
+    root = fast_tmp / "root"
+    root.mkdir()
+    days = 8
+    now = T0 + days * D
+    policy = Policy.parse("1d", keep_hourly="2d", keep_daily="7d")
+    with build(fast_tmp / "j", root, days=days) as j:
+        plan = prune(j, policy, now=now, dry_run=True)
+        assert plan.boundary and len(plan.kept) >= 5 and not plan.dropped
+        assert {b.seq for b in j.bookmarks()} & set(plan.kept)
+    steps = crash_at_every_step(fast_tmp, fast_tmp / "j", policy, now, plan.kept + ["latest"])
+    assert steps > 10  # the hook saw every step of a real prune
+
+
+def ransomed(jdir: Path, root: Path) -> Journal:
+    """A journal started from a base of 40 files of 32 KiB, all rewritten
+    whole on day 1 (the base is dead weight after that), then a few
+    changes a day."""
+    for i in range(40):
+        (root / f"scan{i:02}.dcm").write_bytes(os.urandom(32 << 10))
+    j = Journal.create(jdir, root, segment_size=128 << 10, base=False)
+    (jdir / "base").mkdir()
+    subprocess.run(["cp", "-a", str(root), str(jdir / "base" / "first")], check=True)
+    with j.batch() as b:
+        b.append_base("base/first", ts=T0 - 1)
+    for i in range(40):
+        j.append_write(f"scan{i:02}.dcm", 0, os.urandom(32 << 10), ts=T0 + D + i)
+    j.append_flush(ts=T0 + D + 100)
+    for day in range(2, 8):
+        for i in range(5):
+            j.append_write(f"scan{(day * 5 + i) % 40:02}.dcm", 4096 * i, os.urandom(16 << 10), ts=T0 + day * D + i)
+        j.append_create(f"new{day}.txt", ts=T0 + day * D + 10)
+        j.append_write(f"new{day}.txt", 0, b"new\n", ts=T0 + day * D + 11)
+        j.append_flush(ts=T0 + day * D + 100)
+    return j
+
+
+def test_a_dead_base_is_replaced_by_one_at_the_first_kept_point(fast_tmp):
+    root = fast_tmp / "root"
+    root.mkdir()
+    now = T0 + 8 * D
+    policy = Policy.parse("12h", keep_daily="5d")
+    with ransomed(fast_tmp / "j", root) as j:
+        dry = prune(j, policy, now=now, dry_run=True)
+        want = {k: state(j, f"seq:{k}", fast_tmp / f"w{k}") for k in dry.kept}
+        res = prune(j, policy, now=now)
+        assert res.kept == dry.kept and len(res.kept) >= 4
+        assert res.bases_written == [f"pruned-{res.kept[0]:016x}"] and res.bases_removed == ["first"]
+        assert res.bytes_after < res.bytes_before * 0.6, res
+        for k in res.kept:
+            assert state(j, f"seq:{k}", fast_tmp / f"g{k}") == want[k], k
+        assert j.verify().ok
+
+
+def test_a_dead_base_crash_at_every_step(fast_tmp):
+    root = fast_tmp / "root"
+    root.mkdir()
+    now = T0 + 8 * D
+    policy = Policy.parse("12h", keep_daily="5d")
+    with ransomed(fast_tmp / "j", root) as j:
+        kept = prune(j, policy, now=now, dry_run=True).kept
+    steps = crash_at_every_step(fast_tmp, fast_tmp / "j", policy, now, sorted({kept[0], kept[-1]}) + ["latest"])
+    assert steps >= 5
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

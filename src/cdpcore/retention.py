@@ -609,8 +609,56 @@ def _verbatim(j: Journal, prev: int, k: int, cum: int, cum_prev: int) -> _Group:
 _NOOP_PATH = ".cdpcore-prune-time"
 
 
+_BLOCK = 4096  # allocation unit assumed when a base copy's size is estimated
+
+
 def _maybe_new_base(j: Journal, groups: list[_Group], kept: list[int], cums: dict[int, int]) -> None:
-    return None
+    """Replace the first group by a new base at k0 when that is smaller:
+    the first group keeps the base the journal started from (or the last
+    before k0) plus the net change since; when most of that base is dead
+    at k0 (files deleted or rewritten whole, say after ransomware), one
+    copy of the tree at k0 costs less. The copy is estimated at whole
+    blocks per file, which is what makes copies of small files dear."""
+    from cdpcore.plan import Dir, build_plan
+
+    g0 = groups[0]
+    k0 = g0.point
+    first = g0.records[0]
+    old_base = None
+    if first.kind == Kind.BASE:
+        ref = first.payload.decode("utf-8", "replace")
+        old_base = os.path.join(j.path, *ref.split("/"))
+        if any(r.kind == Kind.BASE and r.payload == first.payload for g in groups[1:] for r in g.records):
+            return  # the base stays anyway
+    cost_now = g0.size() + (_dir_bytes(old_base) if old_base is not None else 0)
+    if cost_now < 64 * _BLOCK:
+        return
+    with build_plan(j, k0) as plan:
+        per_key: dict[int, int] = {}
+        copy = 0
+        for node in plan.tree.nodes.values():
+            if isinstance(node, Inode):
+                if node.key not in per_key:
+                    lo, hi = plan.piece_range(node)
+                    per_key[node.key] = sum(-(-n // _BLOCK) * _BLOCK for n in plan.pieces[2][lo:hi])
+            elif isinstance(node, Dir):
+                copy += _BLOCK
+        copy += sum(per_key.values())
+    if copy >= cost_now * 0.8:
+        return
+    name = f"{BASE_PREFIX}{k0:016x}"
+    recs = [_Rec(Kind.BASE, 0, 0, f"{BASE_DIR}/{name}".encode(), cums[k0], True)]
+    recs += [_Rec(kind, fid, off, payload, cums[k0], True) for kind, fid, off, payload in _bindings(j, k0)]
+    kept_rec = g0.records[-1]
+    if kept_rec.kind in _FREE:
+        recs.append(_Rec(kept_rec.kind, kept_rec.fid, kept_rec.offset, kept_rec.payload, cums[k0], True))
+    if len(recs) > k0 - j.first_seq + 1:
+        return  # (too many file ids bound for the seqs: keep the net change)
+    for i, r in enumerate(recs):
+        r.seq = k0 - len(recs) + 1 + i
+    recs[-1].flags = REC_KEPT
+    groups[0] = _Group(k0, cums[k0], recs, base=name, how="base",
+                       share_with=old_base if old_base is not None and os.path.isdir(old_base) else None)
 
 
 def _pack(groups: list[_Group], top_no: int, max_segs: int, seg_size: int) -> list[_Out]:
