@@ -547,10 +547,17 @@ def _net_data(plan: Any, node: Inode, t: _Touch, fid: int, ts: int) -> list[_Rec
     if t.min_trunc is not None:
         recs.append(_Rec(Kind.TRUNCATE, fid, t.min_trunc, b"", ts, True))
     end = t.min_trunc or 0
-    extents = list(plan.extents(node))
+    # data extents of the file, neighbours joined (pieces from different
+    # records that touch are one run of bytes: one WRITE)
+    extents: list[tuple[int, int]] = []
+    for off, length, _f, _src in plan.extents(node):
+        if extents and extents[-1][0] + extents[-1][1] == off:
+            extents[-1] = (extents[-1][0], extents[-1][1] + length)
+        else:
+            extents.append((off, length))
     for a, b in _merge(t.ranges):
         b = min(b, size)
-        for off, length, _f, _src in extents:  # data pieces only: holes stay holes
+        for off, length in extents:  # data only: holes stay holes
             lo, hi = max(a, off), min(b, off + length)
             while lo < hi:
                 n = min(hi - lo, MAX_PAYLOAD)
