@@ -666,8 +666,14 @@ class Journal:
             if info.compacted:
                 # seqs may skip: the last one is read from the records after
                 # the index's last entry (at most 64 records or 256 KiB)
-                info.gap_last = (seg.scan(start=info.offs[-1], expect_seq=info.seqs[-1], limit=info.end).last_seq
-                                 if info.count else info.first_seq - 1)
+                info.gap_last = info.first_seq - 1
+                if info.count:
+                    r = seg.scan(start=info.offs[-1], expect_seq=info.seqs[-1], limit=info.end)
+                    info.gap_last = r.last_seq
+                    if not r.clean or r.end != info.end:
+                        self._segs.append(info)
+                        self._damage = CorruptJournal(r.reason, n, r.end)
+                        break
             cum = info.cum_ts_max
             self._segs.append(info)
             expect_seq = info.last_seq + 1
