@@ -8,15 +8,21 @@ What a prune does (docs/journal-format.md, "Prune"):
 - The kept points at or before B are: per policy tier (hourly, daily,
   monthly, counted back from now), the last FLUSH of all files in each
   bucket, else the last record of the bucket; every BOOKMARK (unless
-  drop_bookmarks); and B itself.
-- Segments 1..s (up to B) are replaced by one COMPACTED segment per kept
-  point k, whose last record carries seq k. When the tree changed since the
-  previous kept point, the segment starts with a BASE record naming a copy
-  of the tree at k (base/pruned-<16 hex of k>/, materialised from a Plan); a
-  kept FLUSH, BOOKMARK or AUDIT record ends it verbatim. The segment for B
-  also re-binds every file id bound at B (FILEMAP records; ids of unlinked
-  but open files through a FILEMAP + UNLINK of a scratch name), so that the
-  records after B read exactly as before.
+  drop_bookmarks); and B itself. All of them are kept.
+- Segments 1..s (up to B) are replaced by COMPACTED segments holding one
+  *group* per kept point k: the net change from the previous kept point.
+  Namespace records verbatim (file ids keep their bindings, also for the
+  records after B); per inode the data records collapse to a TRUNCATE to
+  the smallest size a truncate left, WRITEs of the union of the ranges the
+  interval wrote, read at k from a Plan, and the final size; the kept
+  FLUSH/BOOKMARK/AUDIT record last. Seqs in a group lie in (previous kept
+  point, k] and may skip (the C scan allows gaps in COMPACTED segments);
+  the last record carries k and the KEPT flag. The base the journal
+  started from stays (the first group is the net change from it), unless
+  a new base at the first kept point is clearly smaller.
+- Timestamps: records keep theirs (they set mtimes); the group reaches
+  the running maximum of the original journal at k, and a reader rounds a
+  time that ends inside a group down to the kept point before it.
 - Crash safety: new segments (NAME.seg.prune) and bases (base/NAME.prune)
   are written and fsync'd, then the manifest prune.json names them and the
   segments and bases they replace; then they are renamed into place and the
