@@ -434,16 +434,13 @@ def _groups(j: Journal, kept: list[int], cums: dict[int, int]) -> list[_Group]:
 
     sim = _Sim()
     groups: list[_Group] = []
-    raw: list[_Raw] = []
-    it = j._iter_raw(j.first_seq, kept[-1])
     prev = j.first_seq - 1
     for k in kept:
-        raw.clear()
-        for seq, ts, kind, _fl, fid, offset, payload in it:
-            raw.append(_Raw(seq, ts, kind, fid, offset, b"" if kind == Kind.WRITE else bytes(payload),
-                            len(payload)))
-            if seq == k:
-                break
+        # one interval at a time, read to the end before the plan at k is
+        # built (a reader left open across it could lose its segment's
+        # mapping to the journal's cache of open segments)
+        raw = [_Raw(seq, ts, kind, fid, offset, b"" if kind == Kind.WRITE else bytes(payload), len(payload))
+               for seq, ts, kind, _fl, fid, offset, payload in j._iter_raw(prev + 1, k)]
         g = _net_group(j, sim, raw, prev, k, cums[k], cums.get(prev, INT64_MIN), base_path)
         groups.append(g)
         prev = k
