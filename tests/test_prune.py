@@ -320,12 +320,18 @@ def test_prune_cli(built):
     assert r.returncode == 2 and json.loads(r.stdout)
 
 
+@pytest.mark.parametrize("verbatim", [False, True])
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
-def test_prune_random_history(fast_tmp, seed):
+def test_prune_random_history(fast_tmp, seed, verbatim, monkeypatch):
     """Random operations at timestamps that sometimes repeat or step back;
     two prunes; every kept point, bookmark and the latest state restore as
-    before, and seqs that are gone are refused."""
+    before, times resolve where they did (rounded down to a kept point),
+    and seqs that are gone are refused. Also with every group written by
+    the verbatim fallback."""
     import random
+
+    if verbatim:
+        monkeypatch.setenv(retention.VERBATIM_ENV, "1")
 
     rnd = random.Random(seed)
     root = fast_tmp / "root"
@@ -383,8 +389,25 @@ def test_prune_random_history(fast_tmp, seed):
         latest = state(j, "latest", fast_tmp / f"wl{step}")
         marks = {b.name: state(j, f"bookmark:{b.name}", fast_tmp / f"wb{step}-{b.name}")
                  for b in j.bookmarks()[:5]}
+        # times: on every record's timestamp, and a microsecond either side
+        stamps = sorted({r.ts + d for r in j.records() for d in (-1, 0, 1)})[::3]
+        resolved = {}
+        for ts in stamps:
+            try:
+                resolved[ts] = j.resolve(ts)
+            except PointError:
+                resolved[ts] = None
         res = prune(j, pol, now=when)
         assert res.kept == dry.kept
+        for ts, seq in resolved.items():
+            # a time lands where it landed, rounded down to a kept point
+            if seq is None or (res.boundary and seq < res.kept[0]):
+                with pytest.raises(PointError):
+                    j.resolve(ts)
+            elif res.boundary is None or seq >= res.kept[-1]:
+                assert j.resolve(ts) == seq, ts
+            else:
+                assert j.resolve(ts) == max(k for k in res.kept if k <= seq), (ts, seq)
         if step == 0:
             assert res.boundary and res.segment_bytes_after < res.segment_bytes_before
         for k in res.dropped:  # asked for by the policy but did not fit: refused, not wrong
