@@ -51,7 +51,7 @@ from cdpcore.format import (
     split_pair,
 )
 from cdpcore.journal import Journal
-from cdpcore.segment import STOP_REASONS
+from cdpcore.segment import STOP_END, STOP_LIMIT, STOP_REASONS
 
 HOLE = 2**64 - 1  # source file of a hole row / piece
 MAX_TABLE_FID = 1 << 24  # file ids above this are bound in Python only
@@ -408,7 +408,7 @@ class Validator:
                                  ffi.NULL, ffi.NULL, ffi.NULL, 0, out, gaps)
                     del buf
                 # count records reach seq expect + count - 1 (or beyond it, with gaps)
-                if out.stop not in (0, 6) or out.last_seq < expect + count - 1:
+                if out.stop not in (STOP_END, STOP_LIMIT) or out.last_seq < expect + count - 1:
                     self._error = CorruptJournal(STOP_REASONS.get(out.stop, "records end early"),
                                                  seg_no, out.end)
             except (OSError, ValueError) as e:
