@@ -575,3 +575,30 @@ def test_bases_hard_links_and_the_verbatim_fallback(fast_tmp, monkeypatch, verba
     assert state(j, "latest", fast_tmp / "hl") == latest
     assert j.verify().ok
     j.close()
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_bookmarks_kept_unless_asked(fast_tmp, drop):
+    root = fast_tmp / "root"
+    root.mkdir()
+    with build(fast_tmp / "j", root) as j:
+        marks = {b.name: b.seq for b in j.bookmarks()}
+        assert set(marks) == {"day2", "day5"}
+        want = {n: state(j, f"bookmark:{n}", fast_tmp / f"w{n}") for n in marks}
+        pol = Policy.parse("2d", keep_daily="3d", drop_bookmarks=drop)
+        res = prune(j, pol, now=NOW)
+        assert res.boundary and res.boundary > max(marks.values())
+        if drop:
+            assert not j.bookmarks() and not set(marks.values()) & set(res.kept)
+            for n, seq in marks.items():
+                with pytest.raises(PointError):
+                    j.resolve(f"bookmark:{n}")
+                with pytest.raises(PointError, match="was pruned"):
+                    j.resolve(f"seq:{seq}")
+        else:
+            assert {b.name: b.seq for b in j.bookmarks()} == marks and set(marks.values()) <= set(res.kept)
+            for n in marks:
+                assert state(j, f"bookmark:{n}", fast_tmp / f"g{n}") == want[n]
+        # points() lists kept points only inside pruned history
+        assert {p.seq for p in j.points() if p.seq <= res.boundary} <= set(res.kept)
+        assert j.verify().ok
