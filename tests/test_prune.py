@@ -602,3 +602,29 @@ def test_bookmarks_kept_unless_asked(fast_tmp, drop):
         # points() lists kept points only inside pruned history
         assert {p.seq for p in j.points() if p.seq <= res.boundary} <= set(res.kept)
         assert j.verify().ok
+
+
+def test_rollback_and_plans_from_kept_points(fast_tmp):
+    """Reading on from a kept point whose next records lie past a gap (in
+    the next segment): continue_plan (rollback's) and a rollback to each
+    kept point work, and the live tree ends as the point restores."""
+    from cdpcore.plan import build_plan, continue_plan
+    from cdpcore.rollback import rollback
+
+    root = fast_tmp / "root"
+    root.mkdir()
+    with build(fast_tmp / "j", root) as j:
+        res = prune(j, POLICY, now=NOW)
+        assert len(res.segments_written) > 1
+        for k in res.kept:
+            with build_plan(j, k) as plan:
+                after = continue_plan(j, plan, j.last_seq)
+                assert after.seq == j.last_seq
+        os.rmdir(root)
+        cdpcore.restore(j, root, at="latest", audit=False)  # the live tree, as journaled
+        for k in res.kept[-3:]:
+            want = state(j, f"seq:{k}", fast_tmp / f"w{k}")
+            rollback(j, f"seq:{k}", force=True)
+            got = snapshot(root)
+            assert {p: v[:5] for p, v in got.items()} == {p: v[:5] for p, v in want.items()}, k
+        assert j.verify().ok

@@ -463,6 +463,8 @@ def _forward(j: Journal, seq: int, plan: Plan, tree: PlanTree, rows: _Rows, prog
     res = ffi.new("struct cdp_extract_result *")
     total = seq - first + 1
     for seg, pos, expect, end, last in j.spans(first, seq):
+        if last < first:
+            continue  # `first` lies in a gap after this COMPACTED segment's records
         file_no = sources.add(seg.path)
         view = sources.view(file_no)
         gaps = seg.header.compacted
