@@ -15,11 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from cdpcore import Journal, restore, rollback
+from cdpcore import Journal, PointError, restore, rollback
 from cdpcore.retention import Policy, prune
 
 Model = tuple[frozenset[str], tuple[tuple[str, bytes], ...]]  # dirs, files
@@ -158,15 +159,22 @@ class JournaledTree(RuleBasedStateMachine):
     def state_at_seq(self, seq: int) -> Model:
         return [m for s, _ts, m in self.history if s <= seq][-1]
 
-    def seq_at_time(self, t: int) -> int:
+    def seq_at_time(self, t: int) -> int | None:
         """Longest prefix, in seq order, of records stamped <= t, by brute
         force over every record's stamp (FILEMAPs and a rollback's records
-        included: they are data here, not the algorithm under test)."""
-        seq = self.history[0][0]
+        included: they are data here, not the algorithm under test). Inside
+        history a prune folded, the kept point at or before it (a group's
+        records keep stamps up to its kept point's running maximum); None
+        when that is before the oldest kept point (refused)."""
+        kept = self.j.compacted_points()
+        seq = self.j.first_seq - 1 if kept else self.history[0][0]
         for rec in self.j.records():
             if rec.ts > t:
                 break
             seq = rec.seq
+        if kept and seq < kept[-1] and seq not in kept:
+            below = [k for k in kept if k <= seq]
+            return below[-1] if below else None
         return seq
 
     def restored(self, at: str) -> Model:
@@ -186,8 +194,11 @@ class JournaledTree(RuleBasedStateMachine):
         assert self.restored(f"seq:{seq}") == model
         t = ts + data.draw(st.sampled_from([0, -1, 1]))
         at = self.seq_at_time(t)
+        if at is None:
+            with pytest.raises(PointError, match="before the"):
+                self.restored(str(t))
         # the model knows no state inside a rollback's own records
-        if t >= self.history[1][1] and not any(lo <= at < hi for lo, hi in self.opaque):
+        elif t >= self.history[1][1] and not any(lo <= at < hi for lo, hi in self.opaque):
             assert self.restored(str(t)) == self.state_at_seq(at)
         if self.bookmarks:
             name = data.draw(st.sampled_from(sorted(self.bookmarks)))

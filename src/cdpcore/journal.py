@@ -1193,8 +1193,8 @@ class Journal:
         # (docs/journal-format.md, Prune): a prefix that ends inside a group
         # stands for the kept point before it.
         rounded = self._round_to_kept(seq)
-        if rounded < seq and rounded < self.first_seq:
-            kept = self.compacted_points()
+        kept = self.compacted_points()
+        if kept and rounded < kept[0]:
             raise PointError(f"{format_us(t)} is before the oldest kept point (seq {kept[0]}); "
                              "older history was pruned")
         seq = rounded
