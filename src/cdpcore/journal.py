@@ -1076,6 +1076,9 @@ class Journal:
         # Without `until`, read to the true end: past a damaged record that
         # makes _iter_raw raise instead of stopping silently at the damage.
         hi = self.resolve(until) if until is not None else UINT64_MAX
+        yield from self._records(lo, hi, path, kinds)
+
+    def _records(self, lo: int, hi: int, path: str | None, kinds: Iterable[int] | None) -> Iterator[Record]:
         want = frozenset(int(k) for k in kinds) if kinds is not None else None
         top = norm_path(path) if path is not None else None
         fmap = FileMap()
@@ -1108,9 +1111,10 @@ class Journal:
         self.refresh()
         if not self._segs or not self.first_seq <= seq <= self._segs[-1].last_seq:
             raise PointError(f"no record with seq {seq} (journal holds {self.first_seq}..{self.last_seq})")
-        for rec in self.records(since=f"seq:{seq - 1}", until=f"seq:{seq}"):
+        # by seq, not by point: inside pruned history seq - 1 may be no point
+        for rec in self._records(seq, seq, None, None):
             return rec
-        raise PointError(f"no record with seq {seq}")
+        raise PointError(f"no record with seq {seq} (pruned)")
 
     def resolve(self, point: PointLike | Point | None) -> int:
         """The seq whose state the point names: the tree after that record."""
