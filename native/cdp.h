@@ -73,8 +73,10 @@ struct cdp_scan_result {
     int stop;               /* enum cdp_stop */
 };
 
-/* Validate records in buf[start:len), the first expected to carry expect_seq.
- * If idx_cap > 0, writes sparse index entries (seq, running ts max *before and
+/* Validate records in buf[start:len), the first expected to carry expect_seq
+ * and each next one the previous + 1; with seq_gaps (a COMPACTED segment) a
+ * record may carry any larger seq (count and last_seq then follow the
+ * records, not the numbers). If idx_cap > 0, writes sparse index entries (seq, running ts max *before and
  * including* that record, offset) for the first record and then every
  * idx_every_records records or idx_every_bytes bytes. ts_base seeds the
  * running max. Never reads outside buf. */
@@ -82,7 +84,7 @@ int cdp_scan(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_s
              int64_t ts_base, uint64_t max_records,
              uint64_t idx_every_records, uint64_t idx_every_bytes,
              uint64_t *idx_seq, int64_t *idx_ts, uint64_t *idx_off, uint64_t idx_cap,
-             struct cdp_scan_result *out);
+             struct cdp_scan_result *out, int seq_gaps);
 
 /* Search buf[start:len) at 8-byte steps for a record with a valid checksum and
  * seq > after_seq; returns its offset in *found or UINT64_MAX. */
@@ -100,13 +102,15 @@ struct cdp_extract_result {
     uint64_t end;           /* offset of the next record to read */
     uint64_t count;         /* records consumed (extracted or skipped) */
     uint64_t n_out;         /* rows written to the output columns */
-    uint64_t last_seq;      /* seq of the last record consumed (expect_seq - 1 if none) */
+    uint64_t last_seq;      /* seq of the last record consumed (expect_seq - 1 if none); after
+                               a stop at the end of the seq range, expect_seq + max_records - 1 */
     int64_t last_ts;        /* its timestamp (0 if none) */
     int stop;               /* enum cdp_stop, or CDP_STOP_KIND */
 };
 
-/* Validate records in buf[start:len) as cdp_scan does, at most max_records of
- * them, and turn each WRITE and TRUNCATE into one row of the output columns:
+/* Validate records in buf[start:len) as cdp_scan does (seq_gaps alike), those
+ * with seq < expect_seq + max_records (max_records of them when seqs are
+ * consecutive), and turn each WRITE and TRUNCATE into one row of the output columns:
  * key = key_of_fid[file id], start, end, file = file_no, src (the payload's
  * offset in buf) and seq, ts. A TRUNCATE to L is the row [L, UINT64_MAX) with
  * file = UINT64_MAX (a hole: what it cut reads as zeros) and src = 0. Records of the kinds in skip_kinds (bit k
@@ -123,7 +127,8 @@ int cdp_extract(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expec
                 uint64_t max_records, uint32_t skip_kinds, int check_crc,
                 const uint64_t *key_of_fid, uint64_t n_fids, uint64_t file_no,
                 uint64_t *key, uint64_t *row_start, uint64_t *row_end, uint64_t *file, uint64_t *src,
-                uint64_t *seq, int64_t *ts, uint64_t cap, struct cdp_extract_result *res);
+                uint64_t *seq, int64_t *ts, uint64_t cap, struct cdp_extract_result *res,
+                int seq_gaps);
 
 /* The visible extents of files built from rows in priority order (a later row
  * covers an earlier one where they overlap): rows are (key, start, end, file,

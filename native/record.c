@@ -77,11 +77,19 @@ static int check_record(const uint8_t *p, uint64_t avail, uint64_t *size)
     return check_record_crc(p, avail, size, 1);
 }
 
+/* The sequence rule: each record's seq is expect (the previous + 1); in a
+ * COMPACTED segment (seq_gaps) any larger seq is allowed too, since a prune
+ * leaves gaps where folded records were. */
+static inline int seq_ok(uint64_t got, uint64_t expect, int seq_gaps)
+{
+    return seq_gaps ? got >= expect : got == expect;
+}
+
 int cdp_scan(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_seq,
              int64_t ts_base, uint64_t max_records,
              uint64_t idx_every_records, uint64_t idx_every_bytes,
              uint64_t *idx_seq, int64_t *idx_ts, uint64_t *idx_off, uint64_t idx_cap,
-             struct cdp_scan_result *out)
+             struct cdp_scan_result *out, int seq_gaps)
 {
     if (!out || start > len || (start & 7))
         return CDP_EINVAL;
@@ -98,10 +106,11 @@ int cdp_scan(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_s
         stop = check_record(buf + pos, len - pos, &size);
         if (stop != CDP_STOP_END)
             break;
-        if (rd64(buf + pos + 8) != seq) {
+        if (!seq_ok(rd64(buf + pos + 8), seq, seq_gaps)) {
             stop = CDP_STOP_SEQ;
             break;
         }
+        seq = rd64(buf + pos + 8);
         int64_t ts = (int64_t)rd64(buf + pos + 16);
         if (ts > tsmax)
             tsmax = ts;
@@ -156,15 +165,19 @@ int cdp_extract(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expec
                 uint64_t max_records, uint32_t skip_kinds, int check_crc,
                 const uint64_t *key_of_fid, uint64_t n_fids, uint64_t file_no,
                 uint64_t *key, uint64_t *row_start, uint64_t *row_end, uint64_t *file, uint64_t *src,
-                uint64_t *seq, int64_t *ts, uint64_t cap, struct cdp_extract_result *res)
+                uint64_t *seq, int64_t *ts, uint64_t cap, struct cdp_extract_result *res,
+                int seq_gaps)
 {
     if (!res || start > len || (start & 7))
         return CDP_EINVAL;
     memset(res, 0, sizeof *res);
     uint64_t pos = start, s = expect_seq, n = 0, count = 0;
+    /* records with seq < expect_seq + max_records: with consecutive seqs,
+     * exactly max_records of them; with gaps, the same seq range */
+    uint64_t seq_end = max_records > UINT64_MAX - expect_seq ? UINT64_MAX : expect_seq + max_records;
     int stop = CDP_STOP_END;
     while (pos < len) {
-        if (count >= max_records) {
+        if (s >= seq_end) {
             stop = CDP_STOP_LIMIT;
             break;
         }
@@ -172,10 +185,18 @@ int cdp_extract(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expec
         stop = check_record_crc(buf + pos, len - pos, &size, check_crc);
         if (stop != CDP_STOP_END)
             break;
-        if (rd64(buf + pos + 8) != s) {
+        if (!seq_ok(rd64(buf + pos + 8), s, seq_gaps)) {
             stop = CDP_STOP_SEQ;
             break;
         }
+        if (rd64(buf + pos + 8) >= seq_end) {
+            /* past the range (a gap spans its end): every record of the
+             * range is consumed, as last_seq = seq_end - 1 says */
+            s = seq_end;
+            stop = CDP_STOP_LIMIT;
+            break;
+        }
+        s = rd64(buf + pos + 8);
         uint8_t kind = buf[pos + 40];
         if (n_fids && (kind == CDP_WRITE || kind == CDP_TRUNCATE)) {
             uint64_t fid = rd64(buf + pos + 24);

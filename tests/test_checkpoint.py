@@ -211,3 +211,31 @@ def test_checkpoint_cli(journal_dirs: tuple[Path, Path]) -> None:
     with Journal.open(jpath, readonly=True) as j:
         restore(j, jpath.parent / "ref", method="replay")
     assert tree_of(jpath.parent / "r", t0) == tree_of(jpath.parent / "ref", t0)
+
+
+def test_prune_discards_checkpoints(fast_tmp: Path) -> None:
+    """A checkpoint inside pruned history would be continued over the
+    compacted records that replaced the ones after it: prune removes them
+    all (in the step that swaps segments), and every kept point restores as
+    before; new checkpoints after the prune start from the compacted
+    segments."""
+    from test_prune import NOW, POLICY, build, state
+
+    from cdpcore.retention import prune
+
+    root = fast_tmp / "root"
+    root.mkdir()
+    with build(fast_tmp / "j", root) as j:
+        checkpoint.update(j, spacing=0)
+        assert checkpoint.seqs(j)
+        dry = prune(j, POLICY, now=NOW, dry_run=True)
+        before = {k: state(j, f"seq:{k}", fast_tmp / f"a{k}") for k in dry.kept[-3:]}
+        latest = state(j, "latest", fast_tmp / "latest-a")
+        prune(j, POLICY, now=NOW)
+        assert checkpoint.seqs(j) == []
+        made = checkpoint.update(j, spacing=0)
+        assert made.kept
+        for k, want in before.items():
+            assert state(j, f"seq:{k}", fast_tmp / f"b{k}") == want
+        assert state(j, "latest", fast_tmp / "latest-b") == latest
+        assert j.verify().ok

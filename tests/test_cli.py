@@ -56,8 +56,10 @@ def cli(*args: Any, cmd: list[str] = MODULE) -> Run:
 def assert_error(args: tuple[Any, ...], code: int, type_name: str, *words: str) -> None:
     """The error contract, in both modes: the exit code, one line on stderr
     and nothing on stdout; with --json, the error document on stdout."""
-    if args and args[0] == "restore":
-        # two restores into one destination would race each other
+    if args and args[0] in ("restore", "rollback"):
+        # two restores into one destination would race each other, and two
+        # rollbacks of one journal for its capture lock (the loser reports
+        # a running capture, exit 13)
         r = finish(start(*args))
         j = finish(start(*args, "--json"))
     else:

@@ -136,6 +136,62 @@ def test_every_byte_flipped(pristine):
     assert n > scale(4000, 20000)
 
 
+@pytest.fixture(scope="module")
+def pristine_pruned():
+    """A journal of four segments whose first three a prune replaced by
+    COMPACTED segments (seq gaps, KEPT flags, net WRITEs)."""
+    from cdpcore.retention import Policy, prune
+
+    hour = 3600 * 10**6
+    with scratch() as tmp:
+        path = Path(tmp, "j")
+        root = Path(tmp, "root")
+        root.mkdir()
+        with Journal.create(path, root, segment_size=SEG) as j:
+            for i in range(12):
+                t = T0 + i * hour
+                j.append_write("db", i % 3 * 512, bytes([i]) * 600, ts=t + 1)
+                j.append_write("db", i % 3 * 512 + 50, bytes([i + 50]) * 600, ts=t + 2)
+                if i == 5:
+                    j.append_rename("db", "db2", ts=t + 3)
+                    j.append_link("db2", "db", ts=t + 4)
+                j.append_flush(ts=t + 5)
+            j.append_write("db", 0, b"live", ts=T0 + 13 * hour)
+            res = prune(j, Policy.parse("2h", keep_hourly="1d"), now=T0 + 14 * hour)
+            assert len(res.kept) >= 3 and res.segments_written
+        with Journal.open(path, readonly=True) as j:
+            orig, err = rec_tuples(j)
+            assert err is None and j.verify().ok and j.compacted_points() == res.kept
+        compacted = [path / "segments" / f"{n:016x}.{ext}" for n in res.segments_written for ext in ("seg", "idx")]
+        yield path, orig, [f for f in compacted if f.exists()]
+
+
+def test_every_byte_of_a_pruned_segment_flipped(pristine_pruned):
+    """The same contract for COMPACTED segments: a flip anywhere (a record's
+    seq into a gap or across its neighbour, the KEPT flag, the header's
+    first seq or flags) is detected and never read as data."""
+    path, orig, files = pristine_pruned
+    assert any(f.suffix == ".seg" for f in files)
+    n = 0
+    for f in files:
+        data = f.read_bytes()
+        rel = f.relative_to(path)
+        with open(f, "r+b") as fh:
+            for pos in positions(len(data), f.name):
+                for x in (0xFF, 1 << (pos % 8)):
+                    fh.seek(pos)
+                    fh.write(bytes([data[pos] ^ x]))
+                    fh.flush()
+                    try:
+                        check_damaged(path, orig, f"{rel} byte {pos} ^ {x:#x}")
+                    finally:
+                        fh.seek(pos)
+                        fh.write(data[pos : pos + 1])
+                        fh.flush()
+                    n += 1
+    assert n > 1000
+
+
 def test_rw_open_of_damaged_journal_never_alters_data(pristine):
     """Opening for writing repairs only caches (head, index files) and torn
     tails; damage inside records makes it refuse."""

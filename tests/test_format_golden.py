@@ -299,3 +299,68 @@ def test_index_layout(journal_dirs):
     for s, t, o in zip(seqs, tss, offs):
         assert walked[o] == (s, t)
     assert parse_index(raw) is not None
+
+
+# ---- a pruned journal: COMPACTED segments with seq gaps and KEPT flags ------------
+
+
+def test_pruned_journal_bytes_golden(journal_dirs):
+    """A prune of the fixed journal, pinned: the COMPACTED segments' records
+    (net change per kept point, seqs packed at the end of each interval so
+    that gaps come first, KEPT (flags bit 0) on each group's last record)
+    and the byte-level rules a reader applies to them."""
+    from cdpcore.format import REC_KEPT, SEG_COMPACTED
+    from cdpcore.retention import Policy, prune
+
+    jpath, root = journal_dirs
+    hour = 3600 * 10**6
+    with Journal.create(jpath, root, segment_size=4096) as j:
+        j.append_create("db/main.db", mode=0o600, ts=T0)
+        for i in range(10):  # each hour: a page written twice, a flush
+            t = T0 + i * hour
+            j.append_write("db/main.db", i % 3 * 4096, bytes([i]) * 700, ts=t + 1)
+            j.append_write("db/main.db", i % 3 * 4096 + 100, bytes([i + 100]) * 700, ts=t + 2)
+            j.append_flush(ts=t + 3)
+            if i == 4:
+                with j.batch() as b:
+                    b.append_rename("db/main.db", "db/old.db", ts=t + 4)
+                    b.append_link("db/old.db", "db/main.db", ts=t + 5)
+                    b.append_truncate("db/old.db", 5000, ts=t + 6)
+        j.append_write("db/main.db", 0, b"live", ts=T0 + 11 * hour)
+    with Journal.open(jpath) as j:
+        res = prune(j, Policy.parse("3h", keep_hourly="24h"), now=T0 + 12 * hour)
+        assert res.boundary and len(res.kept) >= 4 and res.segments_written
+        kept = j.compacted_points()
+        assert kept == res.kept
+    segdir = jpath / "segments"
+    seen_gap = False
+    for no in res.segments_written:
+        data = (segdir / f"{no:016x}.seg").read_bytes()
+        hdr = parse_segment_header(data, "x")
+        assert hdr.flags == SEG_COMPACTED
+        golden(f"pruned/{no:016x}.seg.hex", masked_segment(data))
+        # walk the records: seqs increase, not always by one; KEPT marks
+        # exactly the kept points, and the segment ends with one
+        pos, prev, flagged = 64, None, []
+        while pos < len(data):
+            ln, s, ts, fid, off, kind, flags = struct.unpack_from("<IQqQQBB", data, pos + 4)
+            assert flags in (0, REC_KEPT)
+            if prev is None:
+                assert s == hdr.first_seq
+            else:
+                assert s > prev
+                seen_gap |= s > prev + 1
+            if flags & REC_KEPT:
+                flagged.append(s)
+            prev = s
+            pos += (48 + ln + 7) & ~7
+        assert flagged and flagged[-1] == prev and set(flagged) <= set(kept)
+        # the C scan accepts the gaps only when told the segment is COMPACTED
+        buf = ffi.from_buffer(data)
+        out = ffi.new("struct cdp_scan_result *")
+        args = (buf, len(data), 64, hdr.first_seq, -(2**63), 0, 64, 1 << 18,
+                ffi.NULL, ffi.NULL, ffi.NULL, 0, out)
+        assert lib.cdp_scan(*args, 1) == lib.CDP_OK and out.stop == 0 and out.last_seq == prev
+        if seen_gap:
+            assert lib.cdp_scan(*args, 0) == lib.CDP_OK and out.stop == 4  # CDP_STOP_SEQ
+    assert seen_gap

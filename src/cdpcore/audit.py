@@ -177,7 +177,7 @@ def _chain_after(last: bytes | None, uuid: bytes, fd: int, size: int) -> tuple[s
 
 
 def append(journal: Journal | str | os.PathLike[str], action: str, arguments: dict[str, Any],
-           result: dict[str, Any], ok: bool = True, anchor: bool = True) -> Entry:
+           result: dict[str, Any], ok: bool = True, anchor: bool = True, anchor_ts: int | None = None) -> Entry:
     """Enter an action in the journal's audit log, durably, and (with
     anchor=True) anchor the entry in the journal as an AUDIT record.
 
@@ -235,7 +235,7 @@ def append(journal: Journal | str | os.PathLike[str], action: str, arguments: di
     if not anchor:
         return entry
     try:
-        seq = _anchor(journal, entry.n, digest)
+        seq = _anchor(journal, entry.n, digest, anchor_ts)
     except (OSError, CdpError) as e:
         return _replace(entry, anchor_error=str(e))
     return _replace(entry, anchor_seq=seq)
@@ -247,18 +247,19 @@ def _replace(entry: Entry, **kw: Any) -> Entry:
     return replace(entry, **kw)
 
 
-def _anchor(journal: Journal | str | os.PathLike[str], n: int, digest: str) -> int:
-    """Append (and sync) an AUDIT record for entry n; returns its seq."""
+def _anchor(journal: Journal | str | os.PathLike[str], n: int, digest: str, ts: int | None = None) -> int:
+    """Append (and sync) an AUDIT record for entry n, stamped ts (default:
+    now); returns its seq."""
     if isinstance(journal, Journal) and not journal.readonly:
-        return _append_anchor(journal, n, digest)
+        return _append_anchor(journal, n, digest, ts)
     jpath = journal.path if isinstance(journal, Journal) else journal
     with Journal.open(jpath) as j:
-        return _append_anchor(j, n, digest)
+        return _append_anchor(j, n, digest, ts)
 
 
-def _append_anchor(j: Journal, n: int, digest: str) -> int:
+def _append_anchor(j: Journal, n: int, digest: str, ts: int | None = None) -> int:
     b = j.batch()
-    b.append_audit(n, bytes.fromhex(digest))
+    b.append_audit(n, bytes.fromhex(digest), ts=ts)
     seq = b.commit()[1]
     j.sync()
     return seq
@@ -470,27 +471,30 @@ def _check_line(raw: bytes, lineno: int, expect_n: int, expect_prev: str
 
 
 def audited(journal: Journal | str | os.PathLike[str], action: str, arguments: dict[str, Any],
-            run: Callable[[], R], anchor: bool = True, required: bool = True) -> R:
+            run: Callable[[], R], anchor: bool = True, required: bool = True, anchor_ts: int | None = None) -> R:
     """Run an action and enter it in the audit log, whether it succeeded
     (its result's to_json()) or failed (the error, then re-raised).
 
     required=False is for read-only actions such as a restore, which must
     still work from a journal on read-only media (a DR copy, a mounted
-    snapshot): failing to write the log then only warns on stderr."""
+    snapshot): failing to write the log then only warns on stderr.
+    anchor_ts stamps the AUDIT record (default: now), for an action whose
+    records run on the caller's clock."""
     try:
         result = run()
     except BaseException as e:
-        _enter(journal, action, arguments, {"error": f"{type(e).__name__}: {e}"}, False, anchor, required)
+        _enter(journal, action, arguments, {"error": f"{type(e).__name__}: {e}"}, False, anchor, required,
+               anchor_ts)
         raise
     doc = result.to_json() if hasattr(result, "to_json") else {"result": result}
-    _enter(journal, action, arguments, doc, True, anchor, required)
+    _enter(journal, action, arguments, doc, True, anchor, required, anchor_ts)
     return result
 
 
 def _enter(journal: Journal | str | os.PathLike[str], action: str, arguments: dict[str, Any],
-           result: dict[str, Any], ok: bool, anchor: bool, required: bool) -> None:
+           result: dict[str, Any], ok: bool, anchor: bool, required: bool, anchor_ts: int | None = None) -> None:
     try:
-        append(journal, action, arguments, result, ok=ok, anchor=anchor)
+        append(journal, action, arguments, result, ok=ok, anchor=anchor, anchor_ts=anchor_ts)
     except OSError as e:
         if required:
             raise

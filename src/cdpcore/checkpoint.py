@@ -16,7 +16,8 @@ A checkpoint is a cache, like a segment's index file: it names its source
 files with their sizes and an identity (the segment header's checksum, a
 base file's mtime), and a checkpoint whose sources changed, whose checksum
 fails or whose journal is another is ignored and removed by update().
-Prune rewrites segments, so it discards every checkpoint (discard()).
+Prune rewrites segments, so it discards every checkpoint (discard(), in
+the step that swaps the segments, which recovery repeats).
 
 When. update() (`cdpctl checkpoint`) keeps a checkpoint at the end of each
 of the newest DENSE sealed segments (a rollback of recent damage then reads
@@ -310,11 +311,20 @@ def update(j: Journal, spacing: int | None = None) -> UpdateResult:
     return result
 
 
-def discard(j: Journal) -> None:
-    """Remove every checkpoint (prune: the segments they name change)."""
-    d = _dir(j)
-    for s in seqs(j):
-        try:
-            os.unlink(os.path.join(d, name_of(s)))
-        except FileNotFoundError:
-            pass
+def discard(journal_path: str) -> None:
+    """Remove every checkpoint of the journal at journal_path. Prune calls
+    it before it swaps segments: a checkpoint inside the pruned history
+    could otherwise be continued over the compacted records that replace
+    the ones after it."""
+    d = os.path.join(journal_path, DIR)
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return
+    for n in names:
+        if n.endswith(SUFFIX) or n.endswith(SUFFIX + ".tmp"):
+            try:
+                os.unlink(os.path.join(d, n))
+            except FileNotFoundError:
+                pass
+    _fsync_dir(d)

@@ -223,6 +223,9 @@ class SegmentHeader:
 # last record is a point of the journal (the others build that state).
 SEG_COMPACTED = 1
 SEG_FLAGS_KNOWN = SEG_COMPACTED
+# Record flags bit 0, only in a COMPACTED segment: this record ends a group
+# written by prune, and its seq is a kept point (docs/journal-format.md, Prune).
+REC_KEPT = 1
 
 
 def encode_segment_header(uuid: bytes, seg_no: int, first_seq: int, created_us: int,

@@ -46,6 +46,7 @@ from cdpcore.format import (
     MIN_SEGMENT_SIZE,
     NO_MODE,
     REC_HDR,
+    REC_KEPT,
     SEG_HDR,
     SEGMENT_DIR,
     Head,
@@ -162,9 +163,12 @@ class _SegInfo:
     tss: array
     offs: array
     compacted: bool = False  # a COMPACTED segment written by prune (retention.py)
+    gap_last: int | None = None  # its last seq (seqs inside may skip: count does not tell)
 
     @property
     def last_seq(self) -> int:
+        if self.gap_last is not None:
+            return self.gap_last
         return self.first_seq + self.count - 1
 
 
@@ -453,6 +457,7 @@ class Journal:
         self._free_ids: list[int] = []
         self._bookmarks: list[PointInfo] | None = None
         self._seen: tuple[int, int, int] | None = None  # the head _load went by
+        self._kept: tuple[tuple[tuple[int, int], ...], list[int], frozenset[int]] | None = None
         self._append_lock = threading.Lock()
         self._fork_gen = _fork_gen
 
@@ -672,6 +677,17 @@ class Journal:
                     self._tail(seg, r, head, recover)
             info = self._info(data, cum)
             info.compacted = seg.header.compacted
+            if info.compacted:
+                # seqs may skip: the last one is read from the records after
+                # the index's last entry (at most 64 records or 256 KiB)
+                info.gap_last = info.first_seq - 1
+                if info.count:
+                    r = seg.scan(start=info.offs[-1], expect_seq=info.seqs[-1], limit=info.end)
+                    info.gap_last = r.last_seq
+                    if not r.clean or r.end != info.end:
+                        self._segs.append(info)
+                        self._damage = CorruptJournal(r.reason, n, r.end)
+                        break
             cum = info.cum_ts_max
             self._segs.append(info)
             expect_seq = info.last_seq + 1
@@ -1079,6 +1095,9 @@ class Journal:
         # Without `until`, read to the true end: past a damaged record that
         # makes _iter_raw raise instead of stopping silently at the damage.
         hi = self.resolve(until) if until is not None else UINT64_MAX
+        yield from self._records(lo, hi, path, kinds)
+
+    def _records(self, lo: int, hi: int, path: str | None, kinds: Iterable[int] | None) -> Iterator[Record]:
         want = frozenset(int(k) for k in kinds) if kinds is not None else None
         top = norm_path(path) if path is not None else None
         fmap = FileMap()
@@ -1111,9 +1130,10 @@ class Journal:
         self.refresh()
         if not self._segs or not self.first_seq <= seq <= self._segs[-1].last_seq:
             raise PointError(f"no record with seq {seq} (journal holds {self.first_seq}..{self.last_seq})")
-        for rec in self.records(since=f"seq:{seq - 1}", until=f"seq:{seq}"):
+        # by seq, not by point: inside pruned history seq - 1 may be no point
+        for rec in self._records(seq, seq, None, None):
             return rec
-        raise PointError(f"no record with seq {seq}")
+        raise PointError(f"no record with seq {seq} (pruned)")
 
     def resolve(self, point: PointLike | Point | None) -> int:
         """The seq whose state the point names: the tree after that record."""
@@ -1127,8 +1147,8 @@ class Journal:
             return last
         if p.kind == "seq":
             assert isinstance(p.value, int)
-            kept = self.compacted_points()
-            if kept and 0 <= p.value < kept[-1] and p.value not in kept:
+            kept, kept_set = self._kept_points()
+            if kept and 0 <= p.value < kept[-1] and p.value not in kept_set:
                 shown = ", ".join(map(str, kept[:20])) + (", ..." if len(kept) > 20 else "")
                 raise PointError(f"seq {p.value} was pruned; kept points: {shown} and every seq "
                                  f"after {kept[-1]}")
@@ -1144,9 +1164,30 @@ class Journal:
         return self._resolve_time(p.value)
 
     def compacted_points(self) -> list[int]:
-        """The points a prune kept (the last seq of each COMPACTED segment),
-        oldest first; every seq after the last of them is a point too."""
-        return [s.last_seq for s in self._segs if s.compacted]
+        """The points a prune kept, oldest first: in COMPACTED segments, the
+        records flagged KEPT and each segment's last record. Every seq after
+        the last of them is a point too."""
+        return self._kept_points()[0]
+
+    def _kept_points(self) -> tuple[list[int], frozenset[int]]:
+        key = tuple((s.seg_no, s.end) for s in self._segs if s.compacted)
+        if self._kept is None or self._kept[0] != key:
+            kept: list[int] = []
+            for info in self._segs:
+                if info.compacted and info.count:
+                    kept.extend(seq for seq, _ts, _k, flags, *_ in self._iter_raw(info.first_seq, info.last_seq)
+                                if flags & REC_KEPT or seq == info.last_seq)
+            self._kept = (key, kept, frozenset(kept))
+        return self._kept[1], self._kept[2]
+
+    def _round_to_kept(self, seq: int) -> int:
+        """seq, or inside pruned history the kept point at or before it
+        (first_seq - 1 when none is)."""
+        kept, kept_set = self._kept_points()
+        if not kept or seq >= kept[-1] or seq in kept_set:
+            return seq
+        i = bisect.bisect_right(kept, seq)
+        return kept[i - 1] if i else self.first_seq - 1
 
     def _resolve_time(self, t: int) -> int:
         """Longest prefix, in seq order, of records with ts <= t."""
@@ -1171,6 +1212,15 @@ class Journal:
                 if ts > t:
                     break
                 seq = s
+        # Records folded by a prune keep timestamps up to their kept point's
+        # (docs/journal-format.md, Prune): a prefix that ends inside a group
+        # stands for the kept point before it.
+        rounded = self._round_to_kept(seq)
+        kept = self.compacted_points()
+        if kept and rounded < kept[0]:
+            raise PointError(f"{format_us(t)} is before the oldest kept point (seq {kept[0]}); "
+                             "older history was pruned")
+        seq = rounded
         if seq < self.first_seq:
             first_ts = next(self._iter_raw(self.first_seq, self.first_seq))[1]
             raise PointError(f"{format_us(t)} is before the journal's first record ({format_us(first_ts)})")
@@ -1182,7 +1232,10 @@ class Journal:
     def points(self) -> list[PointInfo]:
         """Flush points (crash-consistent) and bookmarks, oldest first."""
         out = []
+        kept, kept_set = self._kept_points()
         for rec in self.records(kinds=(Kind.FLUSH, Kind.BOOKMARK)):
+            if kept and rec.seq < kept[-1] and rec.seq not in kept_set:
+                continue  # inside pruned history: not a point any more
             out.append(PointInfo(rec.seq, rec.ts, rec.kind.name, rec.name if rec.kind == Kind.BOOKMARK else rec.path))
         return out
 

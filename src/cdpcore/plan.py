@@ -52,7 +52,7 @@ from cdpcore.format import (
     split_pair,
 )
 from cdpcore.journal import Journal
-from cdpcore.segment import STOP_REASONS
+from cdpcore.segment import STOP_END, STOP_LIMIT, STOP_REASONS
 
 HOLE = 2**64 - 1  # source file of a hole row / piece
 MAX_TABLE_FID = 1 << 24  # file ids above this are bound in Python only
@@ -390,14 +390,16 @@ class Validator:
     success, before finish() has returned."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[str, int, int, int, int, int] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[str, int, int, int, int, int, bool] | None] = queue.SimpleQueue()
         self._error: CorruptJournal | None = None
         self._thread = threading.Thread(target=self._run, name="cdpcore-validate", daemon=True)
         self._thread.start()
 
-    def submit(self, path: str, seg_no: int, pos: int, end: int, expect: int, count: int) -> None:
-        """Check `count` records from offset pos (seq `expect`) of a segment."""
-        self._jobs.put((path, seg_no, pos, end, expect, count))
+    def submit(self, path: str, seg_no: int, pos: int, end: int, expect: int, count: int,
+               gaps: bool = False) -> None:
+        """Check the records with seq in [expect, expect + count) from offset
+        pos of a segment (gaps: a COMPACTED one, whose seqs may skip)."""
+        self._jobs.put((path, seg_no, pos, end, expect, count, gaps))
 
     def submit_pieces(self, paths: list[str], file: array, rec: array) -> None:
         """Check the record that each piece of a plan comes from, where its
@@ -449,15 +451,16 @@ class Validator:
             if len(job) == 3:
                 self._run_pieces(*job)  # type: ignore[misc]
                 continue
-            path, seg_no, pos, end, expect, count = job
+            path, seg_no, pos, end, expect, count, gaps = job
             try:
                 with open(path, "rb") as f, mmap.mmap(f.fileno(), end, prot=mmap.PROT_READ,
                                                    flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) as m:
                     buf = ffi.from_buffer(m)
                     lib.cdp_scan(buf, end, pos, expect, INT64_MIN, count, 0, 0,
-                                 ffi.NULL, ffi.NULL, ffi.NULL, 0, out)
+                                 ffi.NULL, ffi.NULL, ffi.NULL, 0, out, gaps)
                     del buf
-                if out.count != count:
+                # count records reach seq expect + count - 1 (or beyond it, with gaps)
+                if out.stop not in (STOP_END, STOP_LIMIT) or out.last_seq < expect + count - 1:
                     self._error = CorruptJournal(STOP_REASONS.get(out.stop, "records end early"),
                                                  seg_no, out.end)
             except (OSError, ValueError) as e:
@@ -628,8 +631,11 @@ def _forward(j: Journal, seq: int, plan: Plan, tree: PlanTree, rows: _Rows, prog
     res = ffi.new("struct cdp_extract_result *")
     total = seq - first + 1
     for seg, pos, expect, end, last in j.spans(first, seq):
+        if last < first:
+            continue  # `first` lies in a gap after this COMPACTED segment's records
         file_no = sources.add(seg.path)
         view = sources.view(file_no)
+        gaps = seg.header.compacted
         end = min(end, len(view))
         stop = min(seq, last)
         if expect < first:
@@ -637,13 +643,13 @@ def _forward(j: Journal, seq: int, plan: Plan, tree: PlanTree, rows: _Rows, prog
             # (and check) the records in between
             buf = ffi.from_buffer(view)
             status = lib.cdp_extract(buf, end, pos, expect, first - expect, _ALL_KINDS, validator is None,
-                                     ffi.NULL, 0, 0, *([ffi.NULL] * 7), 0, res)
+                                     ffi.NULL, 0, 0, *([ffi.NULL] * 7), 0, res, gaps)
             del buf
-            if status != lib.CDP_OK or res.last_seq + 1 != first:
+            if status != lib.CDP_OK or res.stop != _STOP_LIMIT:
                 raise CorruptJournal(STOP_REASONS.get(res.stop, "records end early"), seg.seg_no, res.end)
             pos, expect = res.end, first
         if validator is not None and expect <= stop:
-            validator.submit(seg.path, seg.seg_no, pos, end, expect, stop - expect + 1)
+            validator.submit(seg.path, seg.seg_no, pos, end, expect, stop - expect + 1, gaps)
         try:
             while expect <= stop:
                 rows.reserve(min(stop - expect + 1, ROWS_PER_CALL))
@@ -653,7 +659,7 @@ def _forward(j: Journal, seq: int, plan: Plan, tree: PlanTree, rows: _Rows, prog
                 ptrs = rows.pointers(rows.n)[:7]  # not rec: the extractor leaves it
                 status = lib.cdp_extract(buf, end, pos, expect, stop - expect + 1, _SKIP,
                                          validator is None, table,
-                                         len(tree.table), file_no, *ptrs, cap, res)
+                                         len(tree.table), file_no, *ptrs, cap, res, gaps)
                 del buf, table, ptrs  # release the arrays before they may grow
                 if status != lib.CDP_OK:
                     raise CorruptJournal(f"cannot read records (status {status})", seg.seg_no, pos)
@@ -674,7 +680,7 @@ def _forward(j: Journal, seq: int, plan: Plan, tree: PlanTree, rows: _Rows, prog
                         _apply(tree, rows, plan, kind, fid, offset, payload, rseq, ts, file_no, pos + 48)
                     plan.ts = ts
                     pos += (48 + n + 7) & ~7
-                    expect += 1
+                    expect = rseq + 1  # (a COMPACTED segment's seqs may skip)
                 elif res.stop != _STOP_LIMIT and expect <= stop:
                     raise CorruptJournal(STOP_REASONS.get(res.stop, "records end early"), seg.seg_no, pos)
                 if progress is not None:
@@ -958,17 +964,17 @@ def last_global_flush(j: Journal, seq: int) -> int | None:
             while expect <= stop:
                 buf = ffi.from_buffer(view)
                 status = lib.cdp_extract(buf, end, pos, expect, stop - expect + 1, skip, 1, ffi.NULL, 0, 0,
-                                         *([ffi.NULL] * 7), 0, res)
+                                         *([ffi.NULL] * 7), 0, res, seg.header.compacted)
                 del buf
                 if status != lib.CDP_OK:
                     raise CorruptJournal(f"cannot read records (status {status})", seg.seg_no, pos)
                 pos, expect = res.end, res.last_seq + 1
                 if res.stop == _STOP_KIND:
-                    _crc, n, _s, _ts, fid, *_rest = REC_HDR.unpack_from(view, pos)
+                    _crc, n, rseq, _ts, fid, *_rest = REC_HDR.unpack_from(view, pos)
                     if fid == 0:
-                        found = expect
+                        found = rseq
                     pos += (48 + n + 7) & ~7
-                    expect += 1
+                    expect = rseq + 1
                 elif res.stop != _STOP_LIMIT and expect <= stop:
                     raise CorruptJournal(STOP_REASONS.get(res.stop, "records end early"), seg.seg_no, pos)
         finally:

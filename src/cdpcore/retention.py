@@ -8,15 +8,21 @@ What a prune does (docs/journal-format.md, "Prune"):
 - The kept points at or before B are: per policy tier (hourly, daily,
   monthly, counted back from now), the last FLUSH of all files in each
   bucket, else the last record of the bucket; every BOOKMARK (unless
-  drop_bookmarks); and B itself.
-- Segments 1..s (up to B) are replaced by one COMPACTED segment per kept
-  point k, whose last record carries seq k. When the tree changed since the
-  previous kept point, the segment starts with a BASE record naming a copy
-  of the tree at k (base/pruned-<16 hex of k>/, materialised from a Plan); a
-  kept FLUSH, BOOKMARK or AUDIT record ends it verbatim. The segment for B
-  also re-binds every file id bound at B (FILEMAP records; ids of unlinked
-  but open files through a FILEMAP + UNLINK of a scratch name), so that the
-  records after B read exactly as before.
+  drop_bookmarks); and B itself. All of them are kept.
+- Segments 1..s (up to B) are replaced by COMPACTED segments holding one
+  *group* per kept point k: the net change from the previous kept point.
+  Namespace records verbatim (file ids keep their bindings, also for the
+  records after B); per inode the data records collapse to a TRUNCATE to
+  the smallest size a truncate left, WRITEs of the union of the ranges the
+  interval wrote, read at k from a Plan, and the final size; the kept
+  FLUSH/BOOKMARK/AUDIT record last. Seqs in a group lie in (previous kept
+  point, k] and may skip (the C scan allows gaps in COMPACTED segments);
+  the last record carries k and the KEPT flag. The base the journal
+  started from stays (the first group is the net change from it), unless
+  a new base at the first kept point is clearly smaller.
+- Timestamps: records keep theirs (they set mtimes); the group reaches
+  the running maximum of the original journal at k, and a reader rounds a
+  time that ends inside a group down to the kept point before it.
 - Crash safety: new segments (NAME.seg.prune) and bases (base/NAME.prune)
   are written and fsync'd, then the manifest prune.json names them and the
   segments and bases they replace; then they are renamed into place and the
@@ -26,7 +32,7 @@ What a prune does (docs/journal-format.md, "Prune"):
 """
 from __future__ import annotations
 
-import bisect
+import collections
 import json
 import os
 import re
@@ -40,6 +46,9 @@ from cdpcore._native import INT64_MIN, ffi, now_us
 from cdpcore.errors import CdpError, PointError
 from cdpcore.format import (
     BASE_DIR,
+    MAX_PAYLOAD,
+    NO_MODE,
+    REC_KEPT,
     SEG_COMPACTED,
     SEGMENT_DIR,
     Kind,
@@ -48,14 +57,20 @@ from cdpcore.format import (
     encode_segment_header,
     index_name,
     segment_name,
+    setattr_payload,
 )
 from cdpcore.journal import Journal, _fsync_dir, write_durable
+from cdpcore.plan import Inode, Tree
 from cdpcore.point import datetime_to_us, format_us
 
 MANIFEST = "prune.json"
 PRUNE_SUFFIX = ".prune"
 BASE_PREFIX = "pruned-"
 KILL_ENV = "CDPCORE_PRUNE_KILL_AFTER"  # tests: SIGKILL this process after step N
+# tests: write every group as the interval's own records (the fallback when
+# a net change would need more seqs than its interval had), so that the
+# fallback is exercised on real journals
+VERBATIM_ENV = "CDPCORE_PRUNE_VERBATIM"
 
 _FREE = frozenset({Kind.FLUSH, Kind.BOOKMARK, Kind.AUDIT})  # kinds that change no tree
 _US = {"s": 10**6, "m": 60 * 10**6, "h": 3600 * 10**6, "d": 86400 * 10**6,
@@ -120,8 +135,8 @@ class PruneResult:
     dry_run: bool
     boundary: int | None = None  # B: the last seq folded (None: nothing to prune)
     kept: list[int] = field(default_factory=list)  # kept points <= B
-    # points the policy asked for that did not fit (segment numbers or seq
-    # room, see docs/journal-format.md "Prune"): pruned too
+    # always empty: every point the policy asks for is kept (the field stays
+    # for callers of the first prune design, which dropped points that did not fit)
     dropped: list[int] = field(default_factory=list)
     pruned_records: int = 0  # records <= B that are no longer points
     segments_replaced: list[int] = field(default_factory=list)
@@ -212,14 +227,43 @@ def _kept_points(cands: list[_Cand], policy: Policy, now: int, boundary: int) ->
 
 
 @dataclass
+class _Rec:
+    """One record of a compacted group (its seq is given when the group is laid out)."""
+
+    kind: int
+    fid: int
+    offset: int
+    payload: bytes
+    ts: int
+    free_ts: bool  # its timestamp changes no state (may carry the group's running maximum)
+    seq: int = 0
+    flags: int = 0
+
+    def size(self) -> int:
+        return (48 + len(self.payload) + 7) & ~7
+
+
+@dataclass
+class _Group:
+    """The records that take the tree from the previous kept point to `point`."""
+
+    point: int
+    cum: int  # running maximum of the original timestamps through `point`
+    records: list[_Rec]
+    base: str | None = None  # name under base/ of a new base this group's BASE names
+    how: str = "net"  # "net", "verbatim" (the interval's own records) or "base"
+    share_with: str | None = None  # a base whose unchanged files the new base hard-links
+
+    def size(self) -> int:
+        return sum(r.size() for r in self.records)
+
+
+@dataclass
 class _Out:
-    """One compacted segment to write."""
+    """One compacted segment to write: whole groups, in order."""
 
     seg_no: int
-    point: int
-    ts: int
-    base: str | None  # name under base/ of the tree at `point`, when it changed
-    records: list[tuple[int, int, int, bytes]]  # (kind, file id, offset, payload) after the BASE
+    groups: list[_Group]
 
 
 def _dir_bytes(path: str) -> int:
@@ -296,166 +340,356 @@ def _prune(j: Journal, policy: Policy, now: int, dry_run: bool) -> PruneResult:
     if not sealed:
         res.message = "no sealed segment lies before the keep-all boundary: nothing to prune"
         return res
-
-    # One pass over the records up to the last candidate boundary.
-    s_max = sealed[-1]
-    compact_ranges = [(s.first_seq, s.last_seq) for s in segs[: s_max + 1] if s.compacted]
-    cstarts = [a for a, _ in compact_ranges]
-
-    def folded(seq: int) -> bool:  # inside a compacted segment but not its last record
-        k = bisect.bisect_right(cstarts, seq) - 1
-        return k >= 0 and seq < compact_ranges[k][1]
-
-    cands: list[_Cand] = []
-    changers: list[int] = []
-    cum = INT64_MIN
-    for seq, ts, kind, _fl, fid, offset, payload in j._iter_raw(j.first_seq, segs[s_max].last_seq):
-        cum = max(cum, ts)
-        if kind not in _FREE:
-            changers.append(seq)
-        if not folded(seq):
-            cands.append(_Cand(seq, ts, cum, kind, fid, offset, bytes(payload) if kind in _FREE else b""))
-    by_seq = {c.seq: c for c in cands}
-    needed = True if dry_run else _bump_namespace(j)
-    bind_cache: dict[int, list[tuple[int, int, int, bytes]]] = {}
-
-    # Prefer a boundary a segment or more earlier (the keep-all window keeps
-    # more) to dropping points the policy asked for; drop only if no
-    # boundary works otherwise.
-    dropped: list[int] = []
-    outs = None
-    for allow_drop in (False, True):
-        for s_idx in reversed(sealed):
-            dropped = []
-            outs = _layout(j, segs, s_idx, cands, by_seq, changers, policy, now, dropped, allow_drop,
-                           needed, bind_cache)
-            if outs is not None:
-                break
-        if outs is not None:
-            break
-    if outs is None:
-        res.message = "the kept points do not fit in the sealed segments before the boundary: nothing pruned"
-        return res
-    if all(s.compacted for s in segs[: s_idx + 1]) and [o.point for o in outs] == [
-            s.last_seq for s in segs[: s_idx + 1]]:
-        res.message = "already pruned to this policy: nothing to do"
-        res.boundary = segs[s_idx].last_seq
-        res.kept = [o.point for o in outs]
-        return res
+    s_idx = sealed[-1]
     boundary = segs[s_idx].last_seq
+    old_kept, old_kept_set = j._kept_points()
+
+    # One pass over the records up to the boundary: the candidates for kept
+    # points (inside earlier pruned history only its kept points are) and
+    # every record's header, for the groups.
+    cands: list[_Cand] = []
+    cum = INT64_MIN
+    for seq, ts, kind, _fl, fid, offset, payload in j._iter_raw(j.first_seq, boundary):
+        cum = max(cum, ts)
+        if old_kept and seq < old_kept[-1] and seq not in old_kept_set:
+            continue
+        cands.append(_Cand(seq, ts, cum, kind, fid, offset, bytes(payload) if kind in _FREE else b""))
+    kept = sorted(_kept_points(cands, policy, now, boundary))
     res.boundary = boundary
-    res.kept = [o.point for o in outs]
-    res.dropped = sorted(dropped)
-    first_seq = j.first_seq
-    res.pruned_records = sum(1 for c in cands if c.seq <= boundary) - len(outs)
+    res.kept = kept
+    res.pruned_records = len(cands) - len(kept)
+    if all(s.compacted for s in segs[: s_idx + 1]) and kept == [k for k in old_kept if k <= boundary]:
+        res.message = "already pruned to this policy: nothing to do"
+        res.pruned_records = 0
+        return res
     res.segments_replaced = [s.seg_no for s in segs[: s_idx + 1]]
-    res.segments_written = [o.seg_no for o in outs]
+    first_seq = j.first_seq
     if dry_run:
-        res.message = (f"would fold seq {first_seq}..{boundary} into {len(outs)} kept points "
+        res.message = (f"would fold seq {first_seq}..{boundary} into {len(kept)} kept points "
                        f"({res.pruned_records} points pruned)")
         return res
-    _execute(j, segs[: s_idx + 1], outs, res)
+    cums = {c.seq: c.cum for c in cands}
+    groups = _groups(j, kept, cums)
+    outs = _pack(groups, segs[s_idx].seg_no, s_idx + 1, j.meta.segment_size)
+    res.segments_written = [o.seg_no for o in outs]
+    _execute(j, segs[: s_idx + 1], outs, groups, res)
     res.bytes_after = _space(j)
     res.segment_bytes_after = _seg_bytes(j)
-    res.message = f"folded seq {first_seq}..{boundary} into {len(outs)} kept points"
+    hows = collections.Counter(g.how for g in groups)
+    res.message = (f"folded seq {first_seq}..{boundary} into {len(kept)} kept points ("
+                   + ", ".join(f"{n} {how}" for how, n in sorted(hows.items())) + ")")
     return res
 
 
-def _layout(j: Journal, segs: list[Any], s_idx: int, cands: list[_Cand], by_seq: dict[int, _Cand],
-            changers: list[int], policy: Policy, now: int, dropped: list[int],
-            allow_drop: bool = True, needed: Any = None,
-            bind_cache: dict[int, Any] | None = None) -> list[_Out] | None:
-    """The compacted segments replacing segs[0..s_idx], or None if they do
-    not fit (seq numbers or segment numbers)."""
-    boundary = segs[s_idx].last_seq
-    mine = [c for c in cands if c.seq <= boundary]
-    kept = sorted(_kept_points(mine, policy, now, boundary))
-    bookmarks = {c.seq for c in mine if c.kind == Kind.BOOKMARK} if not policy.drop_bookmarks else set()
-    top_no = segs[s_idx].seg_no
-    # too many kept points for the segment numbers: drop the oldest thinned ones
-    while len(kept) > top_no:
-        drop = next((k for k in kept[:-1] if k not in bookmarks), None)
-        if drop is None or not allow_drop:
-            return None
-        kept.remove(drop)
-        dropped.append(drop)
-    bindings = None
-    while True:
-        outs: list[_Out] = []
-        prev = j.first_seq - 1
-        ok = True
-        for i, k in enumerate(kept):
-            lo = bisect.bisect_right(changers, prev)
-            changed = lo < len(changers) and changers[lo] <= k
-            recs: list[tuple[int, int, int, bytes]] = []
-            if k == boundary:
-                if bindings is None:
-                    cache = bind_cache if bind_cache is not None else {}
-                    if boundary not in cache:
-                        cache[boundary] = _bindings(j, boundary, _needed_ids(j, boundary) if needed else None)
-                    bindings = cache[boundary]
-                recs.extend(bindings)
-            c = by_seq[k]
-            if c.kind in _FREE:
-                recs.append((c.kind, c.fid, c.offset, c.payload))
-            n = len(recs) + (1 if changed else 0)
-            # n >= 1: a point record that changes nothing is in recs, any other
-            # is itself a change (so a BASE comes)
-            if (i > 0 and n > k - prev) or k - n + 1 < 1:
-                ok = False
-                # widen the interval: drop the previous kept point if it may go
-                if allow_drop and i > 0 and kept[i - 1] not in bookmarks:
-                    dropped.append(kept.pop(i - 1))
-                    break
-                return None
-            outs.append(_Out(0, k, c.cum, f"{BASE_PREFIX}{k:016x}" if changed else None, recs))
-            prev = k
-        if ok:
-            break
-    for i, o in enumerate(outs):
-        o.seg_no = top_no - len(outs) + 1 + i
-    return outs
+# ---- groups: the net change between kept points ------------------------------------
+
+# Kinds kept verbatim in a group: the namespace (few records, and file ids
+# that records bind in between must still resolve) and DIRTY notes.
+_NS = frozenset({Kind.FILEMAP, Kind.CREATE, Kind.RENAME, Kind.UNLINK, Kind.MKDIR, Kind.RMDIR,
+                 Kind.SETATTR, Kind.SYMLINK, Kind.LINK})
+_DATA = frozenset({Kind.WRITE, Kind.TRUNCATE})
 
 
-def _bump_namespace(j: Journal) -> bool:
-    """Bump the head's namespace generation: every writer's cached path ->
-    file id bindings are then stale, so that each record appended from now
-    on follows a FILEMAP (or CREATE) of its id; only ids used by records
-    already in the journal need re-binding at the boundary."""
-    writer = j._need_writer()
-    writer.lock()
+@dataclass
+class _Raw:
+    seq: int
+    ts: int
+    kind: int
+    fid: int
+    offset: int
+    payload: bytes  # empty for WRITE (its length is in `length`)
+    length: int
+
+
+class _Sim(Tree):
+    """The namespace of the original records, to tell which inode each data
+    record wrote (file ids are rebound, files renamed and replaced between
+    kept points)."""
+
+    def load_base(self, base: str) -> None:
+        self.reset()
+        linked: dict[tuple[int, int], Inode] = {}  # hard links inside a base are one inode
+        for rel, _full, st in self.walk_base(base):
+            same = linked.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+            if same is not None:
+                self.nodes[rel] = same
+                continue
+            ino = self.new_inode(st.st_mode & 0o7777)
+            if st.st_nlink > 1:
+                linked[(st.st_dev, st.st_ino)] = ino
+            self.nodes[rel] = ino
+
+
+@dataclass
+class _Touch:
+    """What the data records of one interval did to one inode."""
+
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    min_trunc: int | None = None
+    last: int = -1  # index, in the interval, of its last data record
+
+
+def _groups(j: Journal, kept: list[int], cums: dict[int, int]) -> list[_Group]:
+    from cdpcore.plan import base_path
+
+    sim = _Sim()
+    groups: list[_Group] = []
+    prev = j.first_seq - 1
+    for k in kept:
+        # one interval at a time, read to the end before the plan at k is
+        # built (a reader left open across it could lose its segment's
+        # mapping to the journal's cache of open segments)
+        raw = [_Raw(seq, ts, kind, fid, offset, b"" if kind == Kind.WRITE else bytes(payload), len(payload))
+               for seq, ts, kind, _fl, fid, offset, payload in j._iter_raw(prev + 1, k)]
+        g = _net_group(j, sim, raw, prev, k, cums[k], cums.get(prev, INT64_MIN), base_path)
+        groups.append(g)
+        prev = k
+    if len(groups) > 0:
+        _maybe_new_base(j, groups, kept, cums)
+    return groups
+
+
+def _net_group(j: Journal, sim: _Sim, raw: list[_Raw], prev: int, k: int, cum: int, cum_prev: int,
+               base_path: Any) -> _Group:
+    """The group for kept point k: the namespace records of (prev, k]
+    verbatim, each inode's net data change at the place of its last data
+    record, the kept record last. Falls back to the interval's own records
+    when the net change needs more seqs than the interval had."""
+    start = 0
+    for i, r in enumerate(raw):
+        if r.kind == Kind.BASE:
+            start = i  # the tree before it does not matter
+    touched: dict[int, tuple[Inode, _Touch]] = {}
+    for i in range(start, len(raw)):
+        r = raw[i]
+        if r.kind == Kind.BASE:
+            sim.load_base(base_path(j, r.seq, r.payload))
+        elif r.kind in _NS:
+            sim.apply_ns(r.kind, r.fid, r.offset, r.payload, r.seq, r.ts)
+        elif r.kind in _DATA:
+            ino = sim.inode(r.fid, "write" if r.kind == Kind.WRITE else "truncate")
+            t = touched.setdefault(ino.key, (ino, _Touch()))[1]
+            if r.kind == Kind.WRITE:
+                if r.length:
+                    t.ranges.append((r.offset, r.offset + r.length))
+            else:
+                t.min_trunc = r.offset if t.min_trunc is None else min(t.min_trunc, r.offset)
+            t.last = i
     try:
-        st = writer.get_state()
-        if st is None:
-            return False
-        writer.set_state(next_seq=st.next_seq, seg_no=st.seg_no, seg_off=st.seg_off,
-                         next_file_id=st.next_file_id, ns_gen=st.ns_gen + 1,
-                         synced_seq=st.synced_seq, last_ts=st.last_ts, seg_size=st.seg_size,
-                         uuid=bytes(ffi.buffer(st.uuid, 16)))
+        recs = _emit(j, sim, raw, start, k, cum, cum_prev, touched)
+    except _NoFit:
+        recs = None
+    if recs is None or len(recs) > k - prev or os.environ.get(VERBATIM_ENV):
+        return _verbatim(j, prev, k, cum, cum_prev)
+    for i, r in enumerate(recs):
+        r.seq = k - len(recs) + 1 + i
+    recs[-1].flags = REC_KEPT
+    return _Group(k, cum, recs)
+
+
+class _NoFit(Exception):
+    pass
+
+
+def _emit(j: Journal, sim: _Sim, raw: list[_Raw], start: int, k: int, cum: int, cum_prev: int,
+          touched: dict[int, tuple[Inode, _Touch]]) -> list[_Rec]:
+    from cdpcore.plan import build_plan
+
+    # inodes whose content still matters at k: reachable, or bound by a
+    # file id that later records may write through
+    live: dict[int, str | int] = {}
+    for path, node in sim.nodes.items():
+        if isinstance(node, Inode) and node.key in touched and node.key not in live:
+            live[node.key] = path
+    for fid, ino in sim.ids.items():
+        if ino.key in touched and ino.key not in live:
+            live[ino.key] = fid
+    at_last = {t.last: key for key, (_ino, t) in touched.items() if key in live}
+    out: list[_Rec] = []
+    plan = build_plan(j, k) if at_last else None
+    try:
+        for i in range(start, len(raw)):
+            r = raw[i]
+            if r.kind == Kind.BASE or r.kind in _NS or r.kind == Kind.DIRTY:
+                out.append(_Rec(r.kind, r.fid, r.offset, r.payload, r.ts, r.kind != Kind.CREATE))
+            elif i in at_last:
+                assert plan is not None
+                key = at_last[i]
+                where = live[key]
+                node = plan.tree.nodes.get(where) if isinstance(where, str) else plan.tree.ids.get(where)
+                if not isinstance(node, Inode):
+                    raise _NoFit  # the plan disagrees with the namespace replay: keep the records
+                out.extend(_net_data(plan, node, touched[key][1], r.fid, r.ts))
+        last = raw[-1]
+        if last.seq == k and last.kind in _FREE:
+            out.append(_Rec(last.kind, last.fid, last.offset, last.payload, cum, True))
+        if not out:
+            raise _NoFit
+        # the group's records must reach its running maximum, so that a
+        # time before it resolves to the kept point before the group
+        if max(r.ts for r in out) < cum and cum > cum_prev:
+            free = [r for r in out if r.free_ts]
+            if free:
+                free[-1].ts = cum
+            else:
+                out.append(_Rec(Kind.SETATTR, 0, NO_MODE, setattr_payload(_NOOP_PATH, None), cum, True))
     finally:
-        writer.unlock()
-    from cdpcore._native import UINT64_MAX
-
-    j._ns_gen = UINT64_MAX
-    j._paths.clear()
-    j.refresh()
-    return True
+        if plan is not None:
+            plan.close()
+    return out
 
 
-def _needed_ids(j: Journal, boundary: int) -> set[int]:
-    """File ids that records after the boundary use before (re)binding them."""
-    from cdpcore.format import FILE_KINDS
+def _net_data(plan: Any, node: Inode, t: _Touch, fid: int, ts: int) -> list[_Rec]:
+    """One inode's change over an interval: a TRUNCATE to the smallest size
+    a truncate left (what it cut reads as zeros unless written again), the
+    data the interval wrote as it reads at the kept point (overlapping
+    rewrites collapse), the final size when that differs. All with the
+    timestamp of the inode's last data record: the last one sets its mtime."""
+    size = plan.size_of(node)
+    recs: list[_Rec] = []
+    if t.min_trunc is not None:
+        recs.append(_Rec(Kind.TRUNCATE, fid, t.min_trunc, b"", ts, True))
+    end = t.min_trunc or 0
+    # data extents of the file, neighbours joined (pieces from different
+    # records that touch are one run of bytes: one WRITE)
+    extents: list[tuple[int, int]] = []
+    for off, length, _f, _src in plan.extents(node):
+        if extents and extents[-1][0] + extents[-1][1] == off:
+            extents[-1] = (extents[-1][0], extents[-1][1] + length)
+        else:
+            extents.append((off, length))
+    for a, b in _merge(t.ranges):
+        b = min(b, size)
+        for off, length in extents:  # data only: holes stay holes
+            lo, hi = max(a, off), min(b, off + length)
+            while lo < hi:
+                n = min(hi - lo, MAX_PAYLOAD)
+                recs.append(_Rec(Kind.WRITE, fid, lo, plan.read(node, lo, n), ts, True))
+                lo += n
+                end = max(end, lo)
+    if t.min_trunc is not None and end != size:
+        recs.append(_Rec(Kind.TRUNCATE, fid, size, b"", ts, True))
+    if not recs:
+        # only empty writes: one keeps the mtime they set
+        recs.append(_Rec(Kind.WRITE, fid, 0, b"", ts, True))
+    recs[-1].free_ts = False
+    return recs
 
-    bound: set[int] = set()
-    need: set[int] = set()
-    for _s, _ts, kind, _fl, fid, _off, _p in j._iter_raw(boundary + 1, j.last_seq):
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _verbatim(j: Journal, prev: int, k: int, cum: int, cum_prev: int) -> _Group:
+    """The interval's own records (seqs, timestamps and all) from its last
+    BASE on, but for FLUSH, BOOKMARK and AUDIT records that are not the kept
+    point (a FLUSH left inside would be a consistent point that is not
+    kept): always fits, saves little."""
+    recs: list[_Rec] = []
+    for seq, ts, kind, _fl, fid, offset, payload in j._iter_raw(prev + 1, k):
+        if kind in _FREE and seq != k:
+            continue
         if kind == Kind.BASE:
+            recs.clear()  # the tree before a base does not matter
+        ts_free = kind in _FREE or kind == Kind.BASE or (kind in _NS and kind != Kind.CREATE)
+        recs.append(_Rec(kind, fid, offset, bytes(payload), ts, ts_free, seq))
+    last = recs[-1]
+    if last.kind in _FREE:
+        last.ts = cum
+    if max(r.ts for r in recs) < cum and cum > cum_prev:  # the latest timestamp was on a record dropped
+        free = [r for r in recs if r.free_ts]
+        if free:
+            free[-1].ts = cum
+        else:  # a no-op SETATTR takes the seq of a dropped record
+            gap = next(s for s in range(k - 1, prev, -1) if s not in {r.seq for r in recs})
+            recs.insert(0, _Rec(Kind.SETATTR, 0, NO_MODE, setattr_payload(_NOOP_PATH, None), cum, True, gap))
+            recs.sort(key=lambda r: r.seq)
+    recs[-1].flags = REC_KEPT
+    return _Group(k, cum, recs, how="verbatim")
+
+
+# SETATTR that changes nothing (mode and mtime "unchanged") of a path that
+# need not exist: it only carries a group's running maximum timestamp.
+_NOOP_PATH = ".cdpcore-prune-time"
+
+
+_BLOCK = 4096  # allocation unit assumed when a base copy's size is estimated
+
+
+def _maybe_new_base(j: Journal, groups: list[_Group], kept: list[int], cums: dict[int, int]) -> None:
+    """Replace the first group by a new base at k0 when that is smaller:
+    the first group keeps the base the journal started from (or the last
+    before k0) plus the net change since; when most of that base is dead
+    at k0 (files deleted or rewritten whole, say after ransomware), one
+    copy of the tree at k0 costs less. The copy is estimated at whole
+    blocks per file, which is what makes copies of small files dear."""
+    from cdpcore.plan import Dir, build_plan
+
+    g0 = groups[0]
+    k0 = g0.point
+    first = g0.records[0]
+    old_base = None
+    if first.kind == Kind.BASE:
+        ref = first.payload.decode("utf-8", "replace")
+        old_base = os.path.join(j.path, *ref.split("/"))
+        if any(r.kind == Kind.BASE and r.payload == first.payload for g in groups[1:] for r in g.records):
+            return  # the base stays anyway
+    cost_now = g0.size() + (_dir_bytes(old_base) if old_base is not None else 0)
+    if cost_now < 64 * _BLOCK:
+        return
+    with build_plan(j, k0) as plan:
+        per_key: dict[int, int] = {}
+        copy = 0
+        for node in plan.tree.nodes.values():
+            if isinstance(node, Inode):
+                if node.key not in per_key:
+                    lo, hi = plan.piece_range(node)
+                    per_key[node.key] = sum(-(-n // _BLOCK) * _BLOCK for n in plan.pieces[2][lo:hi])
+            elif isinstance(node, Dir):
+                copy += _BLOCK
+        copy += sum(per_key.values())
+    if copy >= cost_now * 0.8:
+        return
+    name = f"{BASE_PREFIX}{k0:016x}"
+    recs = [_Rec(Kind.BASE, 0, 0, f"{BASE_DIR}/{name}".encode(), cums[k0], True)]
+    recs += [_Rec(kind, fid, off, payload, cums[k0], True) for kind, fid, off, payload in _bindings(j, k0)]
+    kept_rec = g0.records[-1]
+    if kept_rec.kind in _FREE:
+        recs.append(_Rec(kept_rec.kind, kept_rec.fid, kept_rec.offset, kept_rec.payload, cums[k0], True))
+    if len(recs) > k0 - j.first_seq + 1:
+        return  # (too many file ids bound for the seqs: keep the net change)
+    for i, r in enumerate(recs):
+        r.seq = k0 - len(recs) + 1 + i
+    recs[-1].flags = REC_KEPT
+    groups[0] = _Group(k0, cums[k0], recs, base=name, how="base",
+                       share_with=old_base if old_base is not None and os.path.isdir(old_base) else None)
+
+
+def _pack(groups: list[_Group], top_no: int, max_segs: int, seg_size: int) -> list[_Out]:
+    """Whole groups into at most max_segs segments of about seg_size bytes
+    (a group is never split: each segment ends with a kept point), numbered
+    so that the last is top_no."""
+    cap = seg_size
+    while True:
+        outs: list[list[_Group]] = [[]]
+        used = 0
+        for g in groups:
+            if outs[-1] and used + g.size() > cap:
+                outs.append([])
+                used = 0
+            outs[-1].append(g)
+            used += g.size()
+        if len(outs) <= max_segs:
             break
-        if kind in (Kind.FILEMAP, Kind.CREATE):
-            bound.add(fid)
-        elif fid and (kind in FILE_KINDS or kind == Kind.FLUSH) and fid not in bound:
-            need.add(fid)
-    return need
+        cap *= 2
+    first_no = top_no - len(outs) + 1
+    return [_Out(first_no + i, gs) for i, gs in enumerate(outs)]
 
 
 def _bindings(j: Journal, seq: int, only: set[int] | None = None) -> list[tuple[int, int, int, bytes]]:
@@ -573,7 +807,7 @@ def _base_refs(j: Journal, lo: int, hi: int) -> set[str]:
     return refs
 
 
-def _execute(j: Journal, old: list[Any], outs: list[_Out], res: PruneResult) -> None:
+def _execute(j: Journal, old: list[Any], outs: list[_Out], groups: list[_Group], res: PruneResult) -> None:
     from cdpcore.plan import build_plan
     from cdpcore.restore import write_plan
 
@@ -583,34 +817,29 @@ def _execute(j: Journal, old: list[Any], outs: list[_Out], res: PruneResult) -> 
     boundary = old[-1].last_seq
     old_refs = _base_refs(j, j.first_seq, boundary)
     new_bases: list[str] = []
-    prev_base: str | None = None
-    # 1. the bases, under temporary names
-    for o in outs:
-        if o.base is None:
-            continue
-        if os.path.isdir(os.path.join(basedir, o.base)):
-            prev_base = os.path.join(basedir, o.base)
-            continue
-        tmp = os.path.join(basedir, o.base + PRUNE_SUFFIX)
+    # 1. the new base (at most one: at the first kept point), under a temporary name
+    for g in groups:
+        if g.base is None or os.path.isdir(os.path.join(basedir, g.base)):
+            continue  # (the same name is the same tree: the state at that seq)
+        tmp = os.path.join(basedir, g.base + PRUNE_SUFFIX)
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.mkdir(tmp)
-        with build_plan(j, o.point) as plan:
+        with build_plan(j, g.point) as plan:
             write_plan(plan, tmp)
-            if prev_base is not None:
-                _share(plan, tmp, prev_base)
+            if g.share_with is not None:
+                _share(plan, tmp, g.share_with)
         _fsync_tree(tmp)
-        prev_base = tmp
         _fsync_dir(basedir)
-        new_bases.append(o.base)
+        new_bases.append(g.base)
         _step()
     # 2. the compacted segments, under temporary names
     for o in outs:
-        recs = ([(Kind.BASE, 0, 0, f"{BASE_DIR}/{o.base}".encode())] if o.base else []) + o.records
-        first = o.point - len(recs) + 1
+        first = o.groups[0].records[0].seq
         data = bytearray(encode_segment_header(j.meta.uuid, o.seg_no, first, now_us(), SEG_COMPACTED))
-        for i, (kind, fid, offset, payload) in enumerate(recs):
-            data += encode_record(kind, first + i, o.ts, fid, offset, payload)
+        for g in o.groups:
+            for r in g.records:
+                data += encode_record(r.kind, r.seq, r.ts, r.fid, r.offset, r.payload, r.flags)
         path = os.path.join(segdir, segment_name(o.seg_no) + PRUNE_SUFFIX)
         with open(path, "wb") as f:
             f.write(data)
@@ -618,8 +847,9 @@ def _execute(j: Journal, old: list[Any], outs: list[_Out], res: PruneResult) -> 
             os.fsync(f.fileno())
         _step()
     _fsync_dir(segdir)
+    keep_refs = {r.payload.decode("utf-8", "replace")[len(BASE_DIR) + 1:]
+                 for g in groups for r in g.records if r.kind == Kind.BASE}
     # 3. the manifest: from here on the prune is decided
-    keep_refs = {o.base for o in outs if o.base}
     manifest = {"version": 1, "new_segments": [o.seg_no for o in outs],
                 "old_segments": [s.seg_no for s in old], "new_bases": new_bases,
                 "old_bases": sorted(old_refs - keep_refs)}
@@ -642,6 +872,9 @@ def _execute(j: Journal, old: list[Any], outs: list[_Out], res: PruneResult) -> 
 
 def _finish(path: str, manifest: dict[str, Any]) -> None:
     """Complete a decided prune (idempotent: also what recovery runs)."""
+    from cdpcore import checkpoint
+
+    checkpoint.discard(path)  # saved plans name the segments and records about to change
     segdir = os.path.join(path, SEGMENT_DIR)
     basedir = os.path.join(path, BASE_DIR)
     new = set(manifest["new_segments"])

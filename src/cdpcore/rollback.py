@@ -120,8 +120,9 @@ def rollback(journal: Journal | str | os.PathLike[str], to: PointLike, force: bo
     """Return the live protected root (journal.root) to point `to`,
     rewriting only what changed after it; the rollback is journaled and
     entered (anchored) in the audit log, as is a failed attempt. `ts`
-    stamps the rollback's records (epoch microseconds; default: now), for
-    vendor code and tests that run the journal on a clock of their own."""
+    stamps the rollback's records and their audit anchor (epoch
+    microseconds; default: now), for vendor code and tests that run the
+    journal on a clock of their own."""
     from cdpcore import audit
 
     def run(j: Journal) -> RollbackResult:
@@ -129,7 +130,7 @@ def rollback(journal: Journal | str | os.PathLike[str], to: PointLike, force: bo
             return _rollback(j, to, ts)
 
     def audited_run(j: Journal) -> RollbackResult:
-        return audit.audited(j, "rollback", {"to": str(to), "force": force}, lambda: run(j))
+        return audit.audited(j, "rollback", {"to": str(to), "force": force}, lambda: run(j), anchor_ts=ts)
 
     if isinstance(journal, Journal):
         return audited_run(journal)

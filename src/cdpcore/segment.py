@@ -129,7 +129,8 @@ class Segment:
         ioff = ffi.new("uint64_t[]", max(cap, 1))
         out = ffi.new("struct cdp_scan_result *")
         check(lib.cdp_scan(buf, end, start, expect_seq, INT64_MIN, max_records,
-                           INDEX_EVERY_RECORDS, INDEX_EVERY_BYTES, iseq, its, ioff, cap, out))
+                           INDEX_EVERY_RECORDS, INDEX_EVERY_BYTES, iseq, its, ioff, cap, out,
+                           self.header.compacted))
         index = None
         if with_index:
             n = out.n_index

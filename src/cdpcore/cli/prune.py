@@ -45,6 +45,10 @@ def render(doc: Doc) -> Iterator[str]:
     yield doc["message"]
     if doc["boundary"] is None:
         return
+    bases = []
+    if doc["bases_written"] or doc["bases_removed"]:
+        bases = [("bases", f"written {', '.join(doc['bases_written']) or '-'}; "
+                           f"removed {', '.join(doc['bases_removed']) or '-'}")]
     yield from ("  " + row for row in fields([
         ("boundary", f"seq {doc['boundary']}"),
         ("kept points", ", ".join(map(str, doc["kept"]))),
@@ -53,11 +57,9 @@ def render(doc: Doc) -> Iterator[str]:
         *([] if doc["dry_run"] else [
             ("segment files", f"{size(doc['segment_bytes_before'])} -> {size(doc['segment_bytes_after'])}"),
             ("with bases", f"{size(doc['bytes_before'])} -> {size(doc['bytes_after'])} (allocated)"),
+            *bases,
         ]),
     ]))
-    if doc["dropped"]:
-        yield ("  warning: the policy also asked for seq " + ", ".join(map(str, doc["dropped"]))
-               + ", which did not fit (see docs/journal-format.md, Prune)")
 
 
 def _now(text: str | None) -> int | None:
