@@ -413,6 +413,9 @@ class Validator:
         bufs: list[Any] = []
         try:
             used = set(file)
+            # page tables in one call pay when most of each segment is read
+            # (a restore); a rollback's few pieces take a fault each instead
+            populate = mmap.MAP_POPULATE if len(file) > 16 * len(used) * 1024 else 0
             for i, p in enumerate(paths):
                 m = None
                 if i in used and p.endswith(".seg"):
@@ -420,7 +423,7 @@ class Validator:
                         size = os.fstat(f.fileno()).st_size
                         if size:
                             m = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ,
-                                          flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+                                          flags=mmap.MAP_SHARED | populate)
                 maps.append(m)
                 bufs.append(ffi.from_buffer(m) if m is not None else ffi.NULL)
             ptrs = ffi.new("const uint8_t *[]", bufs or [ffi.NULL])
@@ -504,11 +507,14 @@ def build_plan(j: Journal, seq: int, progress: Progress | None = None,
 
 def _begin(j: Journal, seq: int, progress: Progress | None, validator: Validator | None,
            use_checkpoints: bool, pieces: bool = True) -> tuple[Plan, _Rows, checkpoint.Checkpoint | None]:
+    # (without pieces, a rollback: it reads a few pieces scattered over every
+    # segment, where mapping whole segments with MAP_POPULATE costs more
+    # than the faults it saves)
     """The tree at seq, and the rows to lay over each other (not yet laid);
     without `pieces`, a checkpoint's pieces are left out of the rows (the
     caller adds those it needs, before the rows)."""
     tree = PlanTree()
-    sources = Sources()
+    sources = Sources(populate=pieces)
     plan = Plan(seq, None, tree, sources)
     ck = checkpoint.best(j, seq) if use_checkpoints else None
     first = ck.seq + 1 if ck is not None else j.first_seq
@@ -881,7 +887,8 @@ class Sources:
     16 pages that the extractor and the copy touch (a fifth of a restore's
     time on a 4 GB journal)."""
 
-    def __init__(self) -> None:
+    def __init__(self, populate: bool = True) -> None:
+        self.populate = populate
         self.paths: list[str] = []
         self._index: dict[str, int] = {}
         self._maps: list[mmap.mmap | None] = []
@@ -910,8 +917,8 @@ class Sources:
             fd = os.open(self.paths[i], os.O_RDONLY | os.O_CLOEXEC)
             try:
                 size = os.fstat(fd).st_size
-                m = mmap.mmap(fd, size, prot=mmap.PROT_READ,
-                              flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) if size else None
+                flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if self.populate else 0)
+                m = mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=flags) if size else None
             finally:
                 os.close(fd)
             self._maps[i] = m
