@@ -94,6 +94,34 @@ def test_resync_finds_nothing_after_clean_capture(jr, tmp_path):
     check_latest(jpath, root, tmp_path)
 
 
+def test_resync_needs_no_scratch_space(jr, tmp_path, monkeypatch):
+    """resync compares the root with the latest point's plan, in place: no
+    restored copy (which would need as much free space as the root), so it
+    works with no usable TMPDIR. A change inside a big file journals only
+    the chunk that differs; a type change (file -> directory, -> symlink)
+    and a mode change are found too."""
+    jpath, root = jr
+    script = "open('big', 'wb').write(bytes(range(256)) * 16384); open('t', 'w').write('x'); " \
+             "open('m', 'w').write('m')"  # big: 4 MiB
+    run(jpath, [PY, "-c", script], cwd=root, resync=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "no-such-dir"))
+    with open(root / "big", "r+b") as f:
+        f.seek(3 << 20)
+        f.write(b"changed behind capture's back")
+    os.unlink(root / "t")
+    (root / "t").mkdir()
+    os.chmod(root / "m", 0o600)
+    with cdpcore.Journal.open(jpath) as j:
+        before = j.last_seq
+    r = cdpcore.resync(jpath)
+    assert sorted(r.changed) == ["big", "m"] and r.created == ["t"], r
+    with cdpcore.Journal.open(jpath) as j:
+        writes = [rec for rec in j.records(since=f"seq:{before}") if rec.kind == cdpcore.Kind.WRITE]
+    assert [(w.path, w.offset, len(w.data)) for w in writes] == [("big", 3 << 20, 1 << 20)]
+    monkeypatch.delenv("TMPDIR")
+    check_latest(jpath, root, tmp_path)
+
+
 SQLITE_WORKLOAD = r"""
 import random, sqlite3, sys
 db, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -36,7 +36,6 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -327,19 +326,16 @@ def dirty_files(j: Journal, since: int = 0) -> list[str]:
     return list(seen)
 
 
-def _same_content(a: str, b: str) -> list[tuple[int, bytes]]:
-    """Chunks of a (offset, bytes) that differ from b."""
+def _changed_chunks(full: str, plan: Any, ino: Any) -> list[tuple[int, bytes]]:
+    """Chunks (offset, bytes) of the live file that differ from the plan's
+    content of inode ino (compared up to the live size; sizes apart)."""
     diffs = []
-    with builtins.open(a, "rb") as fa, builtins.open(b, "rb") as fb:
+    with builtins.open(full, "rb") as f:
         off = 0
-        while True:
-            x = fa.read(CHUNK)
-            if not x:
-                break
-            y = fb.read(len(x))
-            if x != y:
-                diffs.append((off, x))
-            off += len(x)
+        while chunk := f.read(CHUNK):
+            if chunk != plan.read(ino, off, len(chunk)):
+                diffs.append((off, chunk))
+            off += len(chunk)
     return diffs
 
 
@@ -359,63 +355,71 @@ def _walk(top: str) -> dict[str, os.stat_result]:
 def resync(journal: Journal | str | os.PathLike[str]) -> ResyncResult:
     """Journal whatever the live root holds that the journal's latest point
     does not (dirty files, changes no capture saw). Run it when nothing
-    writes the root: protect does, after the program exits."""
+    writes the root: protect does, after the program exits.
+
+    The root is compared with the latest point's plan (plan.py: names,
+    modes, symlinks, and each file's bytes read from the journal where they
+    lie), not with a restored copy: a copy would need as much free space
+    as the root, and a journal's file system that filled up is the
+    commonest reason to resync."""
     if not isinstance(journal, Journal):
         with Journal.open(journal) as j:
             return resync(j)
-    from cdpcore.restore import restore
+    from cdpcore.plan import Dir, Inode, Link, build_plan
 
     j = journal
-    # the scratch copy goes to TMPDIR, not into the journal: a journal whose
-    # file system filled up (the commonest reason to resync) has no room
-    scratch = os.path.join(tempfile.mkdtemp(prefix="cdp-resync-"), "tree")
     result = ResyncResult()
-    try:
-        restore(j, scratch, at="latest", audit=False)
-        live, old = _walk(j.root), _walk(scratch)
+    with build_plan(j, j.last_seq) as plan:
+        old = plan.tree.nodes
+        live = _walk(j.root)
         b = j.batch()
         # removals first, deepest first
         for rel in sorted(set(old) - set(live), key=lambda p: -p.count("/")):
             if any(rel.startswith(p + "/") for p in result.removed):
                 continue
-            b.append_rmdir(rel) if stat.S_ISDIR(old[rel].st_mode) else b.append_unlink(rel)
+            b.append_rmdir(rel) if isinstance(old[rel], Dir) else b.append_unlink(rel)
             result.removed.append(rel)
         for rel in sorted(live, key=lambda p: (p.count("/"), p)):
             st, full = live[rel], os.path.join(j.root, rel)
             prev = old.get(rel)
-            if prev is not None and stat.S_IFMT(prev.st_mode) != stat.S_IFMT(st.st_mode):
-                b.append_rmdir(rel) if stat.S_ISDIR(prev.st_mode) else b.append_unlink(rel)
+            kind_now = (Dir if stat.S_ISDIR(st.st_mode) else Link if stat.S_ISLNK(st.st_mode)
+                        else Inode if stat.S_ISREG(st.st_mode) else None)
+            if kind_now is None:
+                continue  # sockets, fifos, devices: nothing a journal holds
+            if prev is not None and not isinstance(prev, kind_now):
+                b.append_rmdir(rel) if isinstance(prev, Dir) else b.append_unlink(rel)
                 prev = None
             try:
-                if stat.S_ISDIR(st.st_mode):
-                    if prev is None or stat.S_IMODE(prev.st_mode) != stat.S_IMODE(st.st_mode):
+                if isinstance(prev, Dir) or (prev is None and kind_now is Dir):
+                    if prev is None or prev.mode != stat.S_IMODE(st.st_mode):
                         b.append_mkdir(rel, stat.S_IMODE(st.st_mode))
                         (result.created if prev is None else result.changed).append(rel)
-                elif stat.S_ISLNK(st.st_mode):
+                elif kind_now is Link:
                     target = os.readlink(full)
-                    if prev is None or os.readlink(os.path.join(scratch, rel)) != target:
+                    if prev is None or prev.target != target:  # type: ignore[union-attr]
                         if prev is not None:
                             b.append_unlink(rel)
                         b.append_symlink(target, rel)
                         (result.created if prev is None else result.changed).append(rel)
-                elif stat.S_ISREG(st.st_mode):
-                    if prev is None:
-                        b.append_create(rel, stat.S_IMODE(st.st_mode))
-                        with builtins.open(full, "rb") as f:
-                            off = 0
-                            while chunk := f.read(CHUNK):
-                                b.append_write(rel, off, chunk)
-                                off += len(chunk)
-                        result.created.append(rel)
-                        continue
+                elif prev is None:
+                    b.append_create(rel, stat.S_IMODE(st.st_mode))
+                    with builtins.open(full, "rb") as f:
+                        off = 0
+                        while chunk := f.read(CHUNK):
+                            b.append_write(rel, off, chunk)
+                            off += len(chunk)
+                    result.created.append(rel)
+                    continue
+                else:
+                    assert isinstance(prev, Inode)
                     touched = False
-                    if prev.st_size != st.st_size:
+                    if plan.size_of(prev) != st.st_size:
                         b.append_truncate(rel, st.st_size)
                         touched = True
-                    for off, chunk in _same_content(full, os.path.join(scratch, rel)):
+                    for off, chunk in _changed_chunks(full, plan, prev):
                         b.append_write(rel, off, chunk)
                         touched = True
-                    if stat.S_IMODE(prev.st_mode) != stat.S_IMODE(st.st_mode):
+                    if prev.mode != stat.S_IMODE(st.st_mode):
                         b.append_setattr(rel, mode=stat.S_IMODE(st.st_mode))
                         touched = True
                     if touched:
@@ -425,11 +429,9 @@ def resync(journal: Journal | str | os.PathLike[str]) -> ResyncResult:
             if len(b) > 4096:
                 b.commit()
         b.commit()
-        if result.changed or result.created or result.removed:
-            result.seq = j.append_flush()
-            j.sync()
-    finally:
-        shutil.rmtree(os.path.dirname(scratch), ignore_errors=True)
+    if result.changed or result.created or result.removed:
+        result.seq = j.append_flush()
+        j.sync()
     return result
 
 
