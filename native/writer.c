@@ -389,15 +389,10 @@ static int stage_drain(cdp_writer *w, int held_mu)
     }
 }
 
-int cdp_writer_lock(cdp_writer *w)
+/* The append lock proper: the process mutex, then the flock on the head
+ * (other processes); the calling thread becomes its owner, depth 1. */
+static int take_append_lock(cdp_writer *w)
 {
-    if (w->fork_gen != fork_generation && after_fork(w) != CDP_OK)
-        return CDP_EIO;
-    /* Only the holder itself can see depth > 0 with owner == itself. */
-    if (__atomic_load_n(&w->depth, __ATOMIC_ACQUIRE) > 0 && pthread_equal(w->owner, pthread_self())) {
-        w->depth++;
-        return CDP_OK;
-    }
     pthread_mutex_lock(&w->mu);
     while (flock(w->head_fd, LOCK_EX) < 0) {
         if (errno != EINTR) {
@@ -409,6 +404,20 @@ int cdp_writer_lock(cdp_writer *w)
     }
     w->owner = pthread_self();
     __atomic_store_n(&w->depth, 1, __ATOMIC_RELEASE);
+    return CDP_OK;
+}
+
+int cdp_writer_lock(cdp_writer *w)
+{
+    if (w->fork_gen != fork_generation && after_fork(w) != CDP_OK)
+        return CDP_EIO;
+    /* Only the holder itself can see depth > 0 with owner == itself. */
+    if (__atomic_load_n(&w->depth, __ATOMIC_ACQUIRE) > 0 && pthread_equal(w->owner, pthread_self())) {
+        w->depth++;
+        return CDP_OK;
+    }
+    if (take_append_lock(w) != CDP_OK)
+        return CDP_EIO;
     if (w->boot && head_valid(w) && hget(w, H_BOOT) != w->boot) {
         /* Written before this boot: since cdp_sync does not msync the head,
          * its committed end may be older than records made durable after
@@ -1062,17 +1071,8 @@ int cdp_stage_drain(cdp_writer *w)
     if (w->fork_gen != fork_generation && after_fork(w) != CDP_OK)
         return CDP_EIO;
     /* the flock without the stage mutex: programs keep staging meanwhile */
-    pthread_mutex_lock(&w->mu);
-    while (flock(w->head_fd, LOCK_EX) < 0) {
-        if (errno != EINTR) {
-            int e = errno;
-            pthread_mutex_unlock(&w->mu);
-            errno = e;
-            return CDP_EIO;
-        }
-    }
-    w->owner = pthread_self();
-    __atomic_store_n(&w->depth, 1, __ATOMIC_RELEASE);
+    if (take_append_lock(w) != CDP_OK)
+        return CDP_EIO;
     int r = CDP_OK;
     if (head_valid(w) && hget(w, H_PENDING))
         r = cut_pending(w);

@@ -738,14 +738,15 @@ def continue_plan(j: Journal, plan: Plan, seq: int) -> After:
             else:
                 sizes.setdefault(k, size)
             touched.setdefault(k, []).append((a, b))
-        ranges = {k: _merge(v) for k, v in touched.items()}
+        ranges = {k: merge_ranges(v) for k, v in touched.items()}
     finally:
         rows.close()
         later.close()
     return After(seq, tree, sizes, ranges, plan.sizes)
 
 
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Byte ranges [a, b) sorted, overlapping and touching ones joined."""
     out: list[tuple[int, int]] = []
     for a, b in sorted(ranges):
         if out and a <= out[-1][1]:

@@ -60,7 +60,7 @@ from cdpcore.format import (
     setattr_payload,
 )
 from cdpcore.journal import Journal, _fsync_dir, write_durable
-from cdpcore.plan import Inode, Tree
+from cdpcore.plan import Inode, Tree, merge_ranges
 from cdpcore.point import datetime_to_us, format_us
 
 MANIFEST = "prune.json"
@@ -558,7 +558,7 @@ def _net_data(plan: Any, node: Inode, t: _Touch, fid: int, ts: int) -> list[_Rec
             extents[-1] = (extents[-1][0], extents[-1][1] + length)
         else:
             extents.append((off, length))
-    for a, b in _merge(t.ranges):
+    for a, b in merge_ranges(t.ranges):
         b = min(b, size)
         for off, length in extents:  # data only: holes stay holes
             lo, hi = max(a, off), min(b, off + length)
@@ -574,16 +574,6 @@ def _net_data(plan: Any, node: Inode, t: _Touch, fid: int, ts: int) -> list[_Rec
         recs.append(_Rec(Kind.WRITE, fid, 0, b"", ts, True))
     recs[-1].free_ts = False
     return recs
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
 
 
 def _verbatim(j: Journal, prev: int, k: int, cum: int, cum_prev: int) -> _Group:
