@@ -127,7 +127,14 @@ def test_sync_group_commit_from_threads(journal_dirs):
                     seq = j.append_write(f"f{who}", i, b"x" * 500)
                     if i % 3 == 0:
                         synced = j.sync()
-                        head = parse_head((jpath / "head").read_bytes())
+                        # read under the append lock: other threads rewrite
+                        # the head in place, and a read racing them is torn
+                        writer = j._need_writer()
+                        writer.lock()
+                        try:
+                            head = parse_head((jpath / "head").read_bytes())
+                        finally:
+                            writer.unlock()
                         assert head is not None
                         assert synced >= seq and head.synced_seq >= seq
                         assert head.synced_seq <= head.next_seq - 1
