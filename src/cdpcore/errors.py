@@ -72,6 +72,42 @@ class CaptureError(CdpError):
     exit_code = 14
 
 
+class ProtocolError(CdpError):
+    """The replication peer sent a malformed, oversized or out-of-order
+    frame, or refused ours (docs/protocol.md). The connection is closed."""
+
+    exit_code = 20
+
+
+class AuthError(CdpError):
+    """TLS or certificate failure: unknown CA, revoked or unmapped
+    certificate, a certificate or key file that cannot be read."""
+
+    exit_code = 21
+
+
+class VaultError(CdpError):
+    """The vault refused or cannot store what was asked: another journal
+    already bound to this source, a damaged replica, a bad vault directory."""
+
+    exit_code = 22
+
+
+class LinkError(CdpError):
+    """The peer cannot be reached, or the connection was lost and the
+    retries ran out (`ship` without --follow gives up after its deadline)."""
+
+    exit_code = 23
+
+
+class KeyFileError(CdpError):
+    """The end-to-end encryption key is missing, unreadable or wrong (an
+    encrypted replica cannot be read without it; a wrong key fails the
+    AEAD check)."""
+
+    exit_code = 24
+
+
 class StaleNamespace(CdpError):
     """Internal: another writer changed the namespace; re-encode and retry."""
 
