@@ -34,6 +34,7 @@ from cdpcore.cli import (
     resync,
     rollback,
     show,
+    status,
     timeline,
     verify,
 )
@@ -41,7 +42,7 @@ from cdpcore.cli.output import PROG, Output, UsageError
 from cdpcore.errors import CdpError, CorruptJournal
 
 COMMANDS: list[ModuleType] = [init, info, log, show, verify, bookmark, points, restore, rollback,
-                              diff, timeline, audit, prune, checkpoint, protect, resync, baseline, pki]
+                              diff, timeline, audit, prune, checkpoint, protect, resync, baseline, pki, status]
 
 EXIT_INTERNAL = 1
 EXIT_OSERROR = 10
