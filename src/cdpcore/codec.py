@@ -15,8 +15,9 @@ Theory of operation (docs/replication.md, "Compression").
 * The Decompressor is the receiver's guard: a window above the cap, output
   beyond the frame's announced `raw` size or beyond the body limit, or
   output that ends short, is a ProtocolError. Output goes through a
-  counting sink in pieces of at most OUT_STEP bytes, so a decompression
-  bomb fails after that much, without allocating its claimed size.
+  counting sink in pieces of at most the body limit + 1 bytes, so a
+  decompression bomb fails after that much, without allocating its
+  claimed size.
 * AdaptiveLevel picks a rung of the ladder (lz4, zstd 1 ... 19) from
   measurements that the transport feeds it: the link's acknowledged
   throughput and this process's compression speed (CPU time) and ratio per
@@ -178,7 +179,12 @@ class Decompressor:
     def _zstd_body(self, body: bytes, raw: int, reset: bool) -> bytes:
         if reset or self._zstd is None:
             dctx = zstandard.ZstdDecompressor(max_window_size=1 << self.window_log)
-            self._zstd = dctx.stream_writer(self._sink, write_size=OUT_STEP)
+            # The output buffer must hold a whole body: python-zstandard's
+            # writer stops once the input is consumed, and output that did
+            # not fit a full buffer then stays inside zstd until the next
+            # frame's bytes arrive (a body short by up to write_size bytes).
+            # One byte more than the limit still lets the sink catch a bomb.
+            self._zstd = dctx.stream_writer(self._sink, write_size=self.max_body + 1)
         sink = self._sink
         sink.parts, sink.n, sink.limit = [], 0, raw
         try:

@@ -58,6 +58,7 @@ from cdpcore.point import format_us
 from cdpcore.protocol import frames as F
 from cdpcore.replication import RECEIVER_STATE, now_us, write_state
 from cdpcore.transport import tls
+from cdpcore.transport.errors import first_cause
 from cdpcore.vault import Vault
 
 DEFAULT_COMMIT_INTERVAL = 0.05  # seconds between group commits (fsync + ACK) at most
@@ -301,11 +302,14 @@ class _Connection:
             await self.send(F.Welcome(version=F.PROTOCOL_VERSION, source=self.source,
                                       dedupe_key=self.replica.dedupe_key, position=position,
                                       limits=self.cfg.limits))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.committer)
-                nursery.start_soon(self.keepalive)
-                await self.reader()
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.committer)
+                    nursery.start_soon(self.keepalive)
+                    await self.reader()
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as eg:
+                raise first_cause(eg) from None
             reason = "caught up (bye)"
         except ProtocolError as e:
             reason = f"protocol error: {e}"
@@ -380,6 +384,9 @@ class _Connection:
         async with self.replica_lock:
             self.owed, self.owed_since = 0, None
             acks = await trio.to_thread.run_sync(self.replica.sync)
+        await self.send_acks(acks)
+
+    async def send_acks(self, acks: list[tuple[int | str, int, int | None]]) -> None:
         for target, size, last_seq in acks:
             if isinstance(target, int):
                 await self.send(F.Ack(seg=target, size=size, last_seq=last_seq))
@@ -435,9 +442,13 @@ class _Connection:
             self.opened.add(frame.seg)
             self.owe(0)
         elif isinstance(frame, F.Seal):
+            # seal() syncs on its own; sync first so that what it makes
+            # durable is acknowledged (a sync after it would find nothing).
             async with self.replica_lock:
+                self.owed, self.owed_since = 0, None
+                acks = await trio.to_thread.run_sync(r.sync)
                 await trio.to_thread.run_sync(r.seal, frame.seg, frame.size)
-            self.owe(0)
+            await self.send_acks(acks)
         elif isinstance(frame, F.File):
             async with self.replica_lock:
                 r.file_entry(frame.file, frame.size, frame.mode, frame.mtime_us, frame.kind, frame.target)

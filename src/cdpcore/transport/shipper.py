@@ -60,6 +60,7 @@ from cdpcore.point import format_us
 from cdpcore.protocol import frames as F
 from cdpcore.replication import SENDER_STATE, now_us, write_state
 from cdpcore.transport import tls
+from cdpcore.transport.errors import first_cause
 from cdpcore.transport.rate import Backoff, TokenBucket
 
 DEFAULT_GIVE_UP = 300.0  # seconds without progress before `ship` (without --follow) fails
@@ -349,11 +350,14 @@ class _Session:
         s._set(state="connected", last_error=None)
         items = s.feed.plan(pos._wire())
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.reader)
-                nursery.start_soon(self.watchdog)
-                finished = await self.writer(items)
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.reader)
+                    nursery.start_soon(self.watchdog)
+                    finished = await self.writer(items)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as eg:
+                raise first_cause(eg) from None
         except ProtocolError as e:
             with trio.move_on_after(2):
                 try:
@@ -600,6 +604,11 @@ class _Session:
         if resend is not None:
             self.inflight -= resend.wire
             resend.wire = n
+        elif isinstance(item, FileItem) and item.whole:
+            # journal.json: replaced durably when applied, never ACKed; the
+            # feed sends it again on every connection anyway.
+            self.inflight -= n
+            s.stats["raw_bytes"] += item.end - item.off
         else:
             self.unacked.append(_Unacked(target, item.off, item.end, n,
                                          item.last_seq if isinstance(item, RunItem) else None,
