@@ -48,6 +48,7 @@ import ssl
 import sys
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import trio
@@ -56,7 +57,7 @@ from cdpcore.codec import Decompressor
 from cdpcore.errors import AuthError, CdpError, ProtocolError, VaultError
 from cdpcore.point import format_us
 from cdpcore.protocol import frames as F
-from cdpcore.replication import RECEIVER_STATE, now_us, write_state
+from cdpcore.replication import RECEIVER_STATE, now_us, read_state, write_state
 from cdpcore.transport import tls
 from cdpcore.transport.errors import first_cause
 from cdpcore.vault import Vault
@@ -82,16 +83,24 @@ class ServerConfig:
     ping_after: float = DEFAULT_PING_AFTER
     idle_limit: float = DEFAULT_IDLE_LIMIT
     log: TextIO | None = None  # one line per connection event; stderr by default
+    inline_io: bool = False  # fsyncs in the trio thread (tests under MockClock; see shipper.py)
 
 
 class _Stats:
     """What state.json reports for one source."""
 
-    def __init__(self, source: str, peer: str) -> None:
+    def __init__(self, source: str, peer: str, directory: str, last_seq: int) -> None:
         self.doc: dict[str, Any] = {
             "source": source, "peer": peer, "state": "connected", "connected_since": format_us(now_us()),
-            "wire_bytes": 0, "raw_bytes": 0, "acks": 0, "dedupe_hits": 0, "last_seq": None,
+            "wire_bytes": 0, "raw_bytes": 0, "acks": 0, "dedupe_hits": 0, "last_seq": last_seq or None,
             "last_ts": None, "last_time": None, "last_error": None, "throughput": None}
+        prev = read_state(os.path.join(directory, RECEIVER_STATE)) or {}
+        if prev.get("last_seq") == self.doc["last_seq"]:  # the newest record's time, if still true
+            self.doc.update(last_ts=prev.get("last_ts"), last_time=prev.get("last_time"))
+        for k in ("wire_bytes", "raw_bytes", "acks", "dedupe_hits"):  # totals over connections
+            if isinstance(prev.get(k), int):
+                self.doc[k] = prev[k]
+        self._wire0 = self.doc["wire_bytes"]
         self._t0 = time.monotonic()
         self._written = 0.0
 
@@ -101,7 +110,7 @@ class _Stats:
     def write(self, directory: str) -> None:
         self._written = time.monotonic()
         elapsed = max(1e-3, time.monotonic() - self._t0)
-        self.doc["throughput"] = round(self.doc["wire_bytes"] / elapsed, 1)
+        self.doc["throughput"] = round((self.doc["wire_bytes"] - self._wire0) / elapsed, 1)
         self.doc["updated"] = format_us(now_us())
         try:
             write_state(os.path.join(directory, RECEIVER_STATE), self.doc)
@@ -211,6 +220,11 @@ class _Connection:
         self.opened: set[int] = set()  # segments opened by SEGMENT or present in the position
         self.bye = False
 
+    async def sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.cfg.inline_io:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
+
     async def send(self, frame: F.Frame) -> None:
         data = F.encode(frame)
         async with self.send_lock:
@@ -291,7 +305,7 @@ class _Connection:
         except (CdpError, OSError) as e:
             await self.refuse(VaultError(f"cannot open the replica: {e}"), "storage")
             return
-        self.stats = _Stats(self.source, self.peer)
+        self.stats = _Stats(self.source, self.peer, self.replica.dir, self.replica.last_seq())
         self.server.log(f"{self.source}@{self.peer}: connected (agent {hello.agent!r}"
                         f"{', encrypted' if hello.encrypted else ''}"
                         f"{', domain ' + hello.domain if hello.domain else ''})")
@@ -331,7 +345,7 @@ class _Connection:
     async def close_replica(self, reason: str) -> None:
         async with self.replica_lock:
             try:
-                await trio.to_thread.run_sync(self.replica.sync)
+                await self.sync(self.replica.sync)
             except (CdpError, OSError) as e:
                 reason += f"; final sync failed: {e}"
             try:
@@ -383,7 +397,7 @@ class _Connection:
     async def commit(self) -> None:
         async with self.replica_lock:
             self.owed, self.owed_since = 0, None
-            acks = await trio.to_thread.run_sync(self.replica.sync)
+            acks = await self.sync(self.replica.sync)
         await self.send_acks(acks)
 
     async def send_acks(self, acks: list[tuple[int | str, int, int | None]]) -> None:
@@ -446,8 +460,8 @@ class _Connection:
             # durable is acknowledged (a sync after it would find nothing).
             async with self.replica_lock:
                 self.owed, self.owed_since = 0, None
-                acks = await trio.to_thread.run_sync(r.sync)
-                await trio.to_thread.run_sync(r.seal, frame.seg, frame.size)
+                acks = await self.sync(r.sync)
+                await self.sync(r.seal, frame.seg, frame.size)
             await self.send_acks(acks)
         elif isinstance(frame, F.File):
             async with self.replica_lock:
@@ -455,11 +469,11 @@ class _Connection:
             self.owe(0)
         elif isinstance(frame, F.Base):
             async with self.replica_lock:
-                await trio.to_thread.run_sync(r.base_complete, frame.name)
+                await self.sync(r.base_complete, frame.name)
             self.owe(0)
         elif isinstance(frame, F.Prune):
             async with self.replica_lock:
-                await trio.to_thread.run_sync(r.prune, [list(s) for s in frame.segments], list(frame.bases))
+                await self.sync(r.prune, [list(s) for s in frame.segments], list(frame.bases))
             self.opened = {s.seg for s in frame.segments}
             self.owe(0)
         elif isinstance(frame, F.Ping):
