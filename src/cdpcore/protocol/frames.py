@@ -1010,6 +1010,12 @@ class FrameDecoder:
         return len(self._buf) + (4 if self._need >= 0 else 0)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """The frames completed by `data`, in order."""
+        return [f for f, _ in self.feed_sized(data)]
+
+    def feed_sized(self, data: bytes | bytearray | memoryview) -> list[tuple[Frame, int]]:
+        """As `feed`, with each frame's size on the wire (prefix included),
+        which flow control counts."""
         if self._error is not None:
             raise ProtocolError(str(self._error), self._error.code)
         try:
@@ -1017,10 +1023,11 @@ class FrameDecoder:
         except ProtocolError as e:
             self._error = e
             self._buf = bytearray()
+            self._need = -1
             raise
 
-    def _feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        frames: list[Frame] = []
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[tuple[Frame, int]]:
+        frames: list[tuple[Frame, int]] = []
         with memoryview(data) as mv:
             mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
             pos, n = 0, len(mv)
@@ -1040,14 +1047,14 @@ class FrameDecoder:
                     self._buf += mv[pos:pos + take]
                     pos += take
                     if len(self._buf) == self._need:
-                        frames.append(decode_payload(self._buf))
+                        frames.append((decode_payload(self._buf), 4 + self._need))
                         self._buf = bytearray()
                         self._need = -1
                     continue
                 # Nothing buffered: decode whole frames straight from `data`.
                 length = self._check_length(PREFIX.unpack_from(mv, pos)[0])
                 if n - pos - 4 >= length:
-                    frames.append(decode_payload(mv[pos + 4:pos + 4 + length]))
+                    frames.append((decode_payload(mv[pos + 4:pos + 4 + length]), 4 + length))
                     pos += 4 + length
                 else:
                     self._need = length
