@@ -393,3 +393,10 @@ def test_the_protocol_package_does_no_io() -> None:
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "open":
                 raise AssertionError(f"{path.name} opens a file")
+
+
+@given(STRATEGIES["data"], st.sampled_from([0, 1, 255, 256, 65535, 65536, 70000]))
+def test_data_wire_size_is_the_encoded_size(frame: Data, body_len: int) -> None:
+    import dataclasses
+    f = dataclasses.replace(frame, body=b"b" * body_len, raw=body_len)
+    assert f.wire_size() == len(encode(f))

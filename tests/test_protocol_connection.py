@@ -579,3 +579,39 @@ def test_random_conversations_keep_both_books_equal(rng: random.Random, steps: i
     pipe(ship.send(Bye()), serve)
     pipe(serve.send(Bye()), ship)
     assert ship.state is serve.state is State.CLOSED
+
+
+def test_books_of_complete_base_files_are_forgotten() -> None:
+    ship, serve = connect()
+    for i in range(200):
+        path = f"base/b0/f{i}"
+        pipe(ship.send(data(file=path, off=0, end=3, body=b"abc")), serve)
+        pipe(ship.send(File(file=path, size=3, mode=0o600, mtime_us=0, kind="file")), serve)
+        pipe(serve.send(Ack(file=path, size=3)), ship)
+    assert len(ship._books.targets) == len(serve._books.targets) == 0  # type: ignore[union-attr]
+    with pytest.raises(ProtocolError, match="no data was sent"):
+        ship.receive_data(encode(Ack(file="base/b0/f1", size=3)))
+
+
+def test_a_complete_file_stays_known_while_in_flight_and_after_a_need() -> None:
+    ship, serve = connect()
+    pipe(ship.send(data(file="base/b0/x", off=0, end=3, body=b"abc")), serve)
+    pipe(ship.send(data(file="base/b0/x", off=3, end=6, body=b"def")), serve)
+    pipe(ship.send(File(file="base/b0/x", size=6, mode=0o600, mtime_us=0, kind="file")), serve)
+    pipe(serve.send(Need(file="base/b0/x", off=3, ids=(ID[0],))), ship)
+    pipe(ship.send(data(file="base/b0/x", off=3, end=6, body=b"def")), serve)
+    pipe(serve.send(Ack(file="base/b0/x", size=6)), ship)
+    assert ship.inflight_bytes == serve.inflight_bytes == 0
+
+
+def test_can_send_with_the_exact_wire_size() -> None:
+    limits = Limits(frame=64 << 10, inflight=64 << 10)
+    ship, serve = connect(limits=limits)
+    pipe(ship.send(Segment(seg=1, header=HEADER)), serve)
+    n = limits.inflight
+    for _ in range(5):  # the headers' size depends on the body's: converge on the exact length
+        exact = Data(seg=1, off=64, end=100, raw=n, body=b"w" * n)
+        n += limits.inflight - exact.wire_size()
+    assert exact.wire_size() == limits.inflight and ship.can_send(exact.wire_size())
+    pipe(ship.send(exact), serve)
+    assert ship.inflight_bytes == limits.inflight and not ship.can_send(1)

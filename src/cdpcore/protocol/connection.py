@@ -71,7 +71,7 @@ class State(enum.Enum):
     CLOSED = "closed"  # both BYEs, an ERROR either way, or a ProtocolError
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two resends of the same bytes are two frames
 class _Sent:
     """One DATA frame in flight."""
 
@@ -89,6 +89,7 @@ class _TargetBook:
     acked: int = 0  # largest ACK size
     sealed: int | None = None  # segments: the SEAL size
     replace: bool = False  # segments: opened with replace=True (bytes go to .incoming)
+    complete: bool = False  # base files: their FILE frame was sent
     heap: list[tuple[int, int, _Sent]] = field(default_factory=list)  # (end, tiebreak, frame)
     by_off: dict[int, list[_Sent]] = field(default_factory=dict)
     inflight: int = 0  # encoded bytes of live frames in `heap`
@@ -179,6 +180,14 @@ class _Books:
             _, _, sent = heapq.heappop(book.heap)
             if sent.alive:
                 self._release(book, sent)
+        self._forget_if_done(f.target, book)
+
+    def _forget_if_done(self, target: Target, book: _TargetBook) -> None:
+        # A base can hold tens of millions of files: keep books only for
+        # files still in flight, or the connection's memory would grow with
+        # the tree. A later ACK of a forgotten file is out of order.
+        if book.complete and not book.inflight:
+            del self.targets[target]
 
     def need(self, f: Need) -> None:
         where = "need frame"
@@ -200,12 +209,16 @@ class _Books:
         book.sealed = f.size
 
     def file(self, f: File) -> None:
-        book = self.targets.get(("file", f.file))
+        target = ("file", f.file)
+        book = self.targets.get(target)
         high = book.high if book is not None else 0
         if f.kind == "file" and f.size != high:
             fail("file frame", f"file {f.file!r} complete at {f.size} bytes but {high} were sent")
         if f.kind != "file" and high:
             fail("file frame", f"{f.file!r} is a {f.kind} but data was sent for it")
+        if book is not None:
+            book.complete = True
+            self._forget_if_done(target, book)
 
     def prune(self, f: Prune) -> None:
         if self.inflight:

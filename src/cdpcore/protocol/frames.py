@@ -602,6 +602,17 @@ class Data:
         if self.codec == "none" and self.raw != len(self.body):
             fail(_where(t, "raw"), f"{self.raw} but the uncompressed body holds {len(self.body)} bytes")
 
+    def wire_size(self) -> int:
+        """len(encode(self)), without copying the body: what the frame will
+        count in flight (`ShipConnection.can_send`)."""
+        m = self._wire()
+        m["body"] = b""
+        m["t"] = self.T
+        n = len(self.body)
+        head = 2 if n < 1 << 8 else 3 if n < 1 << 16 else 5  # msgpack bin8/16/32 header
+        return PREFIX.size + len(msgpack.packb(m, use_bin_type=True, unicode_errors="surrogateescape")) \
+            - 2 + head + n
+
     @property
     def target(self) -> tuple[str, int | str]:
         """("seg", N) or ("file", PATH): the key of what this frame writes."""
