@@ -373,3 +373,30 @@ def test_frames_are_immutable_and_normalise_sequences() -> None:
 def test_encode_refuses_non_frames() -> None:
     with pytest.raises(TypeError):
         encode(Limits())  # type: ignore[arg-type]
+
+
+def test_the_protocol_package_does_no_io() -> None:
+    """Sans-IO: no trio, sockets, files or processes in protocol/ (docs/protocol.md)."""
+    import ast
+    from pathlib import Path
+
+    import cdpcore.protocol
+    forbidden = {"trio", "socket", "asyncio", "ssl", "select", "os", "io", "subprocess", "threading", "shutil"}
+    for path in Path(cdpcore.protocol.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "open":
+                raise AssertionError(f"{path.name} opens a file")
+
+
+@given(STRATEGIES["data"], st.sampled_from([0, 1, 255, 256, 65535, 65536, 70000]))
+def test_data_wire_size_is_the_encoded_size(frame: Data, body_len: int) -> None:
+    import dataclasses
+    f = dataclasses.replace(frame, body=b"b" * body_len, raw=body_len)
+    assert f.wire_size() == len(encode(f))

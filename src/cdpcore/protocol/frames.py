@@ -602,6 +602,17 @@ class Data:
         if self.codec == "none" and self.raw != len(self.body):
             fail(_where(t, "raw"), f"{self.raw} but the uncompressed body holds {len(self.body)} bytes")
 
+    def wire_size(self) -> int:
+        """len(encode(self)), without copying the body: what the frame will
+        count in flight (`ShipConnection.can_send`)."""
+        m = self._wire()
+        m["body"] = b""
+        m["t"] = self.T
+        n = len(self.body)
+        head = 2 if n < 1 << 8 else 3 if n < 1 << 16 else 5  # msgpack bin8/16/32 header
+        return PREFIX.size + len(msgpack.packb(m, use_bin_type=True, unicode_errors="surrogateescape")) \
+            - 2 + head + n
+
     @property
     def target(self) -> tuple[str, int | str]:
         """("seg", N) or ("file", PATH): the key of what this frame writes."""
@@ -1010,6 +1021,12 @@ class FrameDecoder:
         return len(self._buf) + (4 if self._need >= 0 else 0)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """The frames completed by `data`, in order."""
+        return [f for f, _ in self.feed_sized(data)]
+
+    def feed_sized(self, data: bytes | bytearray | memoryview) -> list[tuple[Frame, int]]:
+        """As `feed`, with each frame's size on the wire (prefix included),
+        which flow control counts."""
         if self._error is not None:
             raise ProtocolError(str(self._error), self._error.code)
         try:
@@ -1017,10 +1034,11 @@ class FrameDecoder:
         except ProtocolError as e:
             self._error = e
             self._buf = bytearray()
+            self._need = -1
             raise
 
-    def _feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        frames: list[Frame] = []
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[tuple[Frame, int]]:
+        frames: list[tuple[Frame, int]] = []
         with memoryview(data) as mv:
             mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
             pos, n = 0, len(mv)
@@ -1040,14 +1058,14 @@ class FrameDecoder:
                     self._buf += mv[pos:pos + take]
                     pos += take
                     if len(self._buf) == self._need:
-                        frames.append(decode_payload(self._buf))
+                        frames.append((decode_payload(self._buf), 4 + self._need))
                         self._buf = bytearray()
                         self._need = -1
                     continue
                 # Nothing buffered: decode whole frames straight from `data`.
                 length = self._check_length(PREFIX.unpack_from(mv, pos)[0])
                 if n - pos - 4 >= length:
-                    frames.append(decode_payload(mv[pos + 4:pos + 4 + length]))
+                    frames.append((decode_payload(mv[pos + 4:pos + 4 + length]), 4 + length))
                     pos += 4 + length
                 else:
                     self._need = length
