@@ -585,3 +585,110 @@ def test_cli_on_a_replica(fast_tmp):
     assert r.returncode == 0, r.stderr
     r = run_cli("verify", str(fast_tmp / "v" / "s"))
     assert r.returncode == 0, r.stderr + r.stdout
+
+
+# ---- encrypted sources ---------------------------------------------------------------------
+
+MARKER = b"PATIENT-ZHANG-SAN-0123456789"
+
+
+def encrypted_replica(fast_tmp: Path, seed: int = 7, reopen_prob: bool = True):
+    rnd = random.Random(seed)
+    src = build_source(fast_tmp, rnd, scale(100, 500), marker=MARKER)
+    keys = crypto.write_key_file(fast_tmp / "key")
+    vault = Vault(fast_tmp / "v", create=True)
+    uid = uuid_of(src)
+
+    def reopen(rep: Replica) -> Replica:
+        if rnd.random() < 0.5:
+            rep.sync()
+        rep.close()
+        return vault.open_source("enc", uid, True)
+
+    rep = Sender(src, rnd, keys).ship(vault.open_source("enc", uid, True), reopen if reopen_prob else None)
+    rep = Sender(src, rnd, keys).ship(reopen(rep))  # a second pass changes nothing
+    rep.close()
+    return src, keys, vault, rnd
+
+
+def all_bytes(top: Path) -> bytes:
+    out = []
+    for dirpath, _d, files in os.walk(top):
+        for fn in files:
+            out.append(Path(dirpath, fn).read_bytes())
+            out.append(fn.encode())
+    return b"".join(out)
+
+
+def test_encrypted_source_round_trip(fast_tmp):
+    from cdpcore.vault.sealed import materialize
+
+    src, keys, vault, rnd = encrypted_replica(fast_tmp)
+    vdir = fast_tmp / "v" / "enc"
+    assert MARKER in all_bytes(src)
+    assert MARKER not in all_bytes(fast_tmp / "v")
+    assert b"seed seed" not in all_bytes(fast_tmp / "v")
+    assert not (vdir / "journal").exists()
+    out = materialize(vdir, keys, fast_tmp / "mat")
+    same_files(src, Path(out))
+    same_restores(src, Path(out), fast_tmp, rnd)
+    # without the key: a clear error; with a wrong one: a clear error
+    with pytest.raises(KeyFileError, match="encrypt-key"):
+        Journal.open(vdir, readonly=True)
+    with pytest.raises(KeyFileError, match="wrong key"):
+        materialize(vdir, crypto.derive_keys(os.urandom(64)), fast_tmp / "mat2")
+    # position of an encrypted replica: same shape, plaintext sizes
+    pos = vault.open_source("enc", uuid_of(src), True).position()
+    assert [s[2] for s in pos["segments"]] == [len(b) for b in source_segments(src).values()]
+
+
+def test_encrypted_torn_recipe_and_pack(fast_tmp):
+    from cdpcore.vault.sealed import materialize
+
+    src, keys, vault, rnd = encrypted_replica(fast_tmp, seed=3, reopen_prob=False)
+    vdir = fast_tmp / "v" / "enc"
+    last = sorted((vdir / "sealed" / "recipes").glob("*.seg"))[-1]
+    with open(last, "r+b") as f:  # a torn recipe entry
+        f.truncate(last.stat().st_size - 5)
+    pack = sorted((vdir / "sealed" / "packs").glob("*.pack"))[-1]
+    with open(pack, "ab") as f:  # a torn chunk at the end of a pack
+        f.write(os.urandom(20))
+    rep = vault.open_source("enc", uuid_of(src), True)
+    assert any("torn tail" in r for r in rep.recovery)
+    Sender(src, rnd, keys).ship(rep).close()
+    same_files(src, Path(materialize(vdir, keys, fast_tmp / "m")))
+
+
+def test_encrypted_damaged_chunk_is_an_error(fast_tmp):
+    from cdpcore.vault.sealed import materialize
+
+    src, keys, vault, rnd = encrypted_replica(fast_tmp, seed=4, reopen_prob=False)
+    pack = sorted((fast_tmp / "v" / "enc" / "sealed" / "packs").glob("*.pack"))[0]
+    raw = bytearray(pack.read_bytes())
+    raw[100] ^= 1
+    pack.write_bytes(bytes(raw))
+    with pytest.raises((KeyFileError, VaultError)):
+        materialize(fast_tmp / "v" / "enc", keys, fast_tmp / "m")
+
+
+def test_restore_cli_with_encrypt_key(fast_tmp):
+    src, keys, vault, rnd = encrypted_replica(fast_tmp, seed=5, reopen_prob=False)
+    vdir = fast_tmp / "v" / "enc"
+    r = run_cli("restore", str(vdir), str(fast_tmp / "out"))
+    assert r.returncode == 24 and "encrypt-key" in r.stderr and "Traceback" not in r.stderr
+    (fast_tmp / "wrong").write_text(os.urandom(64).hex())
+    r = run_cli("restore", str(vdir), str(fast_tmp / "out"), "--encrypt-key", str(fast_tmp / "wrong"))
+    assert r.returncode == 24 and "wrong key" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("restore", str(vdir), str(fast_tmp / "out"), "--encrypt-key", str(fast_tmp / "key"))
+    assert r.returncode == 0, r.stderr
+    restore(str(src), fast_tmp / "want", audit=False)
+    assert tree(fast_tmp / "out") == tree(fast_tmp / "want")
+    assert not os.listdir(fast_tmp / "v" / "_tmp") if (fast_tmp / "v" / "_tmp").exists() else True
+
+
+def test_verify_cli_with_encrypt_key(fast_tmp):
+    src, keys, vault, rnd = encrypted_replica(fast_tmp, seed=6, reopen_prob=False)
+    r = run_cli("verify", str(fast_tmp / "v" / "enc"), "--encrypt-key", str(fast_tmp / "key"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("points", str(fast_tmp / "v" / "enc"), "--encrypt-key", str(fast_tmp / "nokey"))
+    assert r.returncode == 24 and "not found" in r.stderr
