@@ -254,17 +254,27 @@ def test_ship_in_random_pieces_with_resends_and_reopens(fast_tmp, seed):
 
 
 def test_dedupe_sends_references(fast_tmp):
+    """A page the vault already holds (written again under another header)
+    crosses as a 32-byte reference and is read back from the replica."""
     rnd = random.Random(5)
-    src = build_source(fast_tmp, rnd, 120)
+    src = build_source(fast_tmp, rnd, 120, segment_size=1 << 20)
     vault = Vault(fast_tmp / "v", create=True)
-    rep = vault.open_source("a", uuid_of(src), False)
-    Sender(src, rnd).ship(rep)
+    rep = Sender(src, rnd).ship(vault.open_source("a", uuid_of(src), False))
     assert rep.index.count() > 0
-    # a page the vault holds comes back as a 32-byte reference
-    page = rnd.randbytes(4096)
-    seg = max(source_segments(src))
-    cid = crypto.chunk_id(rep.dedupe_key, page)
-    assert not rep.index.has(cid)
+    seg = (src / "segments" / "0000000000000001.seg").read_bytes()
+    ends = record_ends(seg)
+    pages = [seg[e - 4096:e] for e in ends if int.from_bytes(seg[e - 4096 - 44:e - 4096 - 40], "little") == 4096]
+    assert pages
+    with Journal.open(src) as j:
+        j.append_write("copy.bin", 0, pages[0])
+        j.sync()
+    seg2 = (src / "segments" / "0000000000000001.seg").read_bytes()
+    p = packing.pack(seg2[len(seg):], rep.dedupe_key, rep.index.has)
+    body = p.encode()
+    assert p.ids == [] and len(body) < 200
+    assert rep.apply_data(1, len(seg), len(seg2), body) == []
+    rep.sync()
+    assert (fast_tmp / "v" / "a" / "journal" / "segments" / "0000000000000001.seg").read_bytes() == seg2
 
 
 def test_torn_tail_is_cut_at_open(fast_tmp):
