@@ -95,9 +95,9 @@ class Sender:
                     ends = [e for e in record_ends(data) if e > start]
         segs = list(source_segments(self.jdir))
         rep.sync()
-        if not any(t.endswith(".incoming") for t in rep._targets):
-            for seg in segs[:-1]:
-                rep.seal(seg, len(source_segments(self.jdir)[seg]))
+        for seg, data in list(source_segments(self.jdir).items())[:-1]:
+            if not (seg in have and have[seg][0] != int.from_bytes(data[60:64], "little")):
+                rep.seal(seg, len(data))  # (a replacement is sealed after the prune swap)
         self.ship_files(rep)
         return rep
 
@@ -702,3 +702,80 @@ def test_verify_cli_with_encrypt_key(fast_tmp):
     assert r.returncode == 0, r.stdout + r.stderr
     r = run_cli("points", str(fast_tmp / "v" / "enc"), "--encrypt-key", str(fast_tmp / "nokey"))
     assert r.returncode == 24 and "not found" in r.stderr
+
+
+def test_base_paths_cannot_leave_the_replica(fast_tmp):
+    src, vault, rep, data = fresh(fast_tmp)
+    outside = fast_tmp / "outside"
+    outside.mkdir()
+    rep.file_entry("base/b1/link", 0, 0o777, 0, "symlink", str(outside))
+    rep.file_entry("base/b1/up", 0, 0o777, 0, "symlink", "../../../..")
+    body = packing.pack(b"evil", rep.dedupe_key, records=False).encode()
+    for path in ["base/b1/link/evil", "base/b1/up/evil", "base/b1/../../x", "base/../x/y"]:
+        with pytest.raises(ProtocolError):
+            rep.apply_data(path, 0, 4, body)
+    with pytest.raises(ProtocolError):
+        rep.file_entry("base/b1/link/evil", 0, 0o755, 0, "dir")
+    assert os.listdir(outside) == []
+    # a regular file through a real directory is fine
+    assert rep.apply_data("base/b1/d/ok", 0, 4, body) == []
+    rep.file_entry("base/b1/d/ok", 4, 0o600, 1_000_000, "file")
+    rep.base_complete("b1")
+    got = fast_tmp / "v" / "s" / "journal" / "base" / "b1" / "d" / "ok"
+    assert got.read_bytes() == b"evil" and got.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ProtocolError, match="already complete"):
+        rep.apply_data("base/b1/d/more", 0, 4, body)
+
+
+def test_sealed_segment_does_not_grow(fast_tmp):
+    src, vault, rep, data = fresh(fast_tmp)
+    ends = record_ends(data)
+    rep.apply_data(1, 64, ends[0], packing.pack(data[64:ends[0]], rep.dedupe_key).encode())
+    rep.seal(1, ends[0])
+    with pytest.raises(ProtocolError, match="sealed size"):
+        rep.apply_data(1, ends[0], ends[1], packing.pack(data[ends[0]:ends[1]], rep.dedupe_key).encode())
+    with pytest.raises(ProtocolError, match="seal of segment"):
+        rep.seal(1, ends[1])
+
+
+def test_reader_sees_a_prefix_while_the_receiver_appends(fast_tmp):
+    """Open the replica between frames (nothing synced): it reads as the
+    source at the replica's last seq."""
+    rnd = random.Random(11)
+    src = build_source(fast_tmp, rnd, 80, segment_size=1 << 20)
+    vault = Vault(fast_tmp / "v", create=True)
+    rep = vault.open_source("s", uuid_of(src), False)
+    Sender(src, rnd).ship_files(rep)  # journal.json and the base first
+    data = source_segments(src)[1]
+    rep.begin_segment(1, data[:64])
+    ends = record_ends(data)
+    start = 64
+    for k, e in enumerate(ends[::15]):
+        rep.apply_data(1, start, e, packing.pack(data[start:e], rep.dedupe_key).encode())
+        start = e
+        with Journal.open(fast_tmp / "v" / "s", readonly=True) as j:
+            last = j.last_seq
+        restore(str(src), fast_tmp / f"a{k}", at=f"seq:{last}", audit=False)
+        restore(str(fast_tmp / "v" / "s"), fast_tmp / f"b{k}", audit=False)
+        assert tree(fast_tmp / f"a{k}") == tree(fast_tmp / f"b{k}")
+
+
+def test_encrypted_prune(fast_tmp):
+    from test_prune import NOW
+
+    from cdpcore.vault.sealed import materialize
+
+    rnd = random.Random(12)
+    src, _root = prune_source(fast_tmp, rnd)
+    keys = crypto.write_key_file(fast_tmp / "key")
+    vault = Vault(fast_tmp / "v", create=True)
+    rep = Sender(src, rnd, keys).ship(vault.open_source("e", uuid_of(src), True))
+    prune(str(src), Policy.parse("2d", keep_daily="30d"), now=NOW)
+    Sender(src, rnd, keys).ship(rep)
+    segs = source_segments(src)
+    rep.prune([[s, int.from_bytes(d[60:64], "little"), len(d)] for s, d in segs.items()],
+              listdir(src / "base"))
+    rep.close()
+    out = Path(materialize(fast_tmp / "v" / "e", keys, fast_tmp / "m"))
+    same_files(src, out)
+    same_restores(src, out, fast_tmp, rnd, points=2)

@@ -439,6 +439,9 @@ class Replica:
             raise ProtocolError(f"data for a segment starts at offset {off}, inside its header")
         if t.kind == "meta" and off != 0:
             raise ProtocolError(f"{META_NAME} is sent whole, from offset 0 (got offset {off})")
+        if t.kind == "seg" and t.seg in self._sealed and not t.key.endswith(INCOMING) \
+                and end > self._sealed[t.seg][0]:
+            raise ProtocolError(f"data for {self._describe(t)} past its sealed size {self._sealed[t.seg][0]}")
         if t.kind != "meta" and off > t.size:
             raise ProtocolError(f"data for {self._describe(t)} starts at offset {off}, past the replica's "
                                 f"end {t.size}: that would leave a hole")
