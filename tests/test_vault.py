@@ -404,6 +404,12 @@ def test_uuid_binding_and_names(fast_tmp):
         Vault(fast_tmp / "full", create=True)
     with pytest.raises(VaultError, match="not in dedupe domain"):
         vault.open_source("b", b"1" * 16, False, domain="pacs")
+    # one writer per replica
+    first = vault.open_source("a", b"1" * 16, False)
+    with pytest.raises(VaultError, match="already being written"):
+        Vault(fast_tmp / "v").open_source("a", b"1" * 16, False)
+    first.close()
+    vault.open_source("a", b"1" * 16, False).close()
 
 
 def test_domain_dedupe_across_two_sources(fast_tmp):
@@ -428,6 +434,7 @@ def test_domain_dedupe_across_two_sources(fast_tmp):
         assert rep.apply_data(1, 64, len(data), bodies[name]) == []
         rep.sync()
         assert (fast_tmp / "v" / name / "journal" / "segments" / "0000000000000001.seg").read_bytes() == data
+        rep.close()
     assert len(bodies["b"]) < len(bodies["a"]) - 25_000  # b referenced a's copy
     # a source outside the domain has another key: its ids say nothing about a's chunks
     c = vault.open_source("c", b"c" * 16, False)
