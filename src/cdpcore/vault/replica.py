@@ -33,6 +33,7 @@ Encrypted sources keep no plaintext here: the work is done by
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
@@ -68,6 +69,7 @@ AUDIT_NAME = "audit.log"
 INCOMING = ".incoming"
 POSITION_NAME = "position.json"
 PRUNE_NAME = "prune.json"
+LOCK_NAME = "lock"
 JOURNAL_DIR = "journal"
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_FRAME_OUTPUT = 64 * 1024 * 1024  # bytes one DATA frame may cover (end - off)
@@ -234,6 +236,22 @@ class Replica:
         self._sealed: dict[int, tuple[int, int]] = {}  # seg -> (size, last seq) when sealed
         self._position_dirty = False
         self.sealed_store: SealedStore | None = None
+        # One writer per replica: a second connection of the same source (a
+        # reconnect while the old one has not timed out yet) must not interleave.
+        self._lock_fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise VaultError(f"source {name} is already being written (another connection holds "
+                             f"{LOCK_NAME})") from None
+        try:
+            self._open(encrypted)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, encrypted: bool) -> None:
         if encrypted:
             from cdpcore.vault.sealed import SealedStore
 
@@ -439,6 +457,9 @@ class Replica:
             raise ProtocolError(f"data for a segment starts at offset {off}, inside its header")
         if t.kind == "meta" and off != 0:
             raise ProtocolError(f"{META_NAME} is sent whole, from offset 0 (got offset {off})")
+        if t.kind == "seg" and t.seg in self._sealed and not t.key.endswith(INCOMING) \
+                and end > self._sealed[t.seg][0]:
+            raise ProtocolError(f"data for {self._describe(t)} past its sealed size {self._sealed[t.seg][0]}")
         if t.kind != "meta" and off > t.size:
             raise ProtocolError(f"data for {self._describe(t)} starts at offset {off}, past the replica's "
                                 f"end {t.size}: that would leave a hole")
@@ -801,6 +822,9 @@ class Replica:
             self._close(key)
         if self.sealed_store is not None:
             self.sealed_store.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
 
     def __enter__(self) -> "Replica":
         return self
