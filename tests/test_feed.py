@@ -503,3 +503,32 @@ def test_random_history_keeps_the_replica_a_prefix(ops, run_bytes):
         finally:
             feed.close()
             j.close()
+
+
+# ---- base database files are cut at their pages ---------------------------------
+
+
+def test_database_like_base_files_are_cut_at_pages(fast_tmp):
+    from cdpcore import packing
+    from cdpcore.crypto import chunk_id
+
+    j, jdir = make(fast_tmp)
+    root = fast_tmp / "root"
+    db = os.urandom(4096 * 40)
+    (root / "his.db").write_bytes(db)  # 40 pages: cut at pages
+    (root / "img.dcm").write_bytes(os.urandom(70001))  # not whole pages: content-defined
+    j.take_base()
+    key = bytes(32)
+    with Feed(jdir, run_bytes=4096 * 10 + 100) as feed:
+        items = [i for i in feed.plan(None) if isinstance(i, FileItem) and i.path.startswith("base/")]
+    dbi = [i for i in items if i.path.endswith("his.db")]
+    assert {i.page for i in dbi} == {4096} and all(i.off % 4096 == 0 for i in dbi)
+    assert {i.page for i in items if i.path.endswith("img.dcm")} == {0}
+    ids: set[bytes] = set()
+    for i in dbi:
+        p = packing.pack(i.buf, key, records=False, page=i.page)
+        ids.update(p.all_ids)
+        assert packing.unpack(p.encode(), lambda _: None, key).data == i.buf
+    # a page written again later (a rollback journal's copy) has the same id
+    assert ids == {chunk_id(key, db[o:o + 4096]) for o in range(0, len(db), 4096)}
+    j.close()

@@ -136,6 +136,14 @@ class _TooBig(Exception):
     pass
 
 
+def _over_limit(message: str) -> ProtocolError:
+    """A ProtocolError whose ERROR frame code is "limit" (an announced
+    limit was exceeded), not "protocol"."""
+    e = ProtocolError(message)
+    e.code = "limit"  # type: ignore[attr-defined]
+    return e
+
+
 class Decompressor:
     """The receiver's side: one per connection, enforcing its own limits."""
 
@@ -151,7 +159,7 @@ class Decompressor:
         if self._broken:
             raise ProtocolError("the compressed stream failed earlier; the connection must close")
         if type(raw) is not int or not 0 <= raw <= self.max_body:
-            raise ProtocolError(f"DATA raw size {raw!r} outside 0..{self.max_body}")
+            raise _over_limit(f"DATA raw size {raw!r} outside 0..{self.max_body}")
         if codec == "none":
             out = bytes(body)
         elif codec == "lz4":
@@ -191,10 +199,12 @@ class Decompressor:
             self._zstd.write(body)
         except _TooBig:
             self._broken = True
-            raise ProtocolError(f"zstd body decompresses past the {raw} bytes DATA announced "
-                                "(a decompression bomb?)") from None
+            raise _over_limit(f"zstd body decompresses past the {raw} bytes DATA announced "
+                              "(a decompression bomb?)") from None
         except zstandard.ZstdError as e:
             self._broken = True
+            if "memory" in str(e):  # the frame asks for a window above the cap
+                raise _over_limit(f"zstd body needs a window above 2^{self.window_log}: {e}") from None
             raise ProtocolError(f"zstd body refused: {e}") from None
         out = b"".join(sink.parts)
         sink.parts = []

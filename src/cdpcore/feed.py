@@ -71,6 +71,7 @@ from cdpcore.format import (
 from cdpcore.segment import STOP_LIMIT, Segment
 
 DEFAULT_RUN_BYTES = 1 << 20  # the largest run of records per RunItem (one DATA frame's input)
+DB_PAGE = 4096  # SQLite's default page; PostgreSQL's 8 KiB pages are two of them
 AUDIT_NAME = "audit.log"
 PRUNE_MANIFEST = "prune.json"
 _INCOMPLETE_SUFFIXES = (".tmp", ".prune")
@@ -126,6 +127,7 @@ class FileItem:
     end: int
     buf: bytes
     whole: bool = False
+    page: int = 0  # cut into fixed pages of this size (packing.pack(page=...)), 0: FastCDC
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,12 +642,14 @@ class Feed:
                 if self._files.get(r) == st.st_size:
                     continue  # the replica has it whole (a base resumed after a reconnect)
                 size = 0
+                page = _page_size(st.st_size)
+                step = self.run_bytes - self.run_bytes % page if page else self.run_bytes
                 with open(p, "rb") as f:
                     while True:
-                        buf = f.read(self.run_bytes)
+                        buf = f.read(step)
                         if not buf:
                             break
-                        yield FileItem(r, size, size + len(buf), buf)
+                        yield FileItem(r, size, size + len(buf), buf, page=page)
                         size += len(buf)
                 yield EntryItem(r, size, stat.S_IMODE(st.st_mode), st.st_mtime_ns // 1000, "file")
             # other kinds (fifos, sockets) are not copied into bases
@@ -704,6 +708,14 @@ class Feed:
         except OSError:
             return None
         return int(REC_HDR.unpack(hdr)[3]) if len(hdr) == REC_HDR.size else None
+
+
+def _page_size(size: int) -> int:
+    """Page-aligned chunks for a base file that looks like a database (a
+    whole number of 4 KiB pages, at least 16 of them): its pages then dedupe
+    with their copies in rollback journals and with page writes. Other
+    files (images, documents) keep content-defined chunks."""
+    return DB_PAGE if size >= 16 * DB_PAGE and size % DB_PAGE == 0 else 0
 
 
 class _Replaced(Exception):

@@ -128,17 +128,29 @@ def _body(mode: int, meta: bytes, lit: bytes, new: bytes) -> bytes:
 
 
 def pack(buf: bytes, chunk_key: bytes, known: Callable[[bytes], bool] | None = None,
-         keys: Keys | None = None, *, records: bool = True, level: int = DEFAULT_SEALED_LEVEL) -> Pack:
+         keys: Keys | None = None, *, records: bool = True, level: int = DEFAULT_SEALED_LEVEL,
+         page: int = 0) -> Pack:
     """Cut `buf` into a pack. `records`: buf is a run of whole journal records
     (plain bytes otherwise: audit.log, base files). `known(id)`: the sender
     already knows the vault holds this chunk (it will not be offered).
     `keys`: an encrypted source (chunk_key is then unused: ids are keyed
-    with keys.ids); `level` is the zstd level of each sealed chunk."""
+    with keys.ids); `level` is the zstd level of each sealed chunk.
+    `page` (plain bytes only, buf starting at a multiple of it in its
+    file): cut into fixed pages of this size instead of FastCDC chunks. A
+    database file in a base is cut at its pages so that a page copied later
+    (a rollback journal saves a page's old content before it is changed)
+    dedupes against the base; the wire format is the same either way."""
     buf = bytes(buf)
     if keys is not None:
         pieces = _cdc_pieces(buf, 0, len(buf), keys.ids, min_chunk=1)
     elif records:
         pieces = _record_pieces(buf, chunk_key)
+    elif page:
+        view = memoryview(buf)
+        pieces = [_Piece(o, min(o + page, len(buf)),
+                         chunk_id(chunk_key, view[o:o + page]) if len(buf) - o >= LITERAL_BELOW else None)
+                  for o in range(0, len(buf), page)]
+        view.release()
     else:
         pieces = _cdc_pieces(buf, 0, len(buf), chunk_key, min_chunk=LITERAL_BELOW)
     ids: list[bytes] = []
