@@ -56,7 +56,9 @@ import trio
 from cdpcore.codec import Decompressor
 from cdpcore.errors import AuthError, CdpError, ProtocolError, VaultError
 from cdpcore.point import format_us
+from cdpcore.protocol import ServeConnection, State
 from cdpcore.protocol import frames as F
+from cdpcore.format import META_NAME
 from cdpcore.replication import RECEIVER_STATE, now_us, read_state, write_state
 from cdpcore.transport import tls
 from cdpcore.transport.errors import first_cause
@@ -204,7 +206,9 @@ class _Connection:
         self.cfg = server.config
         self.stream = stream
         self.peer = peer
-        self.decoder = F.FrameDecoder(self.cfg.limits.frame)
+        # The protocol's books (state, targets, in-flight window, offers),
+        # kept in step with the sender's: every frame in and out goes through it.
+        self.conn = ServeConnection()
         self.send_lock = trio.Lock()
         self.replica_lock = trio.Lock()
         self.last_received = trio.current_time()
@@ -216,8 +220,11 @@ class _Connection:
         self.replica: Any = None
         self.stats: _Stats | None = None
         self.decompressor = Decompressor(self.cfg.limits.window_log, self.cfg.limits.body)
-        self.offers_open: set[int] = set()
         self.opened: set[int] = set()  # segments opened by SEGMENT or present in the position
+        # Files with DATA not yet acknowledged in full: the only files an ACK
+        # may name (the books forget a complete, acknowledged base file, and
+        # a sync may still report it after its FILE frame set its mtime).
+        self.file_high: dict[str, int] = {}
         self.bye = False
 
     async def sync(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -226,8 +233,9 @@ class _Connection:
         return await trio.to_thread.run_sync(fn, *args)
 
     async def send(self, frame: F.Frame) -> None:
-        data = F.encode(frame)
         async with self.send_lock:
+            # Booked in the order the bytes go out: the books must see what the peer sees.
+            data = self.conn.send(frame)
             await self.stream.send_all(data)
 
     async def receive(self) -> list[F.Frame]:
@@ -237,7 +245,7 @@ class _Connection:
         self.last_received = trio.current_time()
         if self.stats is not None:
             self.stats.doc["wire_bytes"] += len(data)
-        return self.decoder.feed(data)
+        return self.conn.receive_data(data)
 
     async def refuse(self, e: CdpError, code: str) -> None:
         """Tell the peer why (an ERROR frame) before closing; best effort."""
@@ -255,8 +263,9 @@ class _Connection:
             while True:
                 frames = await self.receive()
                 if frames:
-                    if not isinstance(frames[0], F.Hello) or len(frames) > 1:
-                        raise ProtocolError(f"expected hello as the only first frame, got {frames[0].T}")
+                    if isinstance(frames[0], F.Error):
+                        raise trio.BrokenResourceError(f"the sender reported {frames[0].code}: {frames[0].message}")
+                    assert isinstance(frames[0], F.Hello)  # the books allow nothing else first
                     return frames[0]
         return None
 
@@ -284,11 +293,6 @@ class _Connection:
         if hello is None:
             self.server.log(f"{self.source}@{self.peer}: no hello within {self.cfg.idle_limit:g} s")
             return
-        lo, hi = hello.versions
-        if not lo <= F.PROTOCOL_VERSION <= hi:
-            await self.refuse(ProtocolError(f"no common protocol version: peer speaks {lo}..{hi}, "
-                                            f"this receiver {F.PROTOCOL_VERSION}"), "version")
-            return
         mine = await self.server.claim(self.source)
         try:
             with mine[0]:
@@ -313,7 +317,8 @@ class _Connection:
         try:
             position = F.Position._from_wire(self.replica.position())
             self.opened = {s.seg for s in position.segments}
-            await self.send(F.Welcome(version=F.PROTOCOL_VERSION, source=self.source,
+            assert self.conn.version is not None
+            await self.send(F.Welcome(version=self.conn.version, source=self.source,
                                       dedupe_key=self.replica.dedupe_key, position=position,
                                       limits=self.cfg.limits))
             try:
@@ -401,11 +406,16 @@ class _Connection:
         await self.send_acks(acks)
 
     async def send_acks(self, acks: list[tuple[int | str, int, int | None]]) -> None:
+        if self.conn.state is not State.OPEN:
+            return  # after the sender's BYE nothing is in flight: nothing to acknowledge
         for target, size, last_seq in acks:
             if isinstance(target, int):
-                await self.send(F.Ack(seg=target, size=size, last_seq=last_seq))
-            else:
+                if target in self.opened:
+                    await self.send(F.Ack(seg=target, size=size, last_seq=last_seq))
+            elif target in self.file_high:
                 await self.send(F.Ack(file=target, size=size))
+                if size >= self.file_high[target]:
+                    del self.file_high[target]
         assert self.stats is not None
         self.stats.doc["acks"] += len(acks)
         if self.stats.due():
@@ -424,11 +434,6 @@ class _Connection:
         assert self.stats is not None
         if isinstance(frame, F.Data):
             target = frame.seg if frame.seg is not None else frame.file
-            if frame.seg is not None and frame.seg not in self.opened:
-                raise ProtocolError(f"data for segment {frame.seg:016x}, which was not opened with segment")
-            if frame.raw > self.cfg.limits.body:
-                raise ProtocolError(f"data body of {frame.raw} bytes exceeds the limit {self.cfg.limits.body}",
-                                    "limit")
             body = self.decompressor.decompress(frame.codec, frame.body, frame.raw, frame.reset)
             async with self.replica_lock:
                 missing = r.apply_data(target, frame.off, frame.end, body, frame.first_seq, frame.last_seq)
@@ -438,15 +443,19 @@ class _Connection:
                                            ids=tuple(missing[i:i + self.cfg.limits.offer_ids])))
                 return
             self.stats.doc["raw_bytes"] += frame.end - frame.off
+            if frame.file == META_NAME:
+                # journal.json is replaced durably (write, fsync, rename) when
+                # applied: acknowledged at once, no sync owed
+                await self.send(F.Ack(file=META_NAME, size=frame.end))
+                return
+            if frame.file is not None:
+                self.file_high[frame.file] = max(self.file_high.get(frame.file, 0), frame.end)
             if frame.last_seq is not None:
                 self.stats.doc["last_seq"] = frame.last_seq
                 self.stats.doc["last_ts"] = frame.last_ts
                 self.stats.doc["last_time"] = format_us(frame.last_ts) if frame.last_ts else None
             self.owe(frame.end - frame.off)
         elif isinstance(frame, F.Offer):
-            if len(frame.ids) > self.cfg.limits.offer_ids:
-                raise ProtocolError(f"offer of {len(frame.ids)} ids exceeds the limit "
-                                    f"{self.cfg.limits.offer_ids}", "limit")
             held = [r.index.has(cid) for cid in frame.ids]
             self.stats.doc["dedupe_hits"] += sum(held)
             await self.send(F.Have.of(frame.req, held))
@@ -481,7 +490,7 @@ class _Connection:
         elif isinstance(frame, F.Pong):
             pass
         elif isinstance(frame, F.Bye):
-            await self.commit()
+            await self.commit()  # durable before we say so (nothing left to ack: the books checked)
             await self.send(F.Bye())
             self.bye = True
         elif isinstance(frame, F.Error):

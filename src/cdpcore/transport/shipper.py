@@ -57,6 +57,7 @@ from cdpcore.crypto import Keys
 from cdpcore.errors import AuthError, CdpError, KeyFileError, LinkError, ProtocolError, VaultError
 from cdpcore.feed import BaseItem, EntryItem, Feed, FileItem, Item, Position, PruneItem, RunItem, SealItem, SegmentItem
 from cdpcore.point import format_us
+from cdpcore.protocol import ShipConnection
 from cdpcore.protocol import frames as F
 from cdpcore.replication import SENDER_STATE, now_us, read_state, write_state
 from cdpcore.transport import tls
@@ -288,7 +289,9 @@ class _Session:
     def __init__(self, shipper: Shipper, stream: trio.SSLStream[trio.abc.Stream]) -> None:
         self.s = shipper
         self.stream = stream
-        self.decoder = F.FrameDecoder(F.MAX_FRAME)
+        # The protocol's books (state, targets, in-flight window, offers),
+        # kept in step with the receiver's: every frame in and out goes through it.
+        self.conn = ShipConnection()
         self.send_lock = trio.Lock()
         self.compressor: Compressor | None = None
         self.limits = F.Limits()
@@ -297,7 +300,6 @@ class _Session:
         self.offers: dict[int, _Pending] = {}
         self.next_req = 1
         self.unacked: deque[_Unacked] = deque()
-        self.inflight = 0
         self.acked_changed = trio.Event()
         self.bye = trio.Event()
         self.last_received = trio.current_time()
@@ -310,10 +312,11 @@ class _Session:
     # ---- I/O ------------------------------------------------------------------------------
 
     async def send(self, frame: F.Frame, paced: bool = False) -> int:
-        data = F.encode(frame, self.limits.frame)
         if paced:
-            await self.s.bucket.take(len(data))
+            await self.s.bucket.take(frame.wire_size() if isinstance(frame, F.Data) else 64)
         async with self.send_lock:
+            # Booked in the order the bytes go out: the books must see what the peer sees.
+            data = self.conn.send(frame)
             await self.stream.send_all(data)
         self.last_sent = trio.current_time()
         self.s.stats["wire_bytes"] += len(data)
@@ -324,7 +327,7 @@ class _Session:
         if not data:
             raise trio.BrokenResourceError("the receiver closed the connection")
         self.last_received = trio.current_time()
-        return self.decoder.feed(data)
+        return self.conn.receive_data(data)
 
     def peer_error(self, frame: F.Error) -> CdpError:
         msg = f"the receiver refused: {frame.message}"
@@ -394,10 +397,7 @@ class _Session:
                 f = frames[0]
                 if isinstance(f, F.Error):
                     raise _Fatal(self.peer_error(f))
-                if not isinstance(f, F.Welcome):
-                    raise ProtocolError(f"expected welcome, got {f.T}")
-                if len(frames) > 1:
-                    raise ProtocolError(f"{frames[1].T} frame before our first data")
+                assert isinstance(f, F.Welcome)  # the books allow nothing else first
                 return f
 
     async def watchdog(self) -> None:
@@ -419,9 +419,8 @@ class _Session:
                 if isinstance(f, F.Ack):
                     self.on_ack(f)
                 elif isinstance(f, F.Have):
-                    p = self.offers.pop(f.req, None)
-                    if p is None or p.have is None:
-                        raise ProtocolError(f"have for req {f.req}, which is not an open offer")
+                    p = self.offers.pop(f.req)  # the books checked that it is outstanding
+                    assert p.have is not None
                     p.held = {cid for i, cid in enumerate(p.offered) if f.held(i)}
                     self.known.update(p.held)
                     self.s.stats["dedupe_hits"] += len(p.held)
@@ -468,7 +467,6 @@ class _Session:
             else:
                 keep.append(u)
         self.unacked = keep
-        self.inflight -= freed
         self.wire_acked += freed
         now = trio.current_time()
         if self.ack_clock is None:
@@ -505,7 +503,7 @@ class _Session:
         while True:
             # Fill the pipeline: pack ahead and offer while HAVEs are on their way.
             while not exhausted and len(queue) < 2 * self.limits.offers + 2 and \
-                    len(self.offers) < self.limits.offers and not s._stop.is_set():
+                    self.conn.can_offer() and not s._stop.is_set():
                 item = await self.next_item(items)
                 if item is None:
                     exhausted = True
@@ -558,10 +556,18 @@ class _Session:
             await self.send(F.Offer(req=p.req, ids=ids))
         return p
 
+    async def drain(self) -> None:
+        """Wait until every DATA frame sent is acknowledged (PRUNE, and
+        reopening a segment to replace it, need an empty window)."""
+        while self.unacked:
+            await self.acked_changed.wait()
+
     async def emit(self, p: _Pending) -> None:
         item = p.item
         if p.have is not None:
             await p.have.wait()
+        if isinstance(item, PruneItem) or (isinstance(item, SegmentItem) and item.replace):
+            await self.drain()
         if isinstance(item, SegmentItem):
             self.seg_crc[item.seg] = _crc(item.header)
             await self.send(F.Segment(seg=item.seg, header=item.header, replace=item.replace))
@@ -611,19 +617,12 @@ class _Session:
             frame = F.Data(file=item.path, off=item.off, end=item.end, codec=comp.codec, level=comp.level,
                            reset=comp.reset, raw=comp.raw, body=comp.body)
             target = item.path
-        size = len(comp.body) + 128
-        while self.inflight and self.inflight + size > self.limits.inflight:
+        size = frame.wire_size()
+        while self.conn.inflight_bytes and not self.conn.can_send(size):
             await self.acked_changed.wait()
         n = await self.send(frame, paced=True)
-        self.inflight += n
         if resend is not None:
-            self.inflight -= resend.wire
             resend.wire = n
-        elif isinstance(item, FileItem) and item.whole:
-            # journal.json: replaced durably when applied, never ACKed; the
-            # feed sends it again on every connection anyway.
-            self.inflight -= n
-            s.stats["raw_bytes"] += item.end - item.off
         else:
             self.unacked.append(_Unacked(target, item.off, item.end, n,
                                          item.last_seq if isinstance(item, RunItem) else None,
