@@ -202,7 +202,8 @@ async def test_cut_at_random_byte_offsets_then_resume_loses_nothing(fast_tmp: Pa
 
 
 @pytest.mark.trio
-async def test_emulated_wan_10mbit_50ms_under_mock_clock(fast_tmp: Path, certs: Path) -> None:
+async def test_emulated_wan_10mbit_50ms_under_mock_clock(fast_tmp: Path, certs: Path,
+                                                        autojump_clock: trio.testing.MockClock) -> None:
     """10 Mbit/s, 50 ms each way, with drops: virtual time, so it runs in
     milliseconds; the time taken is what the link allows."""
     src = make_journal(fast_tmp / "j", 400)

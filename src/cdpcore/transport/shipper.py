@@ -530,7 +530,10 @@ class _Session:
         """Wait for every DATA frame's ACK, then BYE both ways."""
         with trio.move_on_after(grace if grace is not None else float("inf")):
             while self.unacked:
-                await self.acked_changed.wait()
+                # ACKs that stop coming while the link is alive (PONGs keep
+                # the watchdog quiet) would hang here: reconnect instead
+                with trio.fail_after(self.s.idle_limit):
+                    await self.acked_changed.wait()
         if self.unacked:
             return True  # stopping: the rest is resent by the next run
         await self.send(F.Bye())
@@ -574,6 +577,10 @@ class _Session:
         elif isinstance(item, SealItem):
             await self.send(F.Seal(seg=item.seg, size=item.size))
         elif isinstance(item, EntryItem):
+            if item.path.count("/") < 2:
+                # base/NAME itself: the FILE frame names entries inside a base
+                # (base/NAME/PATH); the vault makes the directory, BASE completes it
+                return
             await self.send(F.File(file=item.path, size=item.size, mode=item.mode, mtime_us=item.mtime_us,
                                    kind=item.kind, target=item.target))
         elif isinstance(item, BaseItem):
