@@ -461,6 +461,10 @@ class _Session:
         for u in self.unacked:
             if u.target == target and u.end <= f.size:
                 freed += u.wire
+                if u.last_seq is not None and u.last_seq > s.stats["acked_seq"]:
+                    # our own record of what the frame held: an encrypted
+                    # replica cannot tell seqs (its ACKs carry none)
+                    s.stats["acked_seq"] = u.last_seq
                 if u.last_ts is not None:
                     s.stats["acked_ts"] = u.last_ts
                     s.stats["acked_time"] = format_us(u.last_ts)
