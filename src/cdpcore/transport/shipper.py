@@ -543,7 +543,21 @@ class _Session:
         await self.send(F.Bye())
         with trio.fail_after(self.s.idle_limit):
             await self.bye.wait()
+        self.caught_up()
         return True
+
+    def caught_up(self) -> None:
+        """Everything the feed has seen is acknowledged: the acked seq is the
+        feed's last (a run that found nothing to send has no ACK to learn it
+        from). The feed keeps it in its segment books; read defensively."""
+        s = self.s
+        nbytes, _ = s.feed.backlog(s._acked)
+        segs = getattr(s.feed, "_segs", {})
+        order = getattr(s.feed, "_published", [])
+        if nbytes == 0 and order and order[-1] in segs:
+            last = int(getattr(segs[order[-1]], "last_seq", 0) or 0)
+            if last > s.stats["acked_seq"]:
+                s.stats["acked_seq"] = last
 
     async def prepare(self, item: Item) -> _Pending:
         """Pack a data item and send its OFFER; other items pass through."""
