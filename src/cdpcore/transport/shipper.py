@@ -423,7 +423,6 @@ class _Session:
                     assert p.have is not None
                     p.held = {cid for i, cid in enumerate(p.offered) if f.held(i)}
                     self.known.update(p.held)
-                    self.s.stats["dedupe_hits"] += len(p.held)
                     p.have.set()
                 elif isinstance(f, F.Need):
                     await self.on_need(f)
@@ -612,10 +611,11 @@ class _Session:
             assert p.pack is not None and isinstance(item, (RunItem, FileItem))
             pk = p.pack
             body = await self.s.sync(pk.encode, p.held)
-            hits = [c for c in pk.all_ids if c in p.held or c in pk.known]
-            self.s.stats["dedupe_bytes"] += sum(b.end - b.start for b in pk.pieces
-                                                 if b.id is not None and b.id in p.held)
-            del hits
+            # dedupe: pieces sent as a reference (the vault holds them, or
+            # this connection sent them before) instead of as bytes
+            refs = [b for b in pk.pieces if b.id is not None and (b.id in p.held or b.id in pk.known)]
+            self.s.stats["dedupe_hits"] += len(refs)
+            self.s.stats["dedupe_bytes"] += sum(b.end - b.start for b in refs)
             await self.send_data(item, body, pk)
             if len(self.known) > KNOWN_IDS_CAP:
                 self.known.clear()
