@@ -268,7 +268,7 @@ def replicate(work: str, jpath: str, root: str, app: str, point: str, args: argp
         # The hospital keeps working while the sender follows the journal.
         worst = 0.0
         his = subprocess.Popen([sys.executable, "-m", "cdpcore.cli.main", "protect", jpath, "--",
-                                sys.executable, app, root, "afternoon", str(max(50, args.transactions // 5)),
+                                sys.executable, app, root, "afternoon", str(max(50, args.transactions // 10)),
                                 "0", str(args.patients)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         while his.poll() is None:
             worst = max(worst, float(_state(jpath).get("lag_seconds") or 0))
