@@ -388,7 +388,7 @@ RECEIVER_CASES: list[tuple[str, Callable[[], tuple[ShipConnection, ServeConnecti
     ("need for no frame in flight", _with_data, Need(seg=1, off=100, ids=(ID[0],)), "in flight"),
     ("need over offer_ids", lambda: connect(limits=Limits(offer_ids=1)), Need(seg=1, off=64, ids=tuple(ID[:2])),
      "more than the limit"),
-    ("ack after the sender's bye", _closing, Ack(seg=1, size=1), "out of order"),
+    ("ack after the sender's bye beyond what was sent", _closing, Ack(seg=1, size=1), "neither in the position"),
     ("have after the sender's bye", _closing, Have(req=1, bits=b""), "out of order"),
     ("pong for no ping", connect, Pong(n=1), "no ping 1"),
     ("anything after close", _closed, Ping(n=1), "closed"),
@@ -615,3 +615,44 @@ def test_can_send_with_the_exact_wire_size() -> None:
     assert exact.wire_size() == limits.inflight and ship.can_send(exact.wire_size())
     pipe(ship.send(exact), serve)
     assert ship.inflight_bytes == limits.inflight and not ship.can_send(1)
+
+
+def test_acks_of_a_segment_or_seal_may_follow_the_senders_bye() -> None:
+    ship, serve = opened()
+    pipe(ship.send(data(off=64, end=164)), serve)
+    pipe(serve.send(Ack(seg=1, size=164)), ship)
+    pipe(ship.send(Seal(seg=1, size=164)), serve)
+    pipe(ship.send(Segment(seg=2, header=HEADER)), serve)
+    pipe(ship.send(Bye()), serve)
+    # the receiver's sync after the seal and the new header acks them now
+    assert pipe(serve.send(Ack(seg=1, size=164, last_seq=2)), ship) == [Ack(seg=1, size=164, last_seq=2)]
+    pipe(serve.send(Ack(seg=2, size=64)), ship)
+    with pytest.raises(ProtocolError, match="beyond the 64 bytes sent"):
+        serve.send(Ack(seg=2, size=65))
+
+
+def test_several_needs_for_one_frame_and_bye_waits_for_the_resend() -> None:
+    ship, serve = opened()
+    pipe(ship.send(data(off=64, end=164)), serve)
+    pipe(serve.send(Need(seg=1, off=64, ids=(ID[1],))), ship)
+    pipe(serve.send(Need(seg=1, off=64, ids=(ID[2],))), ship)  # more ids than one NEED holds
+    assert ship.inflight_bytes == serve.inflight_bytes == 0
+    with pytest.raises(ProtocolError, match="before resending"):
+        ship.send(Bye())
+    ship, serve = opened()
+    pipe(ship.send(data(off=64, end=164)), serve)
+    pipe(serve.send(Need(seg=1, off=64, ids=(ID[1],))), ship)
+    pipe(ship.send(data(off=64, end=164)), serve)
+    assert ship.inflight_of(seg=1) == serve.inflight_of(seg=1) > 0
+    with pytest.raises(ProtocolError, match="in flight"):  # the resend is a new frame: no NEED pending now
+        serve.receive_data(encode(Bye()))
+
+
+def test_inflight_of_a_segment_gates_its_reopening() -> None:
+    ship, serve = opened()
+    pipe(ship.send(data(off=64, end=164)), serve)
+    assert ship.inflight_of(seg=1) > 0 and ship.inflight_of(seg=2) == 0
+    assert ship.inflight_of(file="audit.log") == 0
+    pipe(serve.send(Ack(seg=1, size=164)), ship)
+    assert ship.inflight_of(seg=1) == 0
+    pipe(ship.send(Segment(seg=1, header=HEADER, replace=True)), serve)

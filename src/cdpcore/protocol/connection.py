@@ -90,6 +90,7 @@ class _TargetBook:
     sealed: int | None = None  # segments: the SEAL size
     replace: bool = False  # segments: opened with replace=True (bytes go to .incoming)
     complete: bool = False  # base files: their FILE frame was sent
+    needed: set[int] = field(default_factory=set)  # offsets answered by NEED and not yet resent
     heap: list[tuple[int, int, _Sent]] = field(default_factory=list)  # (end, tiebreak, frame)
     by_off: dict[int, list[_Sent]] = field(default_factory=dict)
     inflight: int = 0  # encoded bytes of live frames in `heap`
@@ -150,6 +151,7 @@ class _Books:
         if book.sealed is not None and f.end > book.sealed:
             fail(where, f"{_name(f.target)} bytes [{f.off}, {f.end}) beyond its seal at {book.sealed}")
         book.high = max(book.high, f.end)
+        book.needed.discard(f.off)  # the resend of a frame a NEED answered
         sent = _Sent(f.end, f.off, size)
         heapq.heappush(book.heap, (f.end, next(self._tiebreak), sent))
         book.by_off.setdefault(f.off, []).append(sent)
@@ -195,9 +197,13 @@ class _Books:
             fail(where, f"{len(f.ids)} ids, more than the limit {self.limits.offer_ids}", "limit")
         book = self._book(where, f.target, create_file=False)
         same = book.by_off.get(f.off)
-        if not same:
+        if same:
+            # Answered: it no longer counts in flight (its resend will), or a
+            # full window could never make room for the resend.
+            self._release(book, same[0])
+            book.needed.add(f.off)
+        elif f.off not in book.needed:  # (a second NEED for the same frame names more ids)
             fail(where, f"no data frame of {_name(f.target)} at offset {f.off} is in flight")
-        self._release(book, same[0])  # answered: the sender resends it as a new frame
 
     def seal(self, f: Seal) -> None:
         where = "seal frame"
@@ -258,6 +264,13 @@ class _Books:
             fail(where, f"sent with {self.inflight} bytes of data in flight")
         if self.offers:
             fail(where, f"sent with {len(self.offers)} offers unanswered")
+        for target, book in self.targets.items():
+            if book.needed:
+                fail(where, f"sent before resending the data of {_name(target)} a need asked for")
+
+    def inflight_of(self, target: Target) -> int:
+        book = self.targets.get(target)
+        return book.inflight if book is not None else 0
 
 
 def _name(target: Target) -> str:
@@ -306,6 +319,12 @@ class _Connection:
     @property
     def outstanding_offers(self) -> int:
         return len(self._books.offers) if self._books else 0
+
+    def inflight_of(self, seg: int | None = None, file: str | None = None) -> int:
+        """Encoded bytes of DATA in flight for one segment or file: a
+        SEGMENT reopening it, or a PRUNE, must wait until this is 0."""
+        target: Target = ("seg", seg) if seg is not None else ("file", file)  # type: ignore[assignment]
+        return self._books.inflight_of(target) if self._books else 0
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """The frames in `data` (any split of the stream), each checked
@@ -452,8 +471,11 @@ class ShipConnection(_Connection):
             if state is not State.CLOSING:
                 self._out_of_order(frame, "receiver", "the receiver says bye only after the sender")
             self._state = State.CLOSED
-        elif state is State.CLOSING:
-            self._out_of_order(frame, "receiver", "after our bye only ping, pong, bye or error")
+        elif state is State.CLOSING and not isinstance(frame, Ack):
+            # An ACK may still come: the receiver's sync of a SEGMENT or SEAL
+            # sent just before our BYE (nothing was in flight, but the ack of
+            # the header or the seal is on its way).
+            self._out_of_order(frame, "receiver", "after our bye only ack, ping, pong, bye or error")
         elif isinstance(frame, Have):
             books.have(frame)
         elif isinstance(frame, Need):
@@ -622,8 +644,8 @@ class ServeConnection(_Connection):
             b = encode(frame, RECEIVER_FRAME_CAP)
             self._state = State.CLOSED
             return b
-        if state is State.CLOSING:
-            self._out_of_order(frame, "caller", "after the sender's bye only ping, pong, bye or error")
+        if state is State.CLOSING and not isinstance(frame, Ack):
+            self._out_of_order(frame, "caller", "after the sender's bye only ack, ping, pong, bye or error")
         b = encode(frame, RECEIVER_FRAME_CAP)
         if isinstance(frame, Have):
             books.have(frame)
