@@ -43,6 +43,7 @@ import heapq
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from .errors import ProtocolError, fail
 from .frames import (
@@ -371,7 +372,7 @@ class _Connection:
             self.error = e
         self._state = State.CLOSED
 
-    def _out_of_order(self, frame: Frame, who: str, why: str = "") -> None:
+    def _out_of_order(self, frame: Frame, who: str, why: str = "") -> NoReturn:
         state = self._state.value
         fail(f"{frame.T} frame", f"out of order from the {who} in state {state}" + (f": {why}" if why else ""))
 

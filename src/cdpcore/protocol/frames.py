@@ -861,7 +861,7 @@ class Bye:
 
 Frame = Union[Hello, Welcome, Error, Segment, Offer, Have, Data, Need, Seal, File, Base, Prune,
               Ack, Ping, Pong, Bye]
-FRAME_TYPES: dict[str, type] = {c.T: c for c in (Hello, Welcome, Error, Segment, Offer, Have, Data, Need,
+FRAME_TYPES: dict[str, type[Frame]] = {c.T: c for c in (Hello, Welcome, Error, Segment, Offer, Have, Data, Need,
                                                   Seal, File, Base, Prune, Ack, Ping, Pong, Bye)}
 
 
@@ -882,7 +882,7 @@ def encode(frame: Frame, max_frame: int = MAX_FRAME) -> bytes:
         raise TypeError(f"not a frame: {frame!r}")
     m = frame._wire()
     m["t"] = frame.T
-    payload = msgpack.packb(m, use_bin_type=True, unicode_errors="surrogateescape")
+    payload: bytes = msgpack.packb(m, use_bin_type=True, unicode_errors="surrogateescape")
     if len(payload) > max_frame:
         fail(f"{frame.T} frame", f"{len(payload)} bytes, more than the frame limit {max_frame}", "limit")
     # One copy of a large body here (and one in packb): linear, never per byte.
