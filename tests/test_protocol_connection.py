@@ -656,3 +656,85 @@ def test_inflight_of_a_segment_gates_its_reopening() -> None:
     pipe(serve.send(Ack(seg=1, size=164)), ship)
     assert ship.inflight_of(seg=1) == 0
     pipe(ship.send(Segment(seg=1, header=HEADER, replace=True)), serve)
+
+
+# ---- the state table, exhaustively ---------------------------------------------------------------
+#
+# docs/protocol.md's table of who may send what in which state, checked for
+# every frame type in every state from both ends. A frame the table allows
+# may still break a bookkeeping rule (a HAVE with no offer), but then the
+# error is not "out of order"; a frame the table forbids is refused as out
+# of order (or "closed" once closed).
+
+STATES = ["fresh", "hello", "open", "closing", "closed"]
+SENDER_MAY = {"fresh": {"hello"}, "hello": set(), "closing": {"ping", "pong"}, "closed": set(),
+              "open": {"segment", "offer", "data", "seal", "file", "base", "prune", "ping", "pong", "bye"}}
+RECEIVER_MAY = {"fresh": set(), "hello": {"welcome"}, "open": {"have", "need", "ack", "ping", "pong"},
+                "closing": {"ack", "ping", "pong", "bye"}, "closed": set()}
+TABLE_FRAMES: dict[str, Frame] = {
+    "hello": hello(), "welcome": Welcome(version=1, source="s", dedupe_key=KEY, position=Position(),
+                                         limits=Limits()),
+    "segment": Segment(seg=2, header=HEADER), "offer": Offer(req=1, ids=(ID[0],)), "data": data(),
+    "seal": Seal(seg=1, size=64), "file": File(file="base/b/d", size=0, mode=0, mtime_us=0, kind="dir"),
+    "base": Base(name="b"), "prune": Prune(segments=((1, 1, 64),), bases=()), "ping": Ping(n=2),
+    "pong": Pong(n=1), "bye": Bye(), "have": Have(req=1, bits=b"\x01"),
+    "need": Need(seg=1, off=64, ids=(ID[0],)), "ack": Ack(seg=1, size=64),
+}
+
+
+def in_state(state: str) -> tuple[ShipConnection, ServeConnection]:
+    ship, serve = ShipConnection(), ServeConnection()
+    if state == "fresh":
+        return ship, serve
+    serve.receive_data(ship.send(hello()))
+    if state == "hello":
+        return ship, serve
+    ship.receive_data(serve.send(welcome(serve, Position(segments=(SegPos(1, 1, 64, False),)))))
+    serve.receive_data(ship.send(Ping(n=1)))  # a ping outstanding each way, so that pong(1) is in order
+    ship.receive_data(serve.send(Ping(n=1)))
+    if state == "open":
+        return ship, serve
+    serve.receive_data(ship.send(Bye()))
+    if state == "closing":
+        return ship, serve
+    ship.receive_data(serve.send(Bye()))
+    return ship, serve
+
+
+def _check(action: Callable[[], object], allowed: bool) -> None:
+    try:
+        action()
+    except ProtocolError as e:
+        refused = "out of order" in str(e) or "closed" in str(e)
+        assert refused != allowed, str(e)
+    else:
+        assert allowed
+
+
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("t", sorted(TABLE_FRAMES))
+def test_state_table(state: str, t: str) -> None:
+    frame = TABLE_FRAMES[t]
+    sender_frame = t in {"hello", "segment", "offer", "data", "seal", "file", "base", "prune", "bye"} or \
+        t in ("ping", "pong")
+    receiver_frame = t in {"welcome", "have", "need", "ack", "bye", "ping", "pong"}
+    if sender_frame:
+        ship, serve = in_state(state)
+        _check(lambda: ship.send(frame), t in SENDER_MAY[state])
+        ship, serve = in_state(state)
+        _check(lambda: serve.receive_data(encode(frame)), t in SENDER_MAY[state])
+    if receiver_frame:
+        ship, serve = in_state(state)
+        _check(lambda: serve.send(frame), t in RECEIVER_MAY[state])
+        ship, serve = in_state(state)
+        _check(lambda: ship.receive_data(encode(frame)), t in RECEIVER_MAY[state])
+    if not sender_frame:  # a receiver's frame from the sender is always out of order, and vice versa
+        ship, serve = in_state(state)
+        _check(lambda: ship.send(frame), False)
+        ship, serve = in_state(state)
+        _check(lambda: serve.receive_data(encode(frame)), False)
+    if not receiver_frame:
+        ship, serve = in_state(state)
+        _check(lambda: serve.send(frame), False)
+        ship, serve = in_state(state)
+        _check(lambda: ship.receive_data(encode(frame)), False)
