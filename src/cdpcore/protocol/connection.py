@@ -20,6 +20,10 @@ Both ends keep the same books, so each checks the other and itself:
 * the DATA frames in flight (sent, not yet covered by an ACK of their
   target at or beyond their end, nor answered by a NEED), in encoded bytes:
   the sender may not exceed `limits.inflight`;
+* after a NEED, the resend it asks for: the sender must resend the target
+  from the refused frame on before anything else of it, and the receiver
+  drops (never returns) the frames of the target the sender had sent
+  before it read the NEED, so the transport never sees a hole;
 * the OFFERs not yet answered by a HAVE (at most `limits.offers`).
 
 Why both ends can check the same rule although frames cross on the wire:
@@ -359,7 +363,7 @@ class _Connection:
         against the state machine. Raises ProtocolError (and the connection
         is CLOSED) at the first frame that breaks a rule; frames before it
         in the same call are not returned (nothing of a broken stream is
-        applied)."""
+        applied). DATA made stale by a NEED is dropped, not returned."""
         if not data:
             return []
         if self._state is State.CLOSED:

@@ -214,16 +214,18 @@ def check_base_name(where: str, v: object) -> str:
     return v
 
 
-def check_file_path(where: str, v: object, base_only: bool = False) -> str:
+def check_file_path(where: str, v: object, base_only: bool = False, base_root: bool = False) -> str:
     """A replicated file's path, relative to the journal directory:
     `journal.json`, `audit.log` or `base/NAME/PATH`, normalised (no empty,
     '.' or '..' component, no leading or doubled '/'), so that a receiver
-    joining it under its replica cannot leave it."""
+    joining it under its replica cannot leave it. `base_root`: `base/NAME`
+    itself is allowed too (a FILE frame giving the base directory's mode
+    and mtime)."""
     v = _path_text(where, v)
     if not base_only and v in ("journal.json", "audit.log"):
         return v
     parts = v.split("/")
-    if len(parts) < 3 or parts[0] != "base":
+    if len(parts) < (2 if base_root else 3) or parts[0] != "base":
         allowed = "base/NAME/PATH" if base_only else "journal.json, audit.log or base/NAME/PATH"
         fail(where, f"{short(v)} is not {allowed}")
     for part in parts:
@@ -686,7 +688,8 @@ class Seal:
 class File:
     """Sender: the base entry `file` (base/NAME/PATH) is complete: its bytes
     (kind "file", `size` of them, sent as DATA before), mode, mtime; a
-    directory; or a symlink to `target`."""
+    directory (base/NAME itself included: the base's own mode and mtime);
+    or a symlink to `target`."""
 
     T: ClassVar[str] = "file"
     file: str
@@ -698,7 +701,7 @@ class File:
 
     def __post_init__(self) -> None:
         t = self.T
-        check_file_path(_where(t, "file"), self.file, base_only=True)
+        check_file_path(_where(t, "file"), self.file, base_only=True, base_root=self.kind == "dir")
         _int(t, "size", self.size)
         _int(t, "mode", self.mode, 0, 0o10000)  # permission bits; the type is `kind`
         _int(t, "mtime_us", self.mtime_us, I64_MIN)  # files older than 1970 exist
