@@ -38,7 +38,7 @@ file_paths = st.one_of(st.sampled_from(["journal.json", "audit.log"]), base_path
 def limits(draw: st.DrawFn) -> Limits:
     frame = draw(st.integers(64 << 10, 64 << 20))
     return Limits(frame=frame, body=draw(st.integers(64 << 10, 256 << 20)),
-                  window_log=draw(st.integers(10, 31)), inflight=draw(st.integers(frame, U63)),
+                  window_log=draw(st.integers(10, 31)), inflight=draw(st.integers(frame + 4, U63)),
                   offers=draw(st.integers(1, 64)), offer_ids=draw(st.integers(1, MAX_OFFER_IDS)))
 
 

@@ -276,7 +276,7 @@ def test_every_field_missing_or_mistyped_is_a_protocol_error(t: str) -> None:
      "32 bytes"),
     (lambda: Limits(frame=1000), "limits.frame"),
     (lambda: Limits(frame=(64 << 20) + 1), "limits.frame"),
-    (lambda: Limits(inflight=(8 << 20) - 1), "limits.inflight"),
+    (lambda: Limits(inflight=(8 << 20) + 3), "limits.inflight"),
     (lambda: Limits(offers=0), "limits.offers"),
     (lambda: Limits(offer_ids=65537), "limits.offer_ids"),
     (lambda: Limits(window_log=32), "limits.window_log"),

@@ -605,7 +605,7 @@ def test_a_complete_file_stays_known_while_in_flight_and_after_a_need() -> None:
 
 
 def test_can_send_with_the_exact_wire_size() -> None:
-    limits = Limits(frame=64 << 10, inflight=64 << 10)
+    limits = Limits(frame=64 << 10, inflight=(64 << 10) + 4)  # the smallest window: one largest frame
     ship, serve = connect(limits=limits)
     pipe(ship.send(Segment(seg=1, header=HEADER)), serve)
     n = limits.inflight
@@ -613,6 +613,7 @@ def test_can_send_with_the_exact_wire_size() -> None:
         exact = Data(seg=1, off=64, end=100, raw=n, body=b"w" * n)
         n += limits.inflight - exact.wire_size()
     assert exact.wire_size() == limits.inflight and ship.can_send(exact.wire_size())
+    assert exact.wire_size() - 4 == limits.frame  # also exactly the largest frame
     pipe(ship.send(exact), serve)
     assert ship.inflight_bytes == limits.inflight and not ship.can_send(1)
 

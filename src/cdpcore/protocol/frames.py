@@ -269,8 +269,9 @@ class Limits:
         _int(t, "limits.frame", self.frame, MIN_FRAME, MAX_FRAME + 1)
         _int(t, "limits.body", self.body, MIN_FRAME, MAX_BODY + 1)
         _int(t, "limits.window_log", self.window_log, 10, 32)
-        # At least one frame must fit in flight, or the sender could never send.
-        _int(t, "limits.inflight", self.inflight, self.frame, U63)
+        # At least one frame of the largest size (and its length prefix) must
+        # fit in flight, or the sender could never send it.
+        _int(t, "limits.inflight", self.inflight, self.frame + PREFIX.size, U63)
         _int(t, "limits.offers", self.offers, 1, MAX_OFFERS + 1)
         _int(t, "limits.offer_ids", self.offer_ids, 1, MAX_OFFER_IDS + 1)
 
