@@ -457,9 +457,12 @@ def test_an_error_frame_closes_both_ends_with_its_reason() -> None:
 
 def test_error_in_the_same_read_as_frames_after_it() -> None:
     ship, serve = opened()
-    with pytest.raises(ProtocolError, match="out of order"):
-        ship.receive_data(encode(Error(code="internal", message="m")) + encode(Ack(seg=1, size=64)))
-    assert ship.peer_error is not None and ship.state is State.CLOSED
+    err = Error(code="internal", message="m")
+    assert ship.receive_data(encode(Ack(seg=1, size=64)) + encode(err) + encode(Ack(seg=1, size=64)) + b"junk") \
+        == [Ack(seg=1, size=64), err]
+    assert ship.peer_error == err and ship.state is State.CLOSED and ship.error is None
+    with pytest.raises(ProtocolError, match="after the connection closed"):
+        ship.receive_data(b"more")
 
 
 def test_frames_after_a_protocol_error_in_the_same_read_are_not_returned() -> None:

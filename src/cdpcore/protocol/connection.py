@@ -363,16 +363,19 @@ class _Connection:
         against the state machine. Raises ProtocolError (and the connection
         is CLOSED) at the first frame that breaks a rule; frames before it
         in the same call are not returned (nothing of a broken stream is
-        applied). DATA made stale by a NEED is dropped, not returned."""
+        applied). DATA made stale by a NEED is dropped, not returned; an
+        ERROR frame is the last frame returned (bytes after it are ignored)."""
         if not data:
             return []
         if self._state is State.CLOSED:
             fail("", f"{len(data)} bytes received after the connection closed")
         try:
             out = []
-            for frame, size in self._decoder.feed_sized(data):
+            for frame, size in self._decoder.frames(data):
                 if self._receive(frame, size):
                     out.append(frame)
+                if isinstance(frame, Error):
+                    break  # the peer is closing: whatever follows its reason is not read
             return out
         except ProtocolError as e:
             self._close(e)

@@ -38,7 +38,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Union
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, Union
 
 import msgpack
 
@@ -75,7 +75,7 @@ MAX_OFFERS = 64
 MAX_OFFER_IDS = 65536
 MAX_LIST = 65536  # segments or bases in a position or a prune: 4 TiB of 64 MiB segments
 MAX_OBJECTS = 1 << 19  # msgpack objects in one frame: bounds the memory a frame can expand to
-MAX_DEPTH = 8  # nested containers; the deepest frame (welcome.position.segments[i]) needs 3
+MAX_DEPTH = 8  # nested containers; the deepest frame needs 4 (welcome > position > segments > [seg, ...])
 MAX_PATH = 4096  # bytes, as PATH_MAX
 MAX_NAME = 255  # bytes of one path component, as NAME_MAX
 MAX_AGENT = 256
@@ -1031,18 +1031,23 @@ class FrameDecoder:
     def feed_sized(self, data: bytes | bytearray | memoryview) -> list[tuple[Frame, int]]:
         """As `feed`, with each frame's size on the wire (prefix included),
         which flow control counts."""
+        return list(self.frames(data))
+
+    def frames(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[Frame, int]]:
+        """As `feed_sized`, one frame at a time: a caller that stops
+        iterating (the peer's ERROR came) never decodes the bytes after it.
+        The decoder is then spent."""
         if self._error is not None:
             raise ProtocolError(str(self._error), self._error.code)
         try:
-            return self._feed(data)
+            yield from self._feed(data)
         except ProtocolError as e:
             self._error = e
             self._buf = bytearray()
             self._need = -1
             raise
 
-    def _feed(self, data: bytes | bytearray | memoryview) -> list[tuple[Frame, int]]:
-        frames: list[tuple[Frame, int]] = []
+    def _feed(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[Frame, int]]:
         with memoryview(data) as mv:
             mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
             pos, n = 0, len(mv)
@@ -1062,20 +1067,21 @@ class FrameDecoder:
                     self._buf += mv[pos:pos + take]
                     pos += take
                     if len(self._buf) == self._need:
-                        frames.append((decode_payload(self._buf), 4 + self._need))
+                        frame = decode_payload(self._buf), 4 + self._need
                         self._buf = bytearray()
                         self._need = -1
+                        yield frame
                     continue
                 # Nothing buffered: decode whole frames straight from `data`.
                 length = self._check_length(PREFIX.unpack_from(mv, pos)[0])
                 if n - pos - 4 >= length:
-                    frames.append((decode_payload(mv[pos + 4:pos + 4 + length]), 4 + length))
+                    frame = decode_payload(mv[pos + 4:pos + 4 + length]), 4 + length
                     pos += 4 + length
+                    yield frame
                 else:
                     self._need = length
                     self._buf += mv[pos + 4:]
                     pos = n
-        return frames
 
     def _check_length(self, length: int) -> int:
         if length == 0:
