@@ -34,6 +34,10 @@ sender's, and a limit the sender obeys is never seen broken by the
 receiver. The same argument makes "nothing in flight" rules (BYE, PRUNE,
 reopening a segment) checkable at the receiver.
 
+`send()` books a frame when it is called, so the transport must write the
+returned bytes in the order of the calls (one lock held across `send()`
+and the write, when several tasks send).
+
 Any ProtocolError, raised by `receive_data()` (the peer broke a rule) or by
 `send()` (our own caller did), closes the connection: the state becomes
 CLOSED, and the only frame `send()` still accepts is one ERROR, so that the
