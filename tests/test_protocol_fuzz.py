@@ -239,3 +239,23 @@ def test_receiver_connection_survives_mutated_streams(case: tuple[list[Frame], b
     except ProtocolError as e:
         assert "\n" not in str(e)
         assert serve.state.value == "closed"
+
+
+@given(mutated_streams(), st.lists(st.integers(1, 64), max_size=6))
+def test_sender_connection_survives_mutated_streams(case: tuple[list[Frame], bytes], pieces: list[int]) -> None:
+    """The same against the sender's end (a broken or hostile receiver)."""
+    from cdpcore.protocol.connection import ShipConnection
+    _, stream = case
+    ship = ShipConnection()
+    ship.send(Hello(versions=(1, 1), uuid=b"u" * 16, encrypted=False, domain=None, agent="a"))
+    ship.receive_data(encode(Welcome(version=1, source="s", dedupe_key=b"k" * 32, position=Position(),
+                                     limits=Limits())))
+    ship.send(Segment(seg=1, header=b"h" * 64))
+    i = 0
+    try:
+        for n in [*pieces, len(stream)]:
+            ship.receive_data(stream[i:i + n])
+            i += n
+    except ProtocolError as e:
+        assert "\n" not in str(e) and e.code in ("protocol", "limit", "version")
+        assert ship.state.value == "closed"
