@@ -16,7 +16,7 @@ import pytest
 from conftest import scale
 from cdpcore import Journal, Policy, crypto, packing, prune, restore
 from cdpcore.errors import KeyFileError, PointError, ProtocolError, VaultError
-from cdpcore.format import SEG_HDR_SIZE, encode_record, parse_segment_name
+from cdpcore.format import SEG_HDR_SIZE, parse_segment_name
 from cdpcore.vault import Vault
 from cdpcore.vault import replica as replica_mod
 from cdpcore.vault.replica import Replica
@@ -93,7 +93,6 @@ class Sender:
                     rep = reopen(rep)
                     start = {s[0]: s[2] for s in rep.position()["segments"]}[seg]
                     ends = [e for e in record_ends(data) if e > start]
-        segs = list(source_segments(self.jdir))
         rep.sync()
         for seg, data in list(source_segments(self.jdir).items())[:-1]:
             if not (seg in have and have[seg][0] != int.from_bytes(data[60:64], "little")):
@@ -444,7 +443,6 @@ def test_domain_dedupe_across_two_sources(fast_tmp):
 
 def test_references_to_lost_chunks_come_back_as_missing(fast_tmp):
     src, vault, rep, data = fresh(fast_tmp)
-    ends = record_ends(data)
     p = packing.pack(data[64:], rep.dedupe_key)
     missing = rep.apply_data(1, 64, len(data), p.encode(set(p.ids)))
     assert set(missing) == set(p.ids) and missing
@@ -463,8 +461,8 @@ def test_references_to_lost_chunks_come_back_as_missing(fast_tmp):
 
 
 def prune_source(tmp: Path, rnd: random.Random) -> tuple[Path, Path]:
-    """A source journal over several days, and a pruned copy of it."""
-    from test_prune import NOW, build  # the prune tests' 12-day journal
+    """A source journal over twelve days (the prune tests' journal)."""
+    from test_prune import build
 
     root = tmp / "root"
     root.mkdir()

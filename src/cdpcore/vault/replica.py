@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cdpcore._native import INT64_MIN, check, crc32c, ffi, lib
+from cdpcore._native import INT64_MIN, check, ffi, lib
 from cdpcore.crypto import chunk_id
 from cdpcore.errors import CorruptJournal, NotAJournal, ProtocolError, UnsupportedVersion, VaultError
 from cdpcore.format import (

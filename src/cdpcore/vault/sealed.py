@@ -95,6 +95,7 @@ class SealedStore:
         self._pack_size = 0
         self._packs_touched: dict[int, int] = {}
         self._entries_dirty: set[str] = set()
+        self._read_fds: dict[str, int] = {}
         self._load()
 
     # ---- opening ---------------------------------------------------------------
@@ -178,16 +179,18 @@ class SealedStore:
         self._recipes[key] = _Recipe(key, kind, size, size, hdr, seg, name)
 
     def _held(self, cid: bytes) -> bool:
+        """The chunk is in a pack file: the index says where, and the pack
+        entry there carries the same id (an index entry is only a hint)."""
         hit = self.index.lookup(cid)
         if hit is None or hit[0] != self.r.name:
             return False
-        path = os.path.join(self.dir, hit[1])
-        try:
-            with open(path, "rb") as f:
-                f.seek(hit[2])
-                return f.read(ID_SIZE) == cid
-        except OSError:
-            return False
+        fd = self._read_fds.get(hit[1])
+        if fd is None:
+            try:
+                fd = self._read_fds[hit[1]] = os.open(os.path.join(self.dir, hit[1]), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+        return os.pread(fd, ID_SIZE, hit[2]) == cid
 
     # ---- position ----------------------------------------------------------------
 
@@ -285,6 +288,8 @@ class SealedStore:
                 self._append_chunk(cid, new.pop(cid))
         raw = b"".join(ENTRY.pack(cid, n) for cid, n in entries)
         if t.kind == "meta":
+            if self._pack_fd >= 0:
+                os.fdatasync(self._pack_fd)  # the chunks before the recipe that names them
             write_durable(os.path.join(self.dir, t.key), raw)
             t.size = t.durable = end
             self._position_changed = True
@@ -517,6 +522,9 @@ class SealedStore:
         if self._pack_fd >= 0:
             os.close(self._pack_fd)
             self._pack_fd = -1
+        for fd in self._read_fds.values():
+            os.close(fd)
+        self._read_fds.clear()
 
 
 def _recipe_name(path: str) -> str:
