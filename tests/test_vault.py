@@ -784,3 +784,88 @@ def test_encrypted_prune(fast_tmp):
     out = Path(materialize(fast_tmp / "v" / "e", keys, fast_tmp / "m"))
     same_files(src, out)
     same_restores(src, out, fast_tmp, rnd, points=2)
+
+
+def test_crash_at_every_byte_of_a_frame(fast_tmp):
+    """A crash mid-write leaves any prefix of a frame's bytes: reopening
+    cuts back to the last whole record, and a resend completes the segment."""
+    rnd = random.Random(13)
+    (fast_tmp / "root").mkdir()
+    src = fast_tmp / "src"
+    with Journal.create(src, fast_tmp / "root") as j:
+        for i in range(12):
+            j.append_write("f", i * 50, rnd.randbytes(rnd.choice([20, 100, 700])))
+        j.sync()
+    data = source_segments(src)[1]
+    ends = record_ends(data)
+    vault = Vault(fast_tmp / "v", create=True)
+    rep = vault.open_source("s", uuid_of(src), False)
+    rep.begin_segment(1, data[:64])
+    mid = ends[-4]
+    rep.apply_data(1, 64, mid, packing.pack(data[64:mid], rep.dedupe_key).encode())
+    rep.sync()
+    rep.close()
+    seg = fast_tmp / "v" / "s" / "journal" / "segments" / "0000000000000001.seg"
+    step = 1 if scale(0, 1) else 5
+    for cut in range(mid, len(data) + 1, step):
+        seg.write_bytes(data[:cut])
+        rep = vault.open_source("s", uuid_of(src), False)
+        held = rep.position()["segments"][0][2]
+        assert held == max([64] + [e for e in ends if e <= cut])
+        rep.apply_data(1, held, len(data), packing.pack(data[held:], rep.dedupe_key).encode()) if held < len(data) else None
+        rep.sync()
+        rep.close()
+        assert seg.read_bytes() == data
+
+
+def test_encrypted_prune_crash_at_every_step(fast_tmp):
+    from test_prune import NOW
+
+    from cdpcore.vault.sealed import materialize
+
+    rnd = random.Random(14)
+    src, _root = prune_source(fast_tmp, rnd)
+    keys = crypto.write_key_file(fast_tmp / "key")
+    vault = Vault(fast_tmp / "v", create=True)
+    rep = Sender(src, rnd, keys).ship(vault.open_source("e", uuid_of(src), True))
+    rep.close()
+    vault.close()
+    old_headers = {k: v[:64] for k, v in source_segments(src).items()}
+    import shutil
+    shutil.copytree(fast_tmp / "v", fast_tmp / "v0")
+    prune(str(src), Policy.parse("2d", keep_daily="30d"), now=NOW)
+    new = source_segments(src)
+    step = 0
+    while True:
+        step += 1
+        shutil.rmtree(fast_tmp / "v")
+        shutil.copytree(fast_tmp / "v0", fast_tmp / "v")
+        rep = Vault(fast_tmp / "v").open_source("e", uuid_of(src), True)
+        calls = []
+
+        def hook(what: str) -> None:
+            calls.append(what)
+            if len(calls) == step:
+                raise OSError("injected crash")
+
+        Sender(src, rnd, keys).ship(rep)
+        replica_mod.crash_hook = hook
+        try:
+            rep.prune([[s, int.from_bytes(d[60:64], "little"), len(d)] for s, d in new.items()],
+                      listdir(src / "base"))
+            crashed = False
+        except OSError:
+            crashed = True
+        finally:
+            replica_mod.crash_hook = None
+        rep.close()
+        Vault(fast_tmp / "v").open_source("e", uuid_of(src), True).close()  # finishes a manifest
+        out = Path(materialize(fast_tmp / "v" / "e", keys, fast_tmp / f"m{step}"))
+        got = source_segments(out)
+        if step == 1 and crashed:
+            assert {k: v[:64] for k, v in got.items()} == old_headers
+        else:
+            assert got == new, step
+        if not crashed:
+            break
+    assert step > 2
