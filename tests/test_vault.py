@@ -4,6 +4,8 @@ the same trees; torn tails, bad frames, uuid and name checks, domain dedupe,
 the prune swap under a crash at every step, and encrypted sources."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -586,7 +588,13 @@ def test_replica_opens_readonly_only(fast_tmp):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cdpcore.cli.main", *args], capture_output=True, text=True)
+    """cdpctl in-process (an interpreter per call would dominate the test's time)."""
+    from cdpcore.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main.main(list(args))
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def test_cli_on_a_replica(fast_tmp):
@@ -594,7 +602,8 @@ def test_cli_on_a_replica(fast_tmp):
     src = build_source(fast_tmp, rnd, 30)
     vault = Vault(fast_tmp / "v", create=True)
     Sender(src, rnd).ship(vault.open_source("s", uuid_of(src), False)).close()
-    r = run_cli("restore", str(fast_tmp / "v" / "s"), str(fast_tmp / "out"), "--at", "latest")
+    r = subprocess.run([sys.executable, "-m", "cdpcore.cli.main", "restore", str(fast_tmp / "v" / "s"),
+                        str(fast_tmp / "out"), "--at", "latest"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     r = run_cli("points", str(fast_tmp / "v" / "s"))
     assert r.returncode == 0, r.stderr
