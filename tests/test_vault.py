@@ -350,6 +350,7 @@ def test_bad_frames_write_nothing(fast_tmp):
     for bad_target in ["../x", "/etc/passwd", "base/../../x", "base/a", "segments/x", "base/n/./x", "", 3.5]:
         with pytest.raises(ProtocolError):
             rep.apply_data(bad_target, 0, 3, packing.pack(b"abc", key, records=False).encode())
+    assert rep.position()["files"] == {}  # refused frames leave no trace
     rep.sync()
     assert seg.read_bytes() == data[:64]
     # now the right frame goes in, and a resend with other bytes is refused

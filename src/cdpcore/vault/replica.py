@@ -430,17 +430,18 @@ class Replica:
             if t is None:
                 raise ProtocolError(f"data for segment {target:016x}, which was not begun")
             return t
-        if target == META_NAME:
-            return self._targets.setdefault(META_NAME, _Target(META_NAME, "meta", name=META_NAME))
-        if target == AUDIT_NAME:
-            return self._targets.setdefault(AUDIT_NAME, _Target(AUDIT_NAME, "append", name=AUDIT_NAME))
+        # A file target is registered only when bytes are written (apply_data),
+        # so a refused frame leaves no trace in the position.
+        if target in (META_NAME, AUDIT_NAME):
+            return self._targets.get(target) or _Target(target, "meta" if target == META_NAME else "append",
+                                                        name=target)
         parts = _rel_parts(target)
         if parts[0] != BASE_DIR or len(parts) < 3 or not valid_name(parts[1]):
             raise ProtocolError(f"file {target!r} is not journal.json, audit.log or base/NAME/PATH")
         if os.path.lexists(os.path.join(self.jdir, BASE_DIR, parts[1])):
             raise ProtocolError(f"data for {target!r}, but base {parts[1]} is already complete")
         key = "/".join([BASE_DIR, parts[1] + INCOMING, *parts[2:]])
-        return self._targets.setdefault(key, _Target(key, "append", name=target))
+        return self._targets.get(key) or _Target(key, "append", name=target)
 
     def apply_data(self, target: int | str, off: int, end: int, body: bytes,
                    first_seq: int | None = None, last_seq: int | None = None) -> list[bytes]:
@@ -470,6 +471,7 @@ class Replica:
             raise ProtocolError(f"data for {self._describe(t)} [{off}, {end}) unpacks to {len(u.data)} bytes")
         if t.kind == "meta":
             self._replace_meta(t, u.data)
+            self._targets[t.key] = t
             return []
         fd = self._fd(t)
         overlap = min(end, t.size) - off
@@ -482,6 +484,7 @@ class Replica:
         if t.kind == "seg":
             self._check_records(t, new, first_seq if overlap <= 0 else None, last_seq)
         os.pwrite(fd, new, t.size)
+        self._targets[t.key] = t
         start = t.size
         t.size = end
         self._dirty.add(t.key)

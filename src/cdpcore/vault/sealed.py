@@ -240,16 +240,15 @@ class SealedStore:
             return t
         if target in (META_NAME, AUDIT_NAME):
             key = f"recipes/{target}"
-            return self._recipes.setdefault(key, _Recipe(key, "meta" if target == META_NAME else "append", 0, 0,
-                                                         name=target))
+            return self._recipes.get(key) or _Recipe(key, "meta" if target == META_NAME else "append", 0, 0,
+                                                     name=target)
         parts = _rel_parts(target)
         if parts[0] != "base" or len(parts) < 3 or not valid_name(parts[1]):
             raise ProtocolError(f"file {target!r} is not journal.json, audit.log or base/NAME/PATH")
         if os.path.lexists(os.path.join(self.dir, "bases", parts[1])):
             raise ProtocolError(f"data for {target!r}, but base {parts[1]} is already complete")
-        os.makedirs(os.path.join(self.dir, "bases", parts[1] + INCOMING), exist_ok=True)
         key = f"bases/{parts[1]}{INCOMING}/{_recipe_name(target)}"
-        return self._recipes.setdefault(key, _Recipe(key, "append", 0, 0, name=target))
+        return self._recipes.get(key) or _Recipe(key, "append", 0, 0, name=target)
 
     def apply_data(self, target: int | str, off: int, end: int, body: bytes,
                    first_seq: int | None, last_seq: int | None) -> list[bytes]:
@@ -283,6 +282,8 @@ class SealedStore:
                 raise ProtocolError(f"sealed data for {target!r} overlaps the replica's end {t.size} "
                                     "mid-chunk")
             entries = entries[skip:]
+        self._recipes[t.key] = t  # registered only once the frame passed every check
+        os.makedirs(os.path.dirname(os.path.join(self.dir, t.key)), exist_ok=True)
         for cid, _n in entries:
             if cid in new and not self._held(cid):
                 self._append_chunk(cid, new.pop(cid))
