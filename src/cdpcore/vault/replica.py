@@ -320,6 +320,8 @@ class Replica:
                 hdr = parse_segment_header(data, path)
             except (CorruptJournal, NotAJournal, UnsupportedVersion) as e:
                 raise VaultError(f"replica of {self.name}: {e}") from None
+            if hdr.uuid != self.uuid or hdr.seg_no != seg:
+                raise VaultError(f"replica of {self.name}: {key} belongs to another journal or segment")
             size = os.fstat(f.fileno()).st_size
             sealed = self._sealed.get(seg) if not incoming else None
             if sealed is not None and sealed[0] == size:
