@@ -584,6 +584,7 @@ def test_replica_opens_readonly_only(fast_tmp):
     before = source_segments(fast_tmp / "v" / "s" / "journal")
     restore(str(fast_tmp / "v" / "s"), fast_tmp / "out")
     assert source_segments(fast_tmp / "v" / "s" / "journal") == before
+    assert json.loads((fast_tmp / "v" / "s" / "access.log").read_text())["action"] == "restore"
     assert not (fast_tmp / "v" / "s" / "journal" / "audit.log").exists() or \
         (fast_tmp / "v" / "s" / "journal" / "audit.log").read_bytes() == (src / "audit.log").read_bytes()
 
@@ -706,6 +707,8 @@ def test_restore_cli_with_encrypt_key(fast_tmp):
     assert r.returncode == 24 and "wrong key" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("restore", str(vdir), str(fast_tmp / "out"), "--encrypt-key", str(fast_tmp / "key"))
     assert r.returncode == 0, r.stderr
+    log = [json.loads(x) for x in (vdir / "access.log").read_text().splitlines()]
+    assert [e["action"] for e in log] == ["restore"] and log[0]["ok"]
     restore(str(src), fast_tmp / "want", audit=False)
     assert tree(fast_tmp / "out") == tree(fast_tmp / "want")
     assert not os.listdir(fast_tmp / "v" / "_tmp") if (fast_tmp / "v" / "_tmp").exists() else True

@@ -116,13 +116,22 @@ SOURCE_META = "source.json"
 ACCESS_LOG = "access.log"
 
 
+MATERIALIZED_MARK = ".cdpcore-replica-of"
+
+
 def replica_dir_of(path: str) -> str | None:
-    """VAULT/NAME when path is a replica journal (VAULT/NAME/journal), else None."""
+    """VAULT/NAME when path is a replica journal (VAULT/NAME/journal, or a
+    scratch journal materialised from an encrypted one), else None."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     if os.path.basename(path) == JOURNAL_DIR and os.path.isfile(os.path.join(parent, SOURCE_META)):
         return parent
-    return None
+    try:
+        with open(os.path.join(path, MATERIALIZED_MARK), encoding="utf-8") as f:
+            rdir = f.read().strip()
+    except OSError:
+        return None
+    return rdir if os.path.isfile(os.path.join(rdir, SOURCE_META)) else None
 
 
 def replica_journal(path: str, readonly: bool) -> str:

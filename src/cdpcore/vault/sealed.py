@@ -48,6 +48,7 @@ from cdpcore.packing import open_chunk, unpack_sealed
 from cdpcore.vault.replica import (
     AUDIT_NAME,
     INCOMING,
+    MATERIALIZED_MARK,
     MAX_FRAME_OUTPUT,
     POSITION_NAME,
     PRUNE_NAME,
@@ -643,7 +644,11 @@ def materialized(replica_dir: str | os.PathLike[str], key_file: str | os.PathLik
     os.makedirs(tmp_top, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=os.path.basename(rdir) + "-", dir=tmp_top)
     try:
-        yield materialize(rdir, keys, scratch)
+        out = materialize(rdir, keys, scratch)
+        # what is done with the scratch journal is entered in the replica's access log
+        with open(os.path.join(out, MATERIALIZED_MARK), "w", encoding="utf-8") as f:
+            f.write(rdir + "\n")
+        yield out
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
