@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from conftest import scale
+from conftest import scale, scratch
 from cdpcore import Journal, Policy, crypto, packing, prune, restore
 from cdpcore.errors import KeyFileError, PointError, ProtocolError, VaultError
 from cdpcore.format import SEG_HDR_SIZE, parse_segment_name
@@ -882,3 +884,62 @@ def test_encrypted_prune_crash_at_every_step(fast_tmp):
         if not crashed:
             break
     assert step > 2
+
+
+_SOURCE: dict[str, object] = {}
+
+
+def small_source() -> tuple[Path, bytes]:
+    """One source segment for the property test, built once."""
+    if not _SOURCE:
+        d = scratch()
+        _SOURCE["dir"] = d
+        top = Path(d.name)
+        (top / "root").mkdir()
+        rnd = random.Random(21)
+        with Journal.create(top / "src", top / "root") as j:
+            page = rnd.randbytes(4096)
+            for i in range(30):
+                j.append_write("f", i, page if i % 3 == 0 else rnd.randbytes(rnd.choice([10, 600, 5000])))
+            j.sync()
+        _SOURCE["src"] = top / "src"
+    src = _SOURCE["src"]
+    return src, source_segments(src)[1]  # type: ignore[arg-type]
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40), st.sampled_from(["ok", "flip", "held", "reopen"])),
+                max_size=25))
+def test_replica_is_always_a_prefix(ops):
+    """Model: the replica's segment is always a prefix of the source's, of
+    the size position() says, whatever frames arrive (any range, resends,
+    corrupt bytes, references to chunks it may not hold, reopens)."""
+    src, data = small_source()
+    ends = [64] + record_ends(data)
+    with scratch() as d:
+        vault = Vault(Path(d) / "v", create=True)
+        rep = vault.open_source("s", uuid_of(src), False)
+        rep.begin_segment(1, data[:64])
+        seg = Path(d) / "v" / "s" / "journal" / "segments" / "0000000000000001.seg"
+        for a, b, how in ops:
+            if how == "reopen":
+                rep.close()
+                rep = vault.open_source("s", uuid_of(src), False)
+                continue
+            lo, hi = sorted((ends[a % len(ends)], ends[b % len(ends)]))
+            if lo == hi:
+                continue
+            chunk = bytearray(data[lo:hi])
+            if how == "flip":
+                chunk[len(chunk) // 2] ^= 0x10
+            p = packing.pack(bytes(chunk), rep.dedupe_key)
+            body = p.encode(set(p.ids) if how == "held" else set())
+            try:
+                rep.apply_data(1, lo, hi, body)
+            except ProtocolError:
+                pass
+            rep.sync()
+            size = rep.position()["segments"][0][2]
+            assert size in ends
+            assert seg.read_bytes() == data[:size]
+        rep.close()
+        vault.close()
