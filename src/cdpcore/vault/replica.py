@@ -154,6 +154,8 @@ def replica_journal(path: str, readonly: bool) -> str:
         top = replica_dir_of(path) or ""
     if top and not readonly and replica_dir_of(path) is not None:
         raise VaultError(f"{top} is a replica kept by the vault; it opens read-only")
+    if top and os.path.exists(os.path.join(top, PRUNE_NAME)):
+        raise VaultError(f"{top}: the vault is swapping in a prune of this replica; retry when it is done")
     return path
 
 

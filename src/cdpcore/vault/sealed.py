@@ -551,7 +551,8 @@ class _Chunks:
         row = self.db.execute("SELECT target, off, len FROM chunks WHERE id = ? AND source = ?",
                               (cid, self.name)).fetchone()
         if row is None:
-            raise VaultError(f"sealed store: chunk {cid.hex()[:16]} is missing")
+            raise VaultError(f"sealed store: chunk {cid.hex()[:16]} is missing (if the receiver is "
+                             "writing this replica now, retry)")
         with open(os.path.join(self.sdir, row[0]), "rb") as f:
             f.seek(row[1])
             raw = f.read(row[2])
