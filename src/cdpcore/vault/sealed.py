@@ -267,14 +267,14 @@ class SealedStore:
         if sum(n for _, n in sp.recipe) != end - off:
             raise ProtocolError(f"sealed data for {target!r} [{off}, {end}) describes "
                                 f"{sum(n for _, n in sp.recipe)} bytes")
+        if t.kind != "meta" and end <= t.size:
+            return []  # a resend of what is held (ciphertext cannot be compared to plaintext)
         new = dict(sp.new)
         missing = [cid for cid, _ in sp.recipe if cid not in new and not self._held(cid)]
         if missing:
             return list(dict.fromkeys(missing))
         entries = sp.recipe
         if t.kind != "meta":
-            if end <= t.size:
-                return []  # a resend of what is held (ciphertext cannot be compared to plaintext)
             skip, pos = 0, off
             while pos < t.size:
                 pos += entries[skip][1]
