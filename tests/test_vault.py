@@ -946,3 +946,37 @@ def test_replica_is_always_a_prefix(ops):
             assert seg.read_bytes() == data[:size]
         rep.close()
         vault.close()
+
+
+def test_byte_streams_resume_from_their_durable_size(fast_tmp):
+    """audit.log and base files: bytes written but never synced (never
+    acknowledged) are cut at open; the sender resumes from position()."""
+    src, vault, rep, data = fresh(fast_tmp)
+    key = rep.dedupe_key
+    log = b"".join(b'{"n":%d,"entry":"x"}\n' % i for i in range(200))
+    pic = os.urandom(50_000)
+
+    def body(b: bytes) -> bytes:
+        return packing.pack(b, key, records=False).encode()
+
+    rep.apply_data("audit.log", 0, 1000, body(log[:1000]))
+    rep.apply_data("base/b1/pic.dcm", 0, 20_000, body(pic[:20_000]))
+    rep.sync()
+    rep.apply_data("audit.log", 1000, 2000, body(log[1000:2000]))  # not synced: a crash loses it
+    rep.apply_data("base/b1/pic.dcm", 20_000, 30_000, body(pic[20_000:30_000]))
+    rep.close()
+    rep = vault.open_source("s", uuid_of(src), False)
+    files = rep.position()["files"]
+    assert files == {"audit.log": 1000, "base/b1/pic.dcm": 20_000}
+    assert any("unacknowledged" in r for r in rep.recovery)
+    rep.apply_data("audit.log", 1000, len(log), body(log[1000:]))
+    rep.apply_data("base/b1/pic.dcm", 20_000, len(pic), body(pic[20_000:]))
+    rep.file_entry("base/b1/pic.dcm", len(pic), 0o644, 1_700_000_000_000_000, "file")
+    rep.base_complete("b1")
+    rep.sync()
+    rep.close()
+    top = fast_tmp / "v" / "s" / "journal"
+    assert (top / "audit.log").read_bytes() == log
+    assert (top / "base" / "b1" / "pic.dcm").read_bytes() == pic
+    rep = vault.open_source("s", uuid_of(src), False)
+    assert rep.position()["bases"] == ["b1"] and "base/b1/pic.dcm" not in rep.position()["files"]
