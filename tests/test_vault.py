@@ -796,8 +796,13 @@ def test_encrypted_prune(fast_tmp):
     prune(str(src), Policy.parse("2d", keep_daily="30d"), now=NOW)
     Sender(src, rnd, keys).ship(rep)
     segs = source_segments(src)
+    packs = fast_tmp / "v" / "e" / "sealed" / "packs"
+    before = sum(p.stat().st_size for p in packs.iterdir())
     rep.prune([[s, int.from_bytes(d[60:64], "little"), len(d)] for s, d in segs.items()],
               listdir(src / "base"))
+    assert rep.sealed_store.compact(threshold=1.0) > 0  # rewrite any pack with a dead chunk
+    after = sum(p.stat().st_size for p in packs.iterdir())
+    assert after < before * 0.8, (before, after)  # the pruned history's chunks are reclaimed
     rep.close()
     out = Path(materialize(fast_tmp / "v" / "e", keys, fast_tmp / "m"))
     same_files(src, out)

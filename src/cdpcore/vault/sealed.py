@@ -470,6 +470,76 @@ class SealedStore:
             self._close(key)
         self._recipes = {}
         self._load()
+        self.compact()
+
+    def live_ids(self) -> set[bytes]:
+        """Every chunk some recipe (segment, file, base, incoming or not) names."""
+        live: set[bytes] = set()
+        for sub in ("recipes", "bases"):
+            for dirpath, _dirs, files in os.walk(os.path.join(self.dir, sub)):
+                for fn in files:
+                    if fn == "entries.jsonl":
+                        continue
+                    with open(os.path.join(dirpath, fn), "rb") as f:
+                        raw = f.read()
+                    pos = SEG_HDR_SIZE if parse_segment_name(fn.removesuffix(INCOMING)) is not None else 0
+                    while pos + ENTRY.size <= len(raw):
+                        live.add(raw[pos:pos + ID_SIZE])
+                        pos += ENTRY.size
+        return live
+
+    def compact(self, threshold: float = 0.5) -> int:
+        """Rewrite pack files in which less than `threshold` of the bytes are
+        chunks a recipe still names (after a prune); returns bytes reclaimed.
+        Crash-safe by order: the new pack is fsync'd, then the index points
+        at it, then the old pack is deleted; a crash leaves at worst a
+        duplicate pack, reclaimed next time."""
+        self.sync()
+        live = self.live_ids()
+        pdir = os.path.join(self.dir, "packs")
+        reclaimed = 0
+        for fn in sorted(os.listdir(pdir)):
+            if not fn.endswith(".pack"):
+                continue
+            no = int(fn[:-5], 16)
+            target = f"packs/{fn}"
+            size = os.path.getsize(os.path.join(pdir, fn))
+            entries = self.index.entries_in(self.r.name, target)
+            keep = [(cid, off, n) for cid, off, n in entries if cid in live]
+            if size and sum(n for _, _, n in keep) >= threshold * size:
+                continue
+            _step(f"compact {fn}")
+            moves: list[tuple[bytes, str, str, int, int]] = []
+            if self._pack_fd >= 0:  # appends go to a new pack from here on
+                os.close(self._pack_fd)
+                self._pack_fd = -1
+            if keep:
+                self._pack_no += 1  # a fresh number: the current pack is the highest
+                new_fn = f"{self._pack_no:08x}.pack"
+                with open(os.path.join(pdir, fn), "rb") as src, open(os.path.join(pdir, new_fn), "wb") as dst:
+                    pos = 0
+                    for cid, off, n in keep:
+                        src.seek(off)
+                        dst.write(src.read(n))
+                        moves.append((cid, self.r.name, f"packs/{new_fn}", pos, n))
+                        pos += n
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                fsync_dir(pdir)
+                self._packs_touched[self._pack_no] = pos
+                self.index.commit(self._packs_touched, self.r.name)
+            elif no == self._pack_no:
+                self._pack_no += 1  # never append to a deleted pack's number
+            self._packs_touched.pop(no, None)
+            self.index.move(moves, [cid for cid, _, _ in entries if cid not in live], (self.r.name, no))
+            _step(f"compact delete {fn}")
+            fd = self._read_fds.pop(target, None)
+            if fd is not None:
+                os.close(fd)
+            os.unlink(os.path.join(pdir, fn))
+            fsync_dir(pdir)
+            reclaimed += size - sum(n for _, _, n in keep)
+        return reclaimed
 
     def _finish_prune(self) -> None:
         mpath = os.path.join(self.r.dir, PRUNE_NAME)
@@ -498,8 +568,7 @@ class SealedStore:
                 os.replace(path, path + ".removing")
                 shutil.rmtree(path + ".removing")
         _step("done")
-        # Pack files keep the chunks of removed segments: reclaiming them needs
-        # a compaction of the packs (not built yet; docs/replication.md).
+        # Pack files still hold the chunks of removed segments: compact() follows.
         try:
             with open(os.path.join(self.r.dir, POSITION_NAME), "rb") as f:
                 doc = json.loads(f.read())
