@@ -985,3 +985,28 @@ def test_byte_streams_resume_from_their_durable_size(fast_tmp):
     assert (top / "base" / "b1" / "pic.dcm").read_bytes() == pic
     rep = vault.open_source("s", uuid_of(src), False)
     assert rep.position()["bases"] == ["b1"] and "base/b1/pic.dcm" not in rep.position()["files"]
+
+
+def test_next_segment_must_continue_the_sealed_one(fast_tmp):
+    from cdpcore.format import SEG_COMPACTED, encode_segment_header
+
+    src, vault, rep, data = fresh(fast_tmp)
+    rep.apply_data(1, 64, len(data), packing.pack(data[64:], rep.dedupe_key).encode())
+    last = rep.sync()[0][2]
+    rep.seal(1, len(data))
+    for first in (last, last + 2):
+        with pytest.raises(ProtocolError, match="sealed ending at seq"):
+            rep.begin_segment(2, encode_segment_header(rep.uuid, 2, first, 0))
+    rep.begin_segment(2, encode_segment_header(rep.uuid, 2, last + 5, 0, SEG_COMPACTED))  # gaps allowed
+
+
+def test_seal_checks_the_next_segment(fast_tmp):
+    from cdpcore.format import encode_segment_header
+
+    src, vault, rep, data = fresh(fast_tmp)
+    rep.apply_data(1, 64, len(data), packing.pack(data[64:], rep.dedupe_key).encode())
+    last = rep.sync()[0][2]
+    rep.begin_segment(2, encode_segment_header(rep.uuid, 2, last + 3, 0))  # 1 not sealed yet: unknown
+    with pytest.raises(ProtocolError, match="sealed ending at seq"):
+        rep.seal(1, len(data))
+    assert rep.position()["segments"][0][3] is False

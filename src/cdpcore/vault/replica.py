@@ -412,6 +412,7 @@ class Replica:
             if live_segs and seg != max(live_segs) + 1:  # type: ignore[operator]
                 raise ProtocolError(f"segment {seg:016x} out of order: the replica's last segment is "
                                     f"{max(live_segs):016x}")  # type: ignore[type-var]
+            self._check_chain(seg - 1, hdr)
         path = os.path.join(self.jdir, key)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         self._fds[key] = fd
@@ -419,6 +420,20 @@ class Replica:
         self._targets[key] = _Target(key, "seg", SEG_HDR_SIZE, 0, hdr.first_seq - 1, hdr, crc, seg)
         self._dirty.add(key)
         self._new_dirs.add(self.segdir)
+
+    def _check_chain(self, prev: int, nxt: SegmentHeader | None) -> None:
+        """Segment prev+1 must start at the seq after prev's last (later, in a
+        COMPACTED one), once prev is sealed: else the replica would not open."""
+        p = self._targets.get(os.path.join(SEGMENT_DIR, segment_name(prev)))
+        if nxt is None:
+            n = self._targets.get(os.path.join(SEGMENT_DIR, segment_name(prev + 1)))
+            nxt = n.header if n is not None else None
+        if p is None or nxt is None or prev not in self._sealed:
+            return
+        want = p.last_seq + 1
+        if nxt.first_seq != want and not (nxt.compacted and nxt.first_seq > want):
+            raise ProtocolError(f"segment {prev + 1:016x} starts at seq {nxt.first_seq}, but segment "
+                                f"{prev:016x} was sealed ending at seq {p.last_seq}")
 
     def _check_header(self, seg: int, header: bytes) -> SegmentHeader:
         if not isinstance(header, bytes) or len(header) != SEG_HDR_SIZE:
@@ -655,7 +670,16 @@ class Replica:
             raise ProtocolError(f"seal of segment {seg:016x} at {size} bytes, the replica holds "
                                 f"{'nothing' if t is None else t.size}")
         self.sync()
+        old = self._sealed.get(seg)
         self._sealed[seg] = (size, t.last_seq)
+        try:
+            self._check_chain(seg, None)
+        except ProtocolError:
+            if old is None:
+                del self._sealed[seg]
+            else:
+                self._sealed[seg] = old
+            raise
         self._write_position()
 
     # ---- bases ------------------------------------------------------------------------
