@@ -11,6 +11,22 @@ Theory of operation (docs/replication.md, "Compression").
   (window_log in WELCOME), which bounds its memory; the sender never asks
   for more. A level change or a reconnect starts a new context, which the
   DATA frame says (`reset`).
+* zstd-ref (the same ladder levels) adds what the vault already holds:
+  the body's header and piece list go through the streamed context as
+  above, and the rest (literals and new chunks) is one zstd frame whose
+  dictionary is the previous body's tail plus the bytes of the chunks the
+  body *references* and the vault holds (packing.prefix_plan). A database
+  page is saved by its rollback journal (a reference: the vault has that
+  version) right before its new version is written, so the new version
+  compresses against the old one to a few dozen bytes, even when the old
+  version is only in the vault (a base) and never crossed this
+  connection. The receiver resolves the references from its chunk store
+  before it decompresses the rest; a reference it cannot resolve raises
+  MissingRefs (answer NEED). Layout of the body: u32 compressed head
+  length, u32 raw head length, u32 bitmap length, the compressed head, the
+  bitmap (bit i, LSB first: the i-th reference of the piece list is in the
+  dictionary), the rest's zstd frame (with a checksum: a dictionary that
+  differs is caught, not decoded into wrong bytes).
 * lz4 is one lz4 frame per body (for fast links, where CPU is the limit).
 * The Decompressor is the receiver's guard: a window above the cap, output
   beyond the frame's announced `raw` size or beyond the body limit, or
@@ -29,15 +45,20 @@ Theory of operation (docs/replication.md, "Compression").
 """
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import lz4.frame
 import zstandard
 
+from cdpcore import packing
 from cdpcore.errors import ProtocolError
 
-CODECS = ("zstd", "lz4", "none")
+CODECS = ("zstd", "zstd-ref", "lz4", "none")
+REF_HDR = struct.Struct("<III")  # zstd-ref: compressed head, raw head, bitmap lengths
+HISTORY = 1 << 20  # zstd-ref: bytes of the previous body's tail in the next dictionary
 DEFAULT_WINDOW_LOG = 25  # 32 MiB: the receiver's default cap (replication.md, limits)
 MIN_WINDOW_LOG = 10
 MAX_WINDOW_LOG = 31
@@ -64,6 +85,7 @@ class Compressor:
 
     def __init__(self, codec: str = "zstd", level: int = 3, window_log: int = DEFAULT_WINDOW_LOG,
                  ldm: bool = False):
+        """codec "zstd-ref" needs compress(body, prefix=packing.prefix_plan(...))."""
         if not MIN_WINDOW_LOG <= window_log <= MAX_WINDOW_LOG:
             raise ValueError(f"window_log {window_log} outside {MIN_WINDOW_LOG}..{MAX_WINDOW_LOG}")
         self.window_log = window_log
@@ -77,17 +99,18 @@ class Compressor:
         """Switch codec or level; a zstd context starts afresh (next body has reset)."""
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
-        if codec == "zstd" and not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+        if codec.startswith("zstd") and not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
             raise ValueError(f"zstd level {level} outside 1..{zstandard.MAX_COMPRESSION_LEVEL}")
         if self._ctx is not None and (codec, level) == (self.codec, self.level):
             return
-        self.codec, self.level = codec, (level if codec == "zstd" else 0)
+        self.codec, self.level = codec, (level if codec.startswith("zstd") else 0)
         self.reset()
 
     def reset(self) -> None:
         """Forget the stream (a reconnect): the next body starts a new context."""
         self._ctx = None
         self._reset = True
+        self._history = b""
 
     def _context(self) -> Any:
         # Every level gets the receiver's whole window: the point of the
@@ -98,9 +121,20 @@ class Compressor:
             ldm_hash_log=min(self.window_log - 1, 20) if self.ldm else 0)
         return zstandard.ZstdCompressor(compression_params=params).compressobj()
 
-    def compress(self, body: bytes) -> Compressed:
+    def _params(self) -> Any:
+        return zstandard.ZstdCompressionParameters.from_level(
+            self.level, window_log=self.window_log, write_checksum=True, write_content_size=False,
+            write_dict_id=False)
+
+    def compress(self, body: bytes, prefix: tuple[bytes, bytes] | None = None) -> Compressed:
+        """One DATA body. prefix (zstd-ref only): (bitmap, bytes) from
+        packing.prefix_plan for this body."""
         reset = self._reset
         self._reset = False
+        if self.codec == "zstd-ref":
+            if prefix is None:
+                raise ValueError("codec zstd-ref needs the body's prefix (packing.prefix_plan)")
+            return Compressed(self.codec, self.level, reset, len(body), self._ref_body(body, *prefix))
         if self.codec == "none":
             out = bytes(body)
         elif self.codec == "lz4":
@@ -110,6 +144,32 @@ class Compressor:
                 self._ctx = self._context()
             out = self._ctx.compress(body) + self._ctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
         return Compressed(self.codec, self.level, reset, len(body), out)
+
+    def _ref_body(self, body: bytes, bits: bytes, refs: bytes) -> bytes:
+        split = packing.head_size(body)
+        if self._ctx is None:
+            self._ctx = self._context()
+        head = self._ctx.compress(body[:split]) + self._ctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        rest = body[split:]
+        d = self._history + refs
+        cctx = zstandard.ZstdCompressor(
+            compression_params=self._params(),
+            dict_data=zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None)
+        tail = cctx.compress(rest)
+        self._history = rest[-HISTORY:] if len(rest) >= HISTORY else (self._history + rest)[-HISTORY:]
+        return REF_HDR.pack(len(head), split, len(bits)) + head + bits + tail
+
+
+class MissingRefs(Exception):
+    """zstd-ref: the body references chunks the receiver's store does not
+    hold (pruned meanwhile); answer NEED with `ids`. The sender resends the
+    frame with them as bytes *in a new context* (Compressor.reset(), so the
+    DATA frame has reset): the two sides' dictionaries' history parted at
+    the failed frame."""
+
+    def __init__(self, ids: list[bytes]):
+        super().__init__(f"{len(ids)} referenced chunks are not in the store")
+        self.ids = ids
 
 
 # ---- decompressing ----------------------------------------------------------------
@@ -152,9 +212,13 @@ class Decompressor:
         self._sink = _Sink()
         self._zstd: Any = None
         self._broken = False
+        self._history = b""
 
-    def decompress(self, codec: str, body: bytes, raw: int, reset: bool = False) -> bytes:
-        """The body of one DATA frame, exactly `raw` bytes, or ProtocolError."""
+    def decompress(self, codec: str, body: bytes, raw: int, reset: bool = False,
+                   resolve: Callable[[bytes], bytes | None] | None = None) -> bytes:
+        """The body of one DATA frame, exactly `raw` bytes, or ProtocolError.
+        resolve (zstd-ref): a chunk's bytes from the receiver's store, or
+        None (then MissingRefs)."""
         if self._broken:
             raise ProtocolError("the compressed stream failed earlier; the connection must close")
         if type(raw) is not int or not 0 <= raw <= self.max_body:
@@ -165,6 +229,8 @@ class Decompressor:
             out = self._lz4(body, raw)
         elif codec == "zstd":
             out = self._zstd_body(body, raw, reset)
+        elif codec == "zstd-ref":
+            out = self._ref_body(body, raw, reset, resolve)
         else:
             raise ProtocolError(f"unknown codec {codec!r}")
         if len(out) != raw:
@@ -182,6 +248,59 @@ class Decompressor:
         if not d.eof or d.unused_data:
             raise ProtocolError("lz4 body is not exactly one complete frame")
         return out
+
+    def _ref_body(self, body: bytes, raw: int, reset: bool,
+                  resolve: Callable[[bytes], bytes | None] | None) -> bytes:
+        if resolve is None:
+            raise ProtocolError("codec zstd-ref needs the receiver's chunk store")
+        if reset:
+            self._history = b""
+        if len(body) < REF_HDR.size:
+            raise ProtocolError(f"zstd-ref body of {len(body)} bytes is shorter than its header")
+        hlen, hraw, blen = REF_HDR.unpack_from(body)
+        if REF_HDR.size + hlen + blen > len(body) or hraw > raw:
+            raise ProtocolError("zstd-ref body: lengths in its header run past the body")
+        pos = REF_HDR.size
+        head = self._zstd_body(body[pos:pos + hlen], hraw, reset)
+        if len(head) != hraw:
+            raise ProtocolError(f"zstd-ref head decompressed to {len(head)} bytes, header said {hraw}")
+        bits = body[pos + hlen:pos + hlen + blen]
+        refs = packing.head_refs(head)
+        if blen != (len(refs) + 7) // 8:
+            raise ProtocolError(f"zstd-ref body: bitmap of {blen} bytes for {len(refs)} references")
+        parts: list[bytes] = []
+        missing: list[bytes] = []
+        total = len(self._history)
+        for i, cid in enumerate(refs):
+            if bits[i // 8] >> (i % 8) & 1:
+                data = resolve(cid)
+                if data is None:
+                    missing.append(cid)
+                    continue
+                total += len(data)
+                if total > self.max_body + HISTORY:
+                    raise _over_limit("zstd-ref dictionary exceeds the body limit")
+                parts.append(data)
+        if missing:
+            raise MissingRefs(list(dict.fromkeys(missing)))
+        d = self._history + b"".join(parts)
+        dctx = zstandard.ZstdDecompressor(
+            max_window_size=1 << self.window_log,
+            dict_data=zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None)
+        sink = _Sink()
+        sink.limit = raw - hraw
+        try:
+            with dctx.stream_writer(sink, write_size=OUT_STEP) as w:
+                w.write(body[pos + hlen + blen:])
+        except _TooBig:
+            self._broken = True
+            raise _over_limit(f"zstd-ref body decompresses past the {raw} bytes DATA announced") from None
+        except zstandard.ZstdError as e:
+            self._broken = True
+            raise ProtocolError(f"zstd-ref body refused: {e}") from None
+        rest = b"".join(sink.parts)
+        self._history = rest[-HISTORY:] if len(rest) >= HISTORY else (self._history + rest)[-HISTORY:]
+        return head + rest
 
     def _zstd_body(self, body: bytes, raw: int, reset: bool) -> bytes:
         if reset or self._zstd is None:
