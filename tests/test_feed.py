@@ -132,7 +132,13 @@ class Replica:
             raise AssertionError(item)
 
     def wire_position(self) -> dict:
-        return self.pos.to_wire()
+        # as the vault does: a prune's N.seg.incoming is listed beside N.seg
+        pos = Position(dict(self.pos.segments), dict(self.pos.files), set(self.pos.bases),
+                       {n: v for n, v in self.incoming.items() if n in self.pos.segments})
+        incoming_only = {n: v for n, v in self.incoming.items() if n not in self.pos.segments}
+        wire = pos.to_wire()
+        wire["segments"] = sorted(wire["segments"] + [[n, *v] for n, v in incoming_only.items()])
+        return wire
 
 
 def ship(feed: Feed, rep: Replica, position: dict | None = None) -> list[Item]:
@@ -409,6 +415,33 @@ def test_a_prune_on_the_source_reaches_the_replica(fast_tmp, behind):
     j.close()
 
 
+def test_a_prune_shipment_resumes_after_a_reconnect(fast_tmp):
+    j, jdir = make(fast_tmp)
+    build_days(j, 10)
+    rep = Replica(fast_tmp / "rep")
+    with Feed(jdir) as feed:
+        ship(feed, rep)
+        prune(j, Policy.parse("3d", keep_daily="30d"), now=T0 + 10 * D)
+        items = list(feed.items())
+        runs = [k for k, it in enumerate(items) if isinstance(it, RunItem)]
+        cut = runs[len(runs) // 2]  # the connection drops half way through the new segments
+        assert not any(isinstance(it, PruneItem) for it in items[:cut])
+        for it in items[:cut]:
+            rep.apply(it)
+        assert rep.incoming
+        wire = rep.wire_position()
+        assert len({e[0] for e in wire["segments"]}) < len(wire["segments"])  # twins listed
+        again = ship(feed, rep, wire)
+        opened = [it.seg for it in again if isinstance(it, SegmentItem) and it.replace]
+        resumed = [n for n, v in rep.incoming.items()]
+        assert not (set(opened) & {n for n, v in Position.parse(wire).twins.items()
+                                    if v[0] == struct.unpack_from("<I", (jdir / "segments" / segment_name(n)).read_bytes(), 60)[0]})
+        assert any(isinstance(it, PruneItem) for it in again) and not resumed
+        same_segments(jdir, rep)
+        assert records_of(rep.top) == records_of(jdir)
+    j.close()
+
+
 def test_nothing_ships_while_a_prune_swaps_segments(fast_tmp):
     j, jdir = make(fast_tmp)
     j.append_write("a", 0, b"a")
@@ -427,8 +460,9 @@ def test_nothing_ships_while_a_prune_swaps_segments(fast_tmp):
 @pytest.mark.parametrize("bad", [
     [], {"segments": "x"}, {"segments": [[1, 2, 3]]}, {"segments": [[1, 2, 3, "no"]]},
     {"segments": [[0, 1, 64, False]]}, {"segments": [[1, 2**32, 64, False]]},
-    {"segments": [[1, 1, 10, False]]}, {"segments": [[1, 1, 64, False], [1, 1, 64, False]]},
+    {"segments": [[1, 1, 10, False]]}, {"segments": [[1, 1, 64, False], [1, 1, 80, False]]},
     {"files": []}, {"files": {"audit.log": -1}}, {"bases": "b"}, {"bases": [1]},
+    {"segments": [[1, 5, 64, False], [1, 6, 64, False], [1, 7, 64, False]]},
 ])
 def test_a_malformed_position_is_a_protocol_error(fast_tmp, bad):
     j, jdir = make(fast_tmp)
