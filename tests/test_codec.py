@@ -318,3 +318,47 @@ def test_zstd_ref_malformed_bodies(damage):
 def test_zstd_ref_needs_its_prefix():
     with pytest.raises(ValueError, match="prefix"):
         Compressor("zstd-ref", 3).compress(b"body")
+
+
+# ---- the literal column as columns ---------------------------------------------------
+
+from cdpcore.codec import from_columns, to_columns  # noqa: E402
+
+
+def literal_column(body: bytes) -> bytes:
+    h = packing.BODY_HDR.unpack_from(body)
+    start = packing.BODY_HDR.size + h[4]
+    return body[start:start + h[5]]
+
+
+@given(st.lists(st.tuples(st.binary(max_size=700), st.integers(-2**63, 2**63 - 1),
+                          st.integers(0, 2**64 - 1)), max_size=20), st.integers(0, 2**40))
+def test_columns_round_trip_records(recs, seq0):
+    buf = b"".join(encode_record(1 + k % 16, seq0 + k, ts, fid, k, p) for k, (p, ts, fid) in enumerate(recs))
+    lit = literal_column(packing.pack(buf, KEY).encode())
+    col = to_columns(lit)
+    assert col[0] == (1 if recs else 1)
+    assert from_columns(col + b"tail", len(lit)) == (lit, len(col))
+
+
+@given(st.binary(max_size=3000))
+def test_columns_round_trip_anything(junk):
+    col = to_columns(junk)
+    assert from_columns(col + b"x", len(junk)) == (junk, len(col))
+
+
+@pytest.mark.parametrize("cut", ["n", "short", "long", "flag"])
+def test_damaged_columns_are_protocol_errors(cut):
+    lit = literal_column(packing.pack(run_of([b"a" * 100, b"b" * 20]), KEY).encode())
+    col = bytearray(to_columns(lit))
+    if cut == "n":
+        col[1:5] = (10**6).to_bytes(4, "little")
+    elif cut == "short":
+        col = col[:-3]
+    elif cut == "long":
+        n = int.from_bytes(col[1:5], "little")
+        col[5 + 4 * n:9 + 4 * n] = (600).to_bytes(4, "little")  # no longer fits its payload
+    else:
+        col[0] = 7
+    with pytest.raises(ProtocolError):
+        from_columns(bytes(col), len(lit))
