@@ -566,3 +566,44 @@ def test_database_like_base_files_are_cut_at_pages(fast_tmp):
     # a page written again later (a rollback journal's copy) has the same id
     assert ids == {chunk_id(key, db[o:o + 4096]) for o in range(0, len(db), 4096)}
     j.close()
+
+
+# ---- a live writer in another process ---------------------------------------------
+
+WRITER = r"""
+import os, sys
+from cdpcore import Journal
+j = Journal.open(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    j.append_write(f"f{i % 4}", (i * 4096) % 65536, os.urandom(100 + (i * 37) % 5000))
+    if i % 50 == 0:
+        j.sync()
+j.close()
+"""
+
+
+def test_following_a_journal_another_process_writes(fast_tmp):
+    import subprocess
+    import sys
+
+    j, jdir = make(fast_tmp, segment_size=64 * 1024)
+    j.close()
+    n = scale(1500, 8000)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(jdir), str(n)])
+    rep = Replica(fast_tmp / "rep")
+    passes = 0
+    with Feed(jdir, run_bytes=16384) as feed:
+        ship(feed, rep)
+        while proc.poll() is None:
+            if feed.poll():
+                follow(feed, rep)
+                passes += 1
+            # the replica is a prefix of the source at every moment
+            for p in (rep.top / "segments").glob("*.seg"):
+                with open(jdir / "segments" / p.name, "rb") as f:
+                    assert f.read(p.stat().st_size) == p.read_bytes()
+        assert proc.wait() == 0
+        follow(feed, rep)
+    same_segments(jdir, rep)
+    assert records_of(rep.top) == records_of(jdir)
+    assert passes > 1
