@@ -116,7 +116,7 @@ def ship(journal: Path, label: str, codec: str, level: int, window_log: int = 25
     last_sent: dict[bytes, int] = {}  # chunk id -> stream offset where its bytes were sent
     stream = 0  # bytes fed to the compressor so far in this context
     near = min(near, (1 << window_log) * 3 // 4)
-    comp = Compressor(codec, level, window_log=window_log, ldm=ldm)
+    comp = Compressor(codec, level, window_log=window_log, ldm=ldm, chunk_key=key)
     out = Shipped(label, codec, level)
     bases = sorted(p.name for p in (journal / "base").iterdir()) if (journal / "base").exists() else []
     req = 0

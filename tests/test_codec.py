@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import lz4.frame
+import msgpack
 import pytest
 import zstandard
 from hypothesis import given
@@ -242,9 +243,12 @@ pages = st.lists(st.sampled_from([bytes([k]) * 600 + bytes(range(256)) * 8 for k
                  st.binary(min_size=0, max_size=1500), min_size=1, max_size=8)
 
 
-@given(st.lists(pages, min_size=1, max_size=6), st.integers(1, 12), st.lists(st.integers(0, 5), max_size=2))
-def test_zstd_ref_round_trips_with_a_vault(runs, level, resets):
-    c, d, v = Compressor("zstd-ref", level, window_log=22), Decompressor(window_log=22), Vault()
+@given(st.lists(pages, min_size=1, max_size=6), st.integers(1, 12), st.lists(st.integers(0, 5), max_size=2),
+       st.booleans())
+def test_zstd_ref_round_trips_with_a_vault(runs, level, resets, short):
+    key = KEY if short else None
+    c = Compressor("zstd-ref", level, window_log=22, chunk_key=key)
+    d, v = Decompressor(window_log=22, chunk_key=key), Vault()
     known: set[bytes] = set()
     for k, payloads in enumerate(runs):
         if k in resets:
@@ -313,6 +317,36 @@ def test_zstd_ref_malformed_bodies(damage):
         resolve = None
     with pytest.raises(ProtocolError):
         Decompressor().decompress("zstd-ref", body, f.raw, True, resolve=resolve)
+
+
+def test_zstd_ref_names_chunks_sent_in_this_connection_by_distance():
+    pages_ = [os.urandom(3000) for _ in range(5)]
+    sizes = {}
+    for key in (None, KEY):
+        c, d, v = Compressor("zstd-ref", 3, chunk_key=key), Decompressor(chunk_key=key), Vault()
+        first = packing.pack(run_of(pages_), KEY)
+        f = c.compress(first.encode(), prefix=packing.prefix_plan(first))
+        assert d.decompress(f.codec, f.body, f.raw, f.reset, resolve=v.chunks.get) == first.encode()
+        v.apply(first.encode())
+        # the same pages again (a rollback journal's copies): five references
+        again = packing.pack(run_of(pages_, seq=10), KEY, known=set(first.all_ids).__contains__)
+        body = again.encode()
+        g = c.compress(body, prefix=packing.prefix_plan(again))
+        assert d.decompress(g.codec, g.body, g.raw, g.reset, resolve=v.chunks.get) == body
+        sizes[key] = len(g.body)
+    assert sizes[KEY] < sizes[None] - 5 * 25
+
+
+@pytest.mark.parametrize("bad", [b"\x00", b"\x80", b"\x05\x00"])
+def test_zstd_ref_bad_short_references(bad):
+    from cdpcore.codec import _Recent
+
+    r = _Recent()
+    r.add([bytes(32)] * 3)
+    meta = msgpack.packb([5, msgpack.ExtType(1, bad)])
+    head = packing.BODY_HDR.pack(packing.MAGIC, packing.VERSION, 0, 0, len(meta), 5, 0) + meta
+    with pytest.raises(ProtocolError):
+        r.restore(head)
 
 
 def test_zstd_ref_needs_its_prefix():

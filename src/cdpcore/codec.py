@@ -26,7 +26,13 @@ Theory of operation (docs/replication.md, "Compression").
   length, u32 raw head length, u32 bitmap length, the compressed head, the
   bitmap (bit i, LSB first: the i-th reference of the piece list is in the
   dictionary), the rest's zstd frame (with a checksum: a dictionary that
-  differs is caught, not decoded into wrong bytes).
+  differs is caught, not decoded into wrong bytes). With the dedupe key
+  (chunk_key), a reference to a chunk that this connection sent as bytes
+  among its last RECENT new chunks is written in the head as its distance
+  back (a msgpack ext of type 1 holding a varint) instead of its 32-byte
+  id: both ends compute the ids of the new chunks of every body, so the
+  receiver restores the id (and the body) exactly. The literal column is
+  laid out as columns (to_columns).
 * lz4 is one lz4 frame per body (for fast links, where CPU is the limit).
 * The Decompressor is the receiver's guard: a window above the cap, output
   beyond the frame's announced `raw` size or beyond the body limit, or
@@ -52,9 +58,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lz4.frame
+import msgpack
 import zstandard
 
 from cdpcore import packing
+from cdpcore.crypto import chunk_id
 from cdpcore.errors import ProtocolError
 
 CODECS = ("zstd", "zstd-ref", "lz4", "none")
@@ -63,6 +71,8 @@ HISTORY = 1 << 20  # zstd-ref: bytes of the previous body's tail in the next dic
 _REC = struct.Struct("<IIQqQQ8s")  # a record header: crc, len, seq, ts, file id, offset, the rest
 _U64 = (1 << 64) - 1
 _RAW, _COLUMNS = 0, 1  # first byte of a zstd-ref literal column
+RECENT = 1 << 20  # zstd-ref: new chunks of this connection a reference may name by distance
+_SHORT_REF = 1  # msgpack ext type of a short reference in a zstd-ref head
 DEFAULT_WINDOW_LOG = 25  # 32 MiB: the receiver's default cap (replication.md, limits)
 MIN_WINDOW_LOG = 10
 MAX_WINDOW_LOG = 31
@@ -88,8 +98,12 @@ class Compressor:
     """The sender's side: one per connection."""
 
     def __init__(self, codec: str = "zstd", level: int = 3, window_log: int = DEFAULT_WINDOW_LOG,
-                 ldm: bool = False):
-        """codec "zstd-ref" needs compress(body, prefix=packing.prefix_plan(...))."""
+                 ldm: bool = False, chunk_key: bytes | None = None):
+        """codec "zstd-ref" needs compress(body, prefix=packing.prefix_plan(...));
+        chunk_key (the dedupe key, as the receiver's Decompressor has it)
+        enables short references."""
+        self.chunk_key = chunk_key
+        self._recent = _Recent()
         if not MIN_WINDOW_LOG <= window_log <= MAX_WINDOW_LOG:
             raise ValueError(f"window_log {window_log} outside {MIN_WINDOW_LOG}..{MAX_WINDOW_LOG}")
         self.window_log = window_log
@@ -115,6 +129,8 @@ class Compressor:
         self._ctx = None
         self._reset = True
         self._history = b""
+        if hasattr(self, "_recent"):
+            self._recent = _Recent()
 
     def _context(self) -> Any:
         # Every level gets the receiver's whole window: the point of the
@@ -153,7 +169,11 @@ class Compressor:
         split = packing.head_size(body)
         if self._ctx is None:
             self._ctx = self._context()
-        head = self._ctx.compress(body[:split]) + self._ctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        h = body[:split]
+        if self.chunk_key is not None:
+            h = self._recent.shorten(h)
+            self._recent.add(new_chunk_ids(body, self.chunk_key))
+        head = self._ctx.compress(h) + self._ctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
         llen = packing.BODY_HDR.unpack_from(body)[5]
         rest = to_columns(body[split:split + llen]) + body[split + llen:]
         d = self._history + refs
@@ -162,7 +182,111 @@ class Compressor:
             dict_data=zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None)
         tail = cctx.compress(rest)
         self._history = rest[-HISTORY:] if len(rest) >= HISTORY else (self._history + rest)[-HISTORY:]
-        return REF_HDR.pack(len(head), split, len(bits)) + head + bits + tail
+        return REF_HDR.pack(len(head), len(h), len(bits)) + head + bits + tail
+
+
+class _Recent:
+    """The ids of the new chunks a connection carried, newest last, so
+    that a reference can name one by its distance back (zstd-ref)."""
+
+    def __init__(self) -> None:
+        self.ids: list[bytes] = []
+        self.base = 0  # the number of the first id kept in self.ids
+        self.where: dict[bytes, int] = {}  # id -> its newest number
+
+    def add(self, ids: list[bytes]) -> None:
+        for cid in ids:
+            self.where[cid] = self.base + len(self.ids)
+            self.ids.append(cid)
+        if len(self.ids) > 2 * RECENT:
+            drop = len(self.ids) - RECENT
+            for cid in self.ids[:drop]:
+                if self.where.get(cid, -1) < self.base + drop:
+                    self.where.pop(cid, None)
+            del self.ids[:drop]
+            self.base += drop
+
+    def shorten(self, head: bytes) -> bytes:
+        mlen = packing.BODY_HDR.unpack_from(head)[4]
+        meta = msgpack.unpackb(head[packing.BODY_HDR.size:packing.BODY_HDR.size + mlen])
+        end = self.base + len(self.ids)
+        out: list[Any] = []
+        for item in meta:
+            n = self.where.get(item) if type(item) is bytes else None
+            if n is not None and 0 < end - n <= RECENT:
+                out.append(msgpack.ExtType(_SHORT_REF, _varint(end - n)))
+            else:
+                out.append(item)
+        return head[:packing.BODY_HDR.size] + msgpack.packb(out)
+
+    def restore(self, head: bytes) -> bytes:
+        """The inverse of shorten on the receiver: the original head, or a
+        ProtocolError."""
+        if len(head) < packing.BODY_HDR.size:
+            raise ProtocolError("zstd-ref head is shorter than a pack header")
+        mlen = packing.BODY_HDR.unpack_from(head)[4]
+        end = self.base + len(self.ids)
+
+        def ext(code: int, data: bytes) -> bytes:
+            if code != _SHORT_REF:
+                raise ProtocolError(f"zstd-ref head: unknown extension {code}")
+            d = _unvarint(data)
+            if not 0 < d <= min(RECENT, len(self.ids)):
+                raise ProtocolError(f"zstd-ref head: short reference {d} names no recent chunk")
+            return self.ids[end - d - self.base]
+
+        try:
+            meta = msgpack.unpackb(head[packing.BODY_HDR.size:], ext_hook=ext, max_bin_len=packing.ID_SIZE,
+                                   max_str_len=0, max_map_len=0, max_ext_len=10)
+        except ProtocolError:
+            raise
+        except Exception as e:  # msgpack raises several unrelated types for bad input
+            raise ProtocolError(f"zstd-ref head does not decode ({type(e).__name__})") from None
+        if not isinstance(meta, list):
+            raise ProtocolError("zstd-ref head: piece list is not an array")
+        restored = msgpack.packb(meta)
+        if len(restored) != mlen:
+            raise ProtocolError(f"zstd-ref head: piece list of {len(restored)} bytes, the pack says {mlen}")
+        return head[:packing.BODY_HDR.size] + restored
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _unvarint(data: bytes) -> int:
+    n = shift = 0
+    for i, b in enumerate(data):
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            if i != len(data) - 1:
+                break
+            return n
+    raise ProtocolError("zstd-ref head: malformed short reference")
+
+
+def new_chunk_ids(body: bytes, chunk_key: bytes) -> list[bytes]:
+    """The ids of the chunks a plaintext body carries as bytes, in order."""
+    h = packing.BODY_HDR.unpack_from(body)
+    mlen, llen = h[4], h[5]
+    start = packing.BODY_HDR.size
+    meta = msgpack.unpackb(body[start:start + mlen])
+    pos = start + mlen + llen
+    view = memoryview(body)
+    out = []
+    for item in meta:
+        if type(item) is int and item < 0:
+            out.append(chunk_id(chunk_key, view[pos:pos - item]))
+            pos -= item
+    view.release()
+    return out
 
 
 class MissingRefs(Exception):
@@ -211,9 +335,12 @@ def _over_limit(message: str) -> ProtocolError:
 class Decompressor:
     """The receiver's side: one per connection, enforcing its own limits."""
 
-    def __init__(self, window_log: int = DEFAULT_WINDOW_LOG, max_body: int = DEFAULT_MAX_BODY):
+    def __init__(self, window_log: int = DEFAULT_WINDOW_LOG, max_body: int = DEFAULT_MAX_BODY,
+                 chunk_key: bytes | None = None):
         self.window_log = window_log
         self.max_body = max_body
+        self.chunk_key = chunk_key  # the dedupe key, as the sender's Compressor has it
+        self._recent = _Recent()
         self._sink = _Sink()
         self._zstd: Any = None
         self._broken = False
@@ -260,6 +387,7 @@ class Decompressor:
             raise ProtocolError("codec zstd-ref needs the receiver's chunk store")
         if reset:
             self._history = b""
+            self._recent = _Recent()
         if len(body) < REF_HDR.size:
             raise ProtocolError(f"zstd-ref body of {len(body)} bytes is shorter than its header")
         hlen, hraw, blen = REF_HDR.unpack_from(body)
@@ -269,6 +397,8 @@ class Decompressor:
         head = self._zstd_body(body[pos:pos + hlen], hraw, reset)
         if len(head) != hraw:
             raise ProtocolError(f"zstd-ref head decompressed to {len(head)} bytes, header said {hraw}")
+        if self.chunk_key is not None:
+            head = self._recent.restore(head)
         bits = body[pos + hlen:pos + hlen + blen]
         refs = packing.head_refs(head)
         if blen != (len(refs) + 7) // 8:
@@ -307,7 +437,13 @@ class Decompressor:
         self._history = rest[-HISTORY:] if len(rest) >= HISTORY else (self._history + rest)[-HISTORY:]
         llen = packing.BODY_HDR.unpack_from(head)[5]
         lit, used = from_columns(rest, llen)
-        return head + lit + rest[used:]
+        out = head + lit + rest[used:]
+        if self.chunk_key is not None and len(out) == raw:
+            try:
+                self._recent.add(new_chunk_ids(out, self.chunk_key))
+            except Exception:  # a malformed body: the pack's own parse reports it
+                self._broken = True
+        return out
 
     def _zstd_body(self, body: bytes, raw: int, reset: bool) -> bytes:
         if reset or self._zstd is None:
