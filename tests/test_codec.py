@@ -337,6 +337,18 @@ def test_zstd_ref_names_chunks_sent_in_this_connection_by_distance():
     assert sizes[KEY] < sizes[None] - 5 * 25
 
 
+def test_zstd_ref_a_chunk_repeated_in_one_body_is_named_by_its_number():
+    page = os.urandom(3000)
+    p = packing.pack(run_of([page, b"x" * 40, page, page]), KEY)
+    body = p.encode()
+    lens = {}
+    for key in (None, KEY):
+        f = Compressor("zstd-ref", 3, chunk_key=key).compress(body, prefix=packing.prefix_plan(p))
+        assert Decompressor(chunk_key=key).decompress(f.codec, f.body, f.raw, f.reset, resolve={}.get) == body
+        lens[key] = int.from_bytes(f.body[4:8], "little")  # the raw head's length
+    assert lens[KEY] <= lens[None] - 2 * 28
+
+
 @pytest.mark.parametrize("bad", [b"\x00", b"\x80", b"\x05\x00"])
 def test_zstd_ref_bad_short_references(bad):
     from cdpcore.codec import _Recent

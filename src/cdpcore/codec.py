@@ -72,7 +72,8 @@ _REC = struct.Struct("<IIQqQQ8s")  # a record header: crc, len, seq, ts, file id
 _U64 = (1 << 64) - 1
 _RAW, _COLUMNS = 0, 1  # first byte of a zstd-ref literal column
 RECENT = 1 << 20  # zstd-ref: new chunks of this connection a reference may name by distance
-_SHORT_REF = 1  # msgpack ext type of a short reference in a zstd-ref head
+_SHORT_REF = 1  # msgpack ext type in a zstd-ref head: a recent chunk, by distance back
+_LOCAL_REF = 2  # ... a chunk this same body carries as bytes, by its number among them
 DEFAULT_WINDOW_LOG = 25  # 32 MiB: the receiver's default cap (replication.md, limits)
 MIN_WINDOW_LOG = 10
 MAX_WINDOW_LOG = 31
@@ -171,8 +172,9 @@ class Compressor:
             self._ctx = self._context()
         h = body[:split]
         if self.chunk_key is not None:
-            h = self._recent.shorten(h)
-            self._recent.add(new_chunk_ids(body, self.chunk_key))
+            new_ids = new_chunk_ids(body, self.chunk_key)
+            h = self._recent.shorten(h, new_ids)
+            self._recent.add(new_ids)
         head = self._ctx.compress(h) + self._ctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
         llen = packing.BODY_HDR.unpack_from(body)[5]
         rest = to_columns(body[split:split + llen]) + body[split + llen:]
@@ -206,31 +208,47 @@ class _Recent:
             del self.ids[:drop]
             self.base += drop
 
-    def shorten(self, head: bytes) -> bytes:
+    def shorten(self, head: bytes, new_ids: list[bytes]) -> bytes:
+        """The head with each reference to a recent chunk, or to one this
+        body carries as bytes (new_ids, in order), made short."""
         mlen = packing.BODY_HDR.unpack_from(head)[4]
         meta = msgpack.unpackb(head[packing.BODY_HDR.size:packing.BODY_HDR.size + mlen])
         end = self.base + len(self.ids)
+        local: dict[bytes, int] = {}
         out: list[Any] = []
+        k = 0
         for item in meta:
-            n = self.where.get(item) if type(item) is bytes else None
-            if n is not None and 0 < end - n <= RECENT:
+            if type(item) is int:
+                if item < 0:
+                    local.setdefault(new_ids[k], k)
+                    k += 1
+                out.append(item)
+                continue
+            j = local.get(item)
+            n = self.where.get(item)
+            if j is not None:
+                out.append(msgpack.ExtType(_LOCAL_REF, _varint(j)))
+            elif n is not None and 0 < end - n <= RECENT:
                 out.append(msgpack.ExtType(_SHORT_REF, _varint(end - n)))
             else:
                 out.append(item)
         return head[:packing.BODY_HDR.size] + msgpack.packb(out)
 
-    def restore(self, head: bytes) -> bytes:
-        """The inverse of shorten on the receiver: the original head, or a
-        ProtocolError."""
+    def parse(self, head: bytes) -> tuple[list[Any], int]:
+        """The receiver's first step: the piece list with recent references
+        restored and references to this body's own new chunks left as
+        _Local (their ids are known only after decompression)."""
         if len(head) < packing.BODY_HDR.size:
             raise ProtocolError("zstd-ref head is shorter than a pack header")
         mlen = packing.BODY_HDR.unpack_from(head)[4]
         end = self.base + len(self.ids)
 
-        def ext(code: int, data: bytes) -> bytes:
+        def ext(code: int, data: bytes) -> Any:
+            d = _unvarint(data)
+            if code == _LOCAL_REF:
+                return _Local(d)
             if code != _SHORT_REF:
                 raise ProtocolError(f"zstd-ref head: unknown extension {code}")
-            d = _unvarint(data)
             if not 0 < d <= min(RECENT, len(self.ids)):
                 raise ProtocolError(f"zstd-ref head: short reference {d} names no recent chunk")
             return self.ids[end - d - self.base]
@@ -244,10 +262,29 @@ class _Recent:
             raise ProtocolError(f"zstd-ref head does not decode ({type(e).__name__})") from None
         if not isinstance(meta, list):
             raise ProtocolError("zstd-ref head: piece list is not an array")
+        for item in meta:
+            if type(item) is bytes and len(item) != packing.ID_SIZE:
+                raise ProtocolError("zstd-ref head: a reference is not a chunk id")
+            if type(item) not in (int, bytes, _Local):
+                raise ProtocolError(f"zstd-ref head: piece of type {type(item).__name__}")
+        return meta, mlen
+
+    def restore(self, head: bytes) -> bytes:
+        """parse() for a head without local references (tests, tools)."""
+        meta, mlen = self.parse(head)
+        if any(type(x) is _Local for x in meta):
+            raise ProtocolError("zstd-ref head: local references need the body")
         restored = msgpack.packb(meta)
         if len(restored) != mlen:
             raise ProtocolError(f"zstd-ref head: piece list of {len(restored)} bytes, the pack says {mlen}")
         return head[:packing.BODY_HDR.size] + restored
+
+
+@dataclass(frozen=True, slots=True)
+class _Local:
+    """A reference to the k-th chunk this body carries as bytes."""
+
+    k: int
 
 
 def _varint(n: int) -> bytes:
@@ -397,10 +434,13 @@ class Decompressor:
         head = self._zstd_body(body[pos:pos + hlen], hraw, reset)
         if len(head) != hraw:
             raise ProtocolError(f"zstd-ref head decompressed to {len(head)} bytes, header said {hraw}")
+        meta: list[Any] | None = None
         if self.chunk_key is not None:
-            head = self._recent.restore(head)
+            meta, mlen = self._recent.parse(head)
+            refs: list[Any] = [x for x in meta if type(x) is not int]
+        else:
+            refs = packing.head_refs(head)
         bits = body[pos + hlen:pos + hlen + blen]
-        refs = packing.head_refs(head)
         if blen != (len(refs) + 7) // 8:
             raise ProtocolError(f"zstd-ref body: bitmap of {blen} bytes for {len(refs)} references")
         parts: list[bytes] = []
@@ -408,6 +448,8 @@ class Decompressor:
         total = len(self._history)
         for i, cid in enumerate(refs):
             if bits[i // 8] >> (i % 8) & 1:
+                if type(cid) is _Local:
+                    raise ProtocolError("zstd-ref body: a chunk of the body itself marked as held")
                 data = resolve(cid)
                 if data is None:
                     missing.append(cid)
@@ -437,13 +479,31 @@ class Decompressor:
         self._history = rest[-HISTORY:] if len(rest) >= HISTORY else (self._history + rest)[-HISTORY:]
         llen = packing.BODY_HDR.unpack_from(head)[5]
         lit, used = from_columns(rest, llen)
-        out = head + lit + rest[used:]
-        if self.chunk_key is not None and len(out) == raw:
-            try:
-                self._recent.add(new_chunk_ids(out, self.chunk_key))
-            except Exception:  # a malformed body: the pack's own parse reports it
-                self._broken = True
-        return out
+        new = rest[used:]
+        if meta is not None:
+            assert self.chunk_key is not None
+            # the ids of the chunks this body carries, then its own references
+            view = memoryview(new)
+            new_ids: list[bytes] = []
+            off = 0
+            for item in meta:
+                if type(item) is int and item < 0:
+                    if off - item > len(new):
+                        raise ProtocolError("zstd-ref body: new chunks run past the body")
+                    new_ids.append(chunk_id(self.chunk_key, view[off:off - item]))
+                    off -= item
+            view.release()
+            for i, item in enumerate(meta):
+                if type(item) is _Local:
+                    if item.k >= len(new_ids):
+                        raise ProtocolError(f"zstd-ref head: local reference {item.k} past the body's chunks")
+                    meta[i] = new_ids[item.k]
+            restored = msgpack.packb(meta)
+            if len(restored) != mlen:
+                raise ProtocolError(f"zstd-ref head: piece list of {len(restored)} bytes, the pack says {mlen}")
+            head = head[:packing.BODY_HDR.size] + restored
+            self._recent.add(new_ids)
+        return head + lit + new
 
     def _zstd_body(self, body: bytes, raw: int, reset: bool) -> bytes:
         if reset or self._zstd is None:
