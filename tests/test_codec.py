@@ -403,7 +403,7 @@ def test_damaged_columns_are_protocol_errors(cut):
         col = col[:-3]
     elif cut == "long":
         n = int.from_bytes(col[1:5], "little")
-        col[5 + 4 * n:9 + 4 * n] = (600).to_bytes(4, "little")  # no longer fits its payload
+        col[5 + 40 * n:9 + 40 * n] = (600).to_bytes(4, "little")  # literal bytes past the column
     else:
         col[0] = 7
     with pytest.raises(ProtocolError):

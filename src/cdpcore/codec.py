@@ -465,7 +465,8 @@ class Decompressor:
             max_window_size=1 << self.window_log,
             dict_data=zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None)
         sink = _Sink()
-        sink.limit = raw - hraw + 5  # the column header of the literals
+        # the column layout of the literals adds 5 bytes and 4 per record header
+        sink.limit = raw - hraw + 5 + 4 * (raw // _REC.size + 1)
         try:
             with dctx.stream_writer(sink, write_size=OUT_STEP) as w:
                 w.write(body[pos + hlen + blen:])
@@ -532,16 +533,20 @@ class Decompressor:
 
 def to_columns(lit: bytes) -> bytes:
     """A pack's literal column laid out field by field. It holds each
-    record's 48-byte header, its payload when that is literal (under
-    packing.LITERAL_BELOW bytes) and its padding; stored row by row, the
-    headers' CRCs, sequence numbers and timestamps interleave and compress
-    poorly. As columns (CRCs, lengths, seq deltas, timestamp deltas, file
-    ids, offsets, the last 8 header bytes, then the literal payloads and
-    padding) the seq deltas vanish and the rest shrinks: 1.22 MB -> 0.71 MB
-    of zstd-3 on the HIS workload. Bytes that do not parse as records (a
-    file's literal tail) stay as they are: first byte _RAW."""
+    record's 48-byte header followed by its payload when that is literal
+    (packing keeps payloads under 512 bytes literal) and its padding;
+    stored row by row, the headers' CRCs, sequence numbers and timestamps
+    interleave and compress poorly. As columns (CRCs, lengths, seq deltas,
+    timestamp deltas, file ids, offsets, the last 8 header bytes, the
+    length of literal bytes after each header, then those bytes) the seq
+    deltas vanish and the rest shrinks: 1.22 MB -> 0.79 MB of zstd-3 on the
+    HIS workload. Which payloads are literal is checked against the bytes
+    (a header's marker must follow) and recorded, so a change of packing's
+    threshold costs compression, never correctness.
+    Bytes that do not parse as records (a file's literal tail) stay as they
+    are: first byte _RAW."""
     n, pos, size = 0, 0, len(lit)
-    cols: list[array] = [array("I"), array("I"), array("Q"), array("Q"), array("Q"), array("Q")]
+    cols: list[array] = [array("I"), array("I"), array("Q"), array("Q"), array("Q"), array("Q"), array("I")]
     tails = bytearray()
     pay = bytearray()
     prev_seq = prev_ts = 0
@@ -552,22 +557,23 @@ def to_columns(lit: bytes) -> bytes:
         if tail[2:4] != b"CR" or ln > 1 << 24:
             return bytes([_RAW]) + lit
         pos += _REC.size
-        k = (ln if ln < packing.LITERAL_BELOW else 0) + (-(_REC.size + ln)) % 8
-        if pos + k > size:
+        pad = (-(_REC.size + ln)) % 8
+        # Packing keeps payloads under LITERAL_BELOW literal; check that a
+        # header (or the end) follows, and try the other reading if not
+        # (the k column records the choice, so any reading round-trips).
+        for k in ((ln + pad, pad) if ln < packing.LITERAL_BELOW else (pad, ln + pad)):
+            nxt = pos + k
+            if nxt == size or (nxt + _REC.size <= size and lit[nxt + 42:nxt + 44] == b"CR"):
+                break
+        else:
             return bytes([_RAW]) + lit
-        cols[0].append(crc)
-        cols[1].append(ln)
-        cols[2].append((seq - prev_seq) & _U64)
-        cols[3].append((ts - prev_ts) & _U64)
-        cols[4].append(fid)
-        cols[5].append(off)
+        for c, v in zip(cols, (crc, ln, (seq - prev_seq) & _U64, (ts - prev_ts) & _U64, fid, off, k)):
+            c.append(v)
         tails += tail
         pay += lit[pos:pos + k]
         prev_seq, prev_ts = seq, ts
         pos += k
         n += 1
-    if array("I").itemsize != 4 or array("Q").itemsize != 8:  # pragma: no cover
-        return bytes([_RAW]) + lit
     if struct.pack("=I", 1) != struct.pack("<I", 1):  # pragma: no cover  (big-endian host)
         for c in cols:
             c.byteswap()
@@ -587,11 +593,10 @@ def from_columns(buf: bytes, lit_len: int) -> tuple[bytes, int]:
         raise ProtocolError("zstd-ref body: the literal column has an unknown layout")
     n = struct.unpack_from("<I", buf, 1)[0]
     pos = 5
-    if pos + n * _REC.size > len(buf) or n * _REC.size > lit_len:
+    if pos + n * (_REC.size + 4) > len(buf) or n * _REC.size > lit_len:
         raise ProtocolError(f"zstd-ref body: {n} record headers do not fit the literal column")
-    widths = (("I", 4), ("I", 4), ("Q", 8), ("Q", 8), ("Q", 8), ("Q", 8))
     cols: list[array] = []
-    for code, w in widths:
+    for code, w in (("I", 4), ("I", 4), ("Q", 8), ("Q", 8), ("Q", 8), ("Q", 8), ("I", 4)):
         a = array(code)
         a.frombytes(buf[pos:pos + n * w])
         if struct.pack("=I", 1) != struct.pack("<I", 1):  # pragma: no cover
@@ -603,18 +608,15 @@ def from_columns(buf: bytes, lit_len: int) -> tuple[bytes, int]:
     out = bytearray()
     seq = ts = 0
     for i in range(n):
-        ln = cols[1][i]
         seq = (seq + cols[2][i]) & _U64
         ts = (ts + cols[3][i]) & _U64
-        k = (ln if ln < packing.LITERAL_BELOW else 0) + (-(_REC.size + ln)) % 8
-        if pos + k > len(buf):
+        k = cols[6][i]
+        if pos + k > len(buf) or len(out) + _REC.size + k > lit_len:
             raise ProtocolError("zstd-ref body: literal payloads run past the column")
-        out += _REC.pack(cols[0][i], ln, seq, ts - (1 << 64) if ts >> 63 else ts, cols[4][i], cols[5][i],
-                         tails[8 * i:8 * i + 8])
+        out += _REC.pack(cols[0][i], cols[1][i], seq, ts - (1 << 64) if ts >> 63 else ts, cols[4][i],
+                         cols[5][i], tails[8 * i:8 * i + 8])
         out += buf[pos:pos + k]
         pos += k
-        if len(out) > lit_len:
-            raise ProtocolError("zstd-ref body: the literal column is longer than the pack says")
     if len(out) != lit_len:
         raise ProtocolError(f"zstd-ref body: literal column of {len(out)} bytes, the pack says {lit_len}")
     return bytes(out), pos

@@ -14,9 +14,15 @@ being copied is noticed). A chunk not offered travels as bytes (and the
 receiver still dedupes it in storage), so a wrong guess costs wire bytes,
 never correctness.
 
-Files are told apart by the record's file id; a file opened anew (SQLite
-recreates its rollback journal per transaction) gets a new id and starts
-with a clean slate, which is what makes its copies of base pages dedupe.
+Files are told apart by name: the record's file id is mapped to the path
+its CREATE or FILEMAP record named (until one is seen, the id itself is
+the key). SQLite recreates its rollback journal every transaction, under
+a new file id but the same name, so what was learned about it carries
+over: its page copies (pages of the base the vault holds) keep being
+offered, while the database file's own page writes soon are not. Within
+a file, chunks are grouped by size class (the bit length of the size): a
+rollback journal's 512-byte header is new every transaction, its 4 KiB
+page copies are not.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import struct
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cdpcore.format import REC_HDR_SIZE, align8
 from cdpcore.packing import ID_SIZE, Pack
@@ -50,7 +57,8 @@ class OfferPolicy:
         # ratio: the expected wire/raw ratio of a chunk sent as bytes; a hit
         # saves about ratio x its size
         self.ratio = ratio
-        self._stats: dict[int, _Stats] = {}
+        self._stats: dict[Any, _Stats] = {}  # per (file: its path, else its id; size class)
+        self._paths: dict[int, bytes] = {}  # file id -> path (from CREATE and FILEMAP records)
 
     def _worth(self, s: _Stats) -> bool:
         if s.offered < MIN_SAMPLES:
@@ -59,52 +67,61 @@ class OfferPolicy:
             return False
         return s.saved_bytes * self.ratio > s.offered * ID_COST
 
-    def choose(self, run: bytes, pack: Pack) -> tuple[list[bytes], dict[bytes, int]]:
+    def _key(self, fid: int, size: int) -> tuple[int | bytes, int]:
+        return (self._paths.get(fid, fid), size.bit_length())
+
+    def choose(self, run: bytes, pack: Pack) -> tuple[list[bytes], dict[bytes, Any]]:
         """Of pack.ids (unknown to the sender), those to offer, and the file
-        id each chunk belongs to (for learn). run is the pack's input: whole
+        each chunk belongs to (for learn). run is the pack's input: whole
         journal records (plain file bytes: everything is offered)."""
-        owner = _owners(run) if run else None
+        owner = _owners(run, self._paths) if run else None
         out: list[bytes] = []
-        fids: dict[bytes, int] = {}
+        keys: dict[bytes, Any] = {}
         if not pack.ids:
-            return out, fids
+            return out, keys
         want = set(pack.ids)
         for piece in pack.pieces:
             cid = piece.id
-            if cid is None or cid not in want or cid in fids:
+            if cid is None or cid not in want or cid in keys:
                 continue
-            fid = owner(piece.start) if owner is not None else -1
-            fids[cid] = fid
-            s = self._stats.setdefault(fid, _Stats())
-            if fid < 0 or self._worth(s):
+            key = self._key(owner(piece.start), piece.end - piece.start) if owner is not None else -1
+            keys[cid] = key
+            s = self._stats.setdefault(key, _Stats())
+            if key == -1 or self._worth(s):
                 out.append(cid)
             else:
                 s.skipped += 1
                 if s.skipped % PROBE_EVERY == 0:
                     out.append(cid)  # a probe: does this file's content start to repeat?
-        return out, fids
+        return out, keys
 
-    def learn(self, offered: list[bytes], held: set[bytes], fids: dict[bytes, int],
+    def learn(self, offered: list[bytes], held: set[bytes], keys: dict[bytes, Any],
               sizes: dict[bytes, int]) -> None:
         """The HAVE answer to an offer made from choose()."""
         for cid in offered:
-            s = self._stats.setdefault(fids.get(cid, -1), _Stats())
+            s = self._stats.setdefault(keys.get(cid, -1), _Stats())
             s.offered += 1
             if cid in held:
                 s.held += 1
                 s.saved_bytes += sizes.get(cid, 0)
 
 
-def _owners(run: bytes) -> Callable[[int], int]:
+_NAMING = (4, 11)  # CREATE, FILEMAP: the record binds its file id to the path in its payload
+
+
+def _owners(run: bytes, paths: dict[int, bytes]) -> Callable[[int], int]:
     """A function from an offset in a run of whole records to the file id
-    of the record that holds it."""
+    of the record that holds it; records that name a file update paths."""
     starts: list[int] = []
     fids: list[int] = []
     pos, n = 0, len(run)
     while pos + REC_HDR_SIZE <= n:
         plen = int.from_bytes(run[pos + 4:pos + 8], "little")
+        fid = _FID.unpack_from(run, pos + 24)[0]
+        if run[pos + 40] in _NAMING and fid:
+            paths[fid] = bytes(run[pos + REC_HDR_SIZE:pos + REC_HDR_SIZE + plen])
         starts.append(pos)
-        fids.append(_FID.unpack_from(run, pos + 24)[0])
+        fids.append(fid)
         pos += align8(REC_HDR_SIZE + plen)
 
     def owner(off: int) -> int:
