@@ -230,6 +230,8 @@ class SealedPack:
 
 
 def _parse(raw: bytes | bytearray | memoryview, want_mode: int) -> tuple[list[object], memoryview, memoryview]:
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"pack body must be bytes, got {type(raw).__name__}")
     raw = memoryview(raw)
     if len(raw) < BODY_HDR.size:
         raise ProtocolError(f"pack body of {len(raw)} bytes is shorter than its {BODY_HDR.size}-byte header")
