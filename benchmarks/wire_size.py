@@ -48,6 +48,7 @@ from cdpcore import packing  # noqa: E402
 from cdpcore.codec import LADDER, AdaptiveLevel, Compressor  # noqa: E402
 from cdpcore.offers import OfferPolicy  # noqa: E402
 from cdpcore.feed import (  # noqa: E402
+    DEFAULT_RUN_BYTES,
     BaseItem,
     EntryItem,
     Feed,
@@ -103,7 +104,7 @@ def base_chunk_ids(journal: Path, key: bytes) -> set[bytes]:
 
 
 def ship(journal: Path, label: str, codec: str, level: int, window_log: int = 25,
-         ldm: bool = False, near: int = 1 << 20, run_bytes: int = 1 << 20,
+         ldm: bool = False, near: int = 1 << 20, run_bytes: int = DEFAULT_RUN_BYTES,
          learn_offers: bool = True) -> Shipped:
     """Run the sender's data path over the journal (module docstring).
     near: a chunk the vault holds is still sent as bytes when this
@@ -281,6 +282,7 @@ def measure(w: workloads.Workload, scratch: Path, log: Any) -> dict[str, Any]:
     runs.append(ship(w.journal, "zstd 3 streamed, window 2^21 (level default)", "zstd", 3, window_log=21))
     runs.append(ship(w.journal, "zstd-ref 3, every unknown id offered", "zstd-ref", 3, near=0,
                      learn_offers=False))
+    runs.append(ship(w.journal, "zstd-ref 3, runs of 1 MiB", "zstd-ref", 3, near=0, run_bytes=1 << 20))
     runs.append(ship(w.journal, "lz4", "lz4", 0))
     best = min(r.wire for r in runs[:2])
     return {

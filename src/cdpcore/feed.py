@@ -70,7 +70,11 @@ from cdpcore.format import (
 )
 from cdpcore.segment import STOP_LIMIT, Segment
 
-DEFAULT_RUN_BYTES = 1 << 20  # the largest run of records per RunItem (one DATA frame's input)
+# The largest run of records per RunItem (one DATA frame's input). 4 MiB:
+# on the HIS workload 1 MiB runs cost 9 % more wire bytes (more OFFERs and
+# ACKs, and each zstd-ref dictionary sees fewer of the pages a transaction
+# touches); 4 MiB of incompressible bytes still fits the 8 MiB frame cap.
+DEFAULT_RUN_BYTES = 4 << 20
 DB_PAGE = 4096  # SQLite's default page; PostgreSQL's 8 KiB pages are two of them
 AUDIT_NAME = "audit.log"
 PRUNE_MANIFEST = "prune.json"
