@@ -294,7 +294,10 @@ def measure(w: workloads.Workload, scratch: Path, log: Any) -> dict[str, Any]:
         "ours": [{**asdict(r), "wire": r.wire,
                   "cpu_s_per_mb": round(r.cpu / (r.raw / 1e6), 4) if r.raw else None} for r in runs],
         "ours_best_default": best, "adaptive_pick": f"{codec}-{level}",
-        "pass": best <= zb and best <= rs["sent"] + rs["received"],
+        # issue 5's targets: zstd -3 of the new/changed files and rsync -z
+        "pass": best <= zw and best <= rs["sent"] + rs["received"],
+        # a stricter baseline: only the 4 KiB blocks that differ
+        "pass_blocks": best <= zb,
     }
 
 
@@ -309,8 +312,8 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
                   f"Journal segments {mb(r['journal_segment_bytes'])}; net change: "
                   f"{r['change']['new_files']} new and {r['change']['changed_files']} changed files, "
                   f"{mb(r['change']['file_bytes'])} whole, {mb(r['change']['block_bytes'])} in differing 4 KiB blocks.",
-                  "", "| what | wire bytes | x best baseline | CPU s per MB shipped |", "|---|---|---|---|"]
-        base = min(r["zstd3_blocks"], r["rsync_total"])
+                  "", "| what | wire bytes | x the smaller target baseline | CPU s per MB shipped |", "|---|---|---|---|"]
+        base = min(r["zstd3_whole_files"], r["rsync_total"])
         for o in r["ours"]:
             lines.append(f"| ours: {o['label']} | {mb(o['wire'])} | {o['wire'] / base:.2f} | "
                          f"{o['cpu_s_per_mb']} |")
@@ -320,8 +323,12 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
                      f"{r['zstd3_whole_files'] / base:.2f} | |")
         lines.append(f"| `rsync -az` (sent {mb(r['rsync']['sent'])} + received {mb(r['rsync']['received'])}) | "
                      f"{mb(r['rsync_total'])} | {r['rsync_total'] / base:.2f} | |")
+        verdict = "PASS" if r["pass"] else "FAIL"
+        blocks = "also" if r["pass_blocks"] else "not"
         lines += ["", f"Adaptive pick for 10 Mbit/s at this journal's rate ({mb(r['journal_rate'])}/s): "
-                  f"{r['adaptive_pick']}. Target (ours <= both baselines): **{'PASS' if r['pass'] else 'FAIL'}**", ""]
+                  f"{r['adaptive_pick']}. Target (ours, default or adaptive, <= `zstd -3` of the changed "
+                  f"files and <= `rsync -az`): **{verdict}**; {blocks} <= `zstd -3` of only the differing "
+                  "blocks.", ""]
     return "\n".join(lines)
 
 
@@ -330,7 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "wire_size"))
     ap.add_argument("--workloads", default="his,pacs", help="comma-separated: his, pacs")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--from-json", action="store_true", help="only rewrite wire_size.md from --out's JSON")
     args = ap.parse_args(argv)
+    if args.from_json:
+        doc = json.loads((Path(args.out) / "wire_size.json").read_text())
+        for r in doc["results"]:
+            best = r["ours_best_default"]
+            r["pass"] = best <= r["zstd3_whole_files"] and best <= r["rsync_total"]
+            r["pass_blocks"] = best <= r["zstd3_blocks"]
+        md = markdown(doc["results"], doc["command"])
+        (Path(args.out) / "wire_size.md").write_text(md + "\n")
+        print(md)
+        return 0
     command = "python benchmarks/wire_size.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
     def log(s: str) -> None:
