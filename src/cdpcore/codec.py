@@ -23,9 +23,10 @@ Theory of operation (docs/replication.md, "Compression").
   connection. The receiver resolves the references from its chunk store
   before it decompresses the rest; a reference it cannot resolve raises
   MissingRefs (answer NEED). Layout of the body: u32 compressed head
-  length, u32 raw head length, u32 bitmap length, the compressed head, the
-  bitmap (bit i, LSB first: the i-th reference of the piece list is in the
-  dictionary), the rest's zstd frame (with a checksum: a dictionary that
+  length, u32 raw head length, u32 bitmap length, u32 CRC-32 of the raw
+  head and the bitmap (the streamed blocks carry no checksum), the
+  compressed head, the bitmap (bit i, LSB first: the i-th reference of the
+  piece list is in the dictionary), the rest's zstd frame (with a checksum: a dictionary that
   differs is caught, not decoded into wrong bytes). With the dedupe key
   (chunk_key), a reference to a chunk that this connection sent as bytes
   among its last RECENT new chunks is written in the head as its distance
@@ -52,6 +53,7 @@ Theory of operation (docs/replication.md, "Compression").
 from __future__ import annotations
 
 import struct
+import zlib
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,7 +68,7 @@ from cdpcore.crypto import chunk_id
 from cdpcore.errors import ProtocolError
 
 CODECS = ("zstd", "zstd-ref", "lz4", "none")
-REF_HDR = struct.Struct("<III")  # zstd-ref: compressed head, raw head, bitmap lengths
+REF_HDR = struct.Struct("<IIII")  # zstd-ref: compressed head, raw head, bitmap lengths; CRC-32 of head + bitmap
 HISTORY = 1 << 20  # zstd-ref: bytes of the previous body's tail in the next dictionary
 _REC = struct.Struct("<IIQqQQ8s")  # a record header: crc, len, seq, ts, file id, offset, the rest
 _U64 = (1 << 64) - 1
@@ -184,7 +186,10 @@ class Compressor:
             dict_data=zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None)
         tail = cctx.compress(rest)
         self._history = rest[-HISTORY:] if len(rest) >= HISTORY else (self._history + rest)[-HISTORY:]
-        return REF_HDR.pack(len(head), len(h), len(bits)) + head + bits + tail
+        # the head travels in the streamed context, whose blocks carry no
+        # checksum: a CRC over it and the bitmap catches damage there (the
+        # rest's frame has zstd's own checksum)
+        return REF_HDR.pack(len(head), len(h), len(bits), zlib.crc32(bits, zlib.crc32(h))) + head + bits + tail
 
 
 class _Recent:
@@ -427,7 +432,7 @@ class Decompressor:
             self._recent = _Recent()
         if len(body) < REF_HDR.size:
             raise ProtocolError(f"zstd-ref body of {len(body)} bytes is shorter than its header")
-        hlen, hraw, blen = REF_HDR.unpack_from(body)
+        hlen, hraw, blen, hcrc = REF_HDR.unpack_from(body)
         if REF_HDR.size + hlen + blen > len(body) or hraw > raw:
             raise ProtocolError("zstd-ref body: lengths in its header run past the body")
         pos = REF_HDR.size
@@ -435,6 +440,9 @@ class Decompressor:
         if len(head) != hraw:
             raise ProtocolError(f"zstd-ref head decompressed to {len(head)} bytes, header said {hraw}")
         meta: list[Any] | None = None
+        if zlib.crc32(body[pos + hlen:pos + hlen + blen], zlib.crc32(head)) != hcrc:
+            self._broken = True
+            raise ProtocolError("zstd-ref body: its head or bitmap is damaged (checksum mismatch)")
         if self.chunk_key is not None:
             meta, mlen = self._recent.parse(head)
             refs: list[Any] = [x for x in meta if type(x) is not int]
