@@ -607,3 +607,26 @@ def test_following_a_journal_another_process_writes(fast_tmp):
     same_segments(jdir, rep)
     assert records_of(rep.top) == records_of(jdir)
     assert passes > 1
+
+
+def test_a_tail_torn_at_every_byte_ships_only_whole_records(fast_tmp):
+    """Cut the last segment at every byte of its last two records (a crash
+    mid-append, no head to believe): the feed ships exactly the records
+    that end before the cut."""
+    j, jdir = make(fast_tmp, segment_size=1 << 20)
+    for i in range(3):
+        j.append_write("a", i, bytes([i]) * 60)
+    j.close()
+    (jdir / HEAD_NAME).unlink()
+    seg = jdir / "segments" / segment_name(1)
+    full = seg.read_bytes()
+    ends = [64]
+    while ends[-1] < len(full):
+        ends.append(ends[-1] + REC_HDR.size + ((REC_HDR.unpack_from(full, ends[-1])[1] + 7) & ~7))
+    step = 1 if scale(0, 1) else 3
+    for cut in range(ends[-3], len(full), step):
+        seg.write_bytes(full[:cut])
+        with Feed(jdir) as feed:
+            got = b"".join(i.buf for i in feed.plan(None) if isinstance(i, RunItem))
+        want_end = max(e for e in ends if e <= cut)
+        assert got == full[64:want_end], cut
