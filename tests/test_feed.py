@@ -485,6 +485,18 @@ def test_a_replica_ahead_of_the_source_or_off_a_boundary_is_refused(fast_tmp):
     j.close()
 
 
+def test_a_replica_ahead_of_the_source_is_not_pruned(fast_tmp):
+    j, jdir = make(fast_tmp, segment_size=1 << 20)
+    j.append_write("a", 0, b"a")
+    crc = struct.unpack_from("<I", (jdir / "segments" / segment_name(1)).read_bytes(), 60)[0]
+    with Feed(jdir) as feed:
+        with pytest.raises(VaultError, match="past the source"):
+            list(feed.plan({"segments": [[1, crc, 64, True], [2, 5, 64, False]]}))
+        with pytest.raises(VaultError, match="another header"):
+            list(feed.plan({"segments": [[1, crc ^ 1, 64, False]]}))
+    j.close()
+
+
 # ---- a random history against the model ----------------------------------------
 
 

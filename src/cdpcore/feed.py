@@ -537,6 +537,15 @@ class Feed:
             if n in src and twin[0] == src[n].crc:
                 self._incoming[n] = twin
         self._twins = {}
+        # A prune replaces sealed segments only: a replica holding the active
+        # segment under another header, or segments past it, does not hold
+        # this journal's past (telling it to prune would destroy its data).
+        top = published[-1]
+        for n, (c, _, _) in self._vault.items():
+            if n > top or (n == top and c != src[top].crc):
+                where = "past the source's last" if n > top else "under another header than the source's active"
+                raise VaultError(f"the replica holds segment {n:016x} {where}; "
+                                 "that is not a prune of this journal: refusing to ship")
         # After a prune on the source, the segments before the first one the
         # replica holds unchanged go to .incoming (sealed, whole), then the
         # PruneItem swaps them in; the rest continues as usual.
