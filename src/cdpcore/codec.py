@@ -26,18 +26,22 @@ Theory of operation (docs/replication.md, "Compression").
   length, u32 raw head length, u32 bitmap length, u32 CRC-32 of the raw
   head and the bitmap (the streamed blocks carry no checksum), the
   compressed head, the bitmap (bit i, LSB first: the i-th reference of the
-  piece list is in the dictionary), the rest's zstd frame (with a checksum: a dictionary that
-  differs is caught, not decoded into wrong bytes). With the dedupe key
-  (chunk_key), a reference to a chunk that this connection sent as bytes
-  among its last RECENT new chunks is written in the head as its distance
-  back (a msgpack ext of type 1 holding a varint) instead of its 32-byte
-  id: both ends compute the ids of the new chunks of every body, so the
-  receiver restores the id (and the body) exactly. The literal column is
-  laid out as columns (to_columns).
+  piece list is in the dictionary), the rest's zstd frame (with a
+  checksum: a dictionary that differs is caught, not decoded into wrong
+  bytes). With the dedupe key (chunk_key), a reference to a chunk that
+  this connection sent as bytes among its last RECENT new chunks is written
+  in the head as its distance back (msgpack ext type 1, a varint) instead
+  of its 32-byte id, and one to a chunk the same body carries as its
+  number among them (ext type 2): both ends compute the ids of every
+  body's new chunks, so the receiver restores the ids (and the body)
+  exactly. The literal column is laid out as columns (to_columns). The
+  ladder's rungs apply as they are: zstd N becomes zstd-ref N.
 * lz4 is one lz4 frame per body (for fast links, where CPU is the limit).
 * The Decompressor is the receiver's guard: a window above the cap, output
   beyond the frame's announced `raw` size or beyond the body limit, or
-  output that ends short, is a ProtocolError. Output goes through a
+  output that ends short, is a ProtocolError. (Plain streamed zstd blocks
+  carry no checksum; TLS protects the wire, and the vault's pack parse and
+  record CRCs check what comes out.) Output goes through a
   counting sink in pieces of at most OUT_STEP bytes, so a decompression
   bomb fails after that much, without allocating its claimed size.
 * AdaptiveLevel picks a rung of the ladder (lz4, zstd 1 ... 19) from
