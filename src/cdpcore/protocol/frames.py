@@ -85,7 +85,7 @@ U63 = 1 << 63
 I64_MIN = -(1 << 63)
 U32 = 1 << 32
 
-CODECS = frozenset({"zstd", "lz4", "none"})
+CODECS = frozenset({"zstd", "zstd-ref", "lz4", "none"})  # zstd-ref: codec.py (docs/replication.md, Compression)
 KINDS = frozenset({"file", "dir", "symlink"})
 # A source name is a certificate CN; a domain name has the same rules.
 _SOURCE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
