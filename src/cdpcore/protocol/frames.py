@@ -182,9 +182,10 @@ def _seq(t: str, name: str, v: object, max_len: int, min_len: int = 0) -> tuple[
 
 def _ids(t: str, name: str, v: object) -> tuple[bytes, ...]:
     ids = _seq(t, name, v, MAX_OFFER_IDS, 1)
-    for i, x in enumerate(ids):
-        if type(x) is not bytes or len(x) != 32:
-            fail(_where(t, f"{name}[{i}]"), f"expected a 32-byte bin, got {short(x)}")
+    if set(map(type, ids)) != {bytes} or set(map(len, ids)) != {32}:  # (C loops; the names come after)
+        for i, x in enumerate(ids):
+            if type(x) is not bytes or len(x) != 32:
+                fail(_where(t, f"{name}[{i}]"), f"expected a 32-byte bin, got {_tname(x)} {short(x)}")
     return ids
 
 
