@@ -1,0 +1,768 @@
+"""Codec: compression of DATA bodies for one replication connection, and
+the choice of its level.
+
+Theory of operation (docs/replication.md, "Compression").
+
+* zstd is *streamed*: one compression context per connection, flushed at
+  the end of every DATA body (FLUSH_BLOCK), so each body decompresses on
+  its own arrival yet may refer back to the bytes of earlier bodies within
+  the window. A database page rewritten a second later, or its copy in a
+  rollback journal, then costs a few bytes. The receiver caps the window
+  (window_log in WELCOME), which bounds its memory; the sender never asks
+  for more. A level change or a reconnect starts a new context, which the
+  DATA frame says (`reset`).
+* zstd-ref (the same ladder levels) adds what the vault already holds:
+  the body's header and piece list go through the streamed context as
+  above, and the rest (literals and new chunks) is one zstd frame whose
+  dictionary is the previous body's tail plus the bytes of the chunks the
+  body *references* and the vault holds (packing.prefix_plan). A database
+  page is saved by its rollback journal (a reference: the vault has that
+  version) right before its new version is written, so the new version
+  compresses against the old one to a few dozen bytes, even when the old
+  version is only in the vault (a base) and never crossed this
+  connection. The receiver resolves the references from its chunk store
+  before it decompresses the rest; a reference it cannot resolve raises
+  MissingRefs (answer NEED). Layout of the body: u32 compressed head
+  length, u32 raw head length, u32 bitmap length, u32 CRC-32 of the raw
+  head and the bitmap (the streamed blocks carry no checksum), the
+  compressed head, the bitmap (bit i, LSB first: the i-th reference of the
+  piece list is in the dictionary), the rest's zstd frame (with a
+  checksum: a dictionary that differs is caught, not decoded into wrong
+  bytes). With the dedupe key (chunk_key), a reference to a chunk that
+  this connection sent as bytes among its last RECENT new chunks is written
+  in the head as its distance back (msgpack ext type 1, a varint) instead
+  of its 32-byte id, and one to a chunk the same body carries as its
+  number among them (ext type 2): both ends compute the ids of every
+  body's new chunks, so the receiver restores the ids (and the body)
+  exactly. The literal column is laid out as columns (to_columns). The
+  ladder's rungs apply as they are: zstd N becomes zstd-ref N.
+* lz4 is one lz4 frame per body (for fast links, where CPU is the limit).
+* The Decompressor is the receiver's guard: a window above the cap, output
+  beyond the frame's announced `raw` size or beyond the body limit, or
+  output that ends short, is a ProtocolError. (Plain streamed zstd blocks
+  carry no checksum; TLS protects the wire, and the vault's pack parse and
+  record CRCs check what comes out.) Output goes through a
+  counting sink in pieces of at most OUT_STEP bytes, so a decompression
+  bomb fails after that much, without allocating its claimed size.
+* AdaptiveLevel picks a rung of the ladder (lz4, zstd 1 ... 19) from
+  measurements that the transport feeds it: the link's acknowledged
+  throughput and this process's compression speed (CPU time) and ratio per
+  rung. Rungs not measured yet are estimated from a table of relative
+  speeds scaled by what was measured (the machine's speed). The choice is
+  the strongest rung whose compression could fill the link with margin and
+  whose CPU stays under the budget; it moves up only after the same better
+  rung won `hold` decisions in a row (hysteresis), and down at once when
+  the current rung falls behind.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lz4.frame
+import msgpack
+import zstandard
+
+from cdpcore import packing
+from cdpcore.crypto import chunk_id
+from cdpcore.errors import ProtocolError
+
+CODECS = ("zstd", "zstd-ref", "lz4", "none")
+REF_HDR = struct.Struct("<IIII")  # zstd-ref: compressed head, raw head, bitmap lengths; CRC-32 of head + bitmap
+HISTORY = 1 << 20  # zstd-ref: bytes of the previous body's tail in the next dictionary
+_REC = struct.Struct("<IIQqQQ8s")  # a record header: crc, len, seq, ts, file id, offset, the rest
+_U64 = (1 << 64) - 1
+_RAW, _COLUMNS = 0, 1  # first byte of a zstd-ref literal column
+RECENT = 1 << 20  # zstd-ref: new chunks of this connection a reference may name by distance
+_SHORT_REF = 1  # msgpack ext type in a zstd-ref head: a recent chunk, by distance back
+_LOCAL_REF = 2  # ... a chunk this same body carries as bytes, by its number among them
+DEFAULT_WINDOW_LOG = 25  # 32 MiB: the receiver's default cap (replication.md, limits)
+MIN_WINDOW_LOG = 10
+MAX_WINDOW_LOG = 31
+DEFAULT_MAX_BODY = 24 << 20  # decompressed body of one DATA frame
+OUT_STEP = 1 << 17  # decompressor output step: what a bomb costs before it is caught
+
+
+# ---- compressing ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Compressed:
+    """One compressed DATA body and the DATA fields that describe it."""
+
+    codec: str
+    level: int
+    reset: bool
+    raw: int
+    body: bytes
+
+
+class Compressor:
+    """The sender's side: one per connection."""
+
+    def __init__(self, codec: str = "zstd", level: int = 3, window_log: int = DEFAULT_WINDOW_LOG,
+                 ldm: bool = False, chunk_key: bytes | None = None):
+        """codec "zstd-ref" needs compress(body, prefix=packing.prefix_plan(...));
+        chunk_key (the dedupe key, as the receiver's Decompressor has it)
+        enables short references."""
+        self.chunk_key = chunk_key
+        self._recent = _Recent()
+        if not MIN_WINDOW_LOG <= window_log <= MAX_WINDOW_LOG:
+            raise ValueError(f"window_log {window_log} outside {MIN_WINDOW_LOG}..{MAX_WINDOW_LOG}")
+        self.window_log = window_log
+        self.ldm = ldm
+        self._ctx: Any = None
+        self.codec = codec
+        self.level = level
+        self.set_level(codec, level)
+
+    def set_level(self, codec: str, level: int) -> None:
+        """Switch codec or level; a zstd context starts afresh (next body has reset)."""
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+        if codec.startswith("zstd") and not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+            raise ValueError(f"zstd level {level} outside 1..{zstandard.MAX_COMPRESSION_LEVEL}")
+        if self._ctx is not None and (codec, level) == (self.codec, self.level):
+            return
+        self.codec, self.level = codec, (level if codec.startswith("zstd") else 0)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream (a reconnect): the next body starts a new context."""
+        self._ctx = None
+        self._reset = True
+        self._history = b""
+        if hasattr(self, "_recent"):
+            self._recent = _Recent()
+
+    def _context(self) -> Any:
+        # Every level gets the receiver's whole window: the point of the
+        # streamed context is to reach back to a page's earlier version, and
+        # default windows of low levels (2 MiB at level 3) are too short.
+        params = zstandard.ZstdCompressionParameters.from_level(
+            self.level, window_log=self.window_log, enable_ldm=self.ldm,
+            ldm_hash_log=min(self.window_log - 1, 20) if self.ldm else 0)
+        return zstandard.ZstdCompressor(compression_params=params).compressobj()
+
+    def _params(self) -> Any:
+        return zstandard.ZstdCompressionParameters.from_level(
+            self.level, window_log=self.window_log, write_checksum=True, write_content_size=False,
+            write_dict_id=False)
+
+    def compress(self, body: bytes, prefix: tuple[bytes, bytes] | None = None) -> Compressed:
+        """One DATA body. prefix (zstd-ref only): (bitmap, bytes) from
+        packing.prefix_plan for this body."""
+        reset = self._reset
+        self._reset = False
+        if self.codec == "zstd-ref":
+            if prefix is None:
+                raise ValueError("codec zstd-ref needs the body's prefix (packing.prefix_plan)")
+            return Compressed(self.codec, self.level, reset, len(body), self._ref_body(body, *prefix))
+        if self.codec == "none":
+            out = bytes(body)
+        elif self.codec == "lz4":
+            out = lz4.frame.compress(body, store_size=False)
+        else:
+            if self._ctx is None:
+                self._ctx = self._context()
+            out = self._ctx.compress(body) + self._ctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return Compressed(self.codec, self.level, reset, len(body), out)
+
+    def _ref_body(self, body: bytes, bits: bytes, refs: bytes) -> bytes:
+        split = packing.head_size(body)
+        if self._ctx is None:
+            self._ctx = self._context()
+        h = body[:split]
+        if self.chunk_key is not None:
+            new_ids = new_chunk_ids(body, self.chunk_key)
+            h = self._recent.shorten(h, new_ids)
+            self._recent.add(new_ids)
+        head = self._ctx.compress(h) + self._ctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        llen = packing.BODY_HDR.unpack_from(body)[5]
+        rest = to_columns(body[split:split + llen]) + body[split + llen:]
+        d = self._history + refs
+        cctx = zstandard.ZstdCompressor(
+            compression_params=self._params(),
+            dict_data=zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None)
+        tail = cctx.compress(rest)
+        self._history = rest[-HISTORY:] if len(rest) >= HISTORY else (self._history + rest)[-HISTORY:]
+        # the head travels in the streamed context, whose blocks carry no
+        # checksum: a CRC over it and the bitmap catches damage there (the
+        # rest's frame has zstd's own checksum)
+        return REF_HDR.pack(len(head), len(h), len(bits), zlib.crc32(bits, zlib.crc32(h))) + head + bits + tail
+
+
+class _Recent:
+    """The ids of the new chunks a connection carried, newest last, so
+    that a reference can name one by its distance back (zstd-ref)."""
+
+    def __init__(self) -> None:
+        self.ids: list[bytes] = []
+        self.base = 0  # the number of the first id kept in self.ids
+        self.where: dict[bytes, int] = {}  # id -> its newest number
+
+    def add(self, ids: list[bytes]) -> None:
+        for cid in ids:
+            self.where[cid] = self.base + len(self.ids)
+            self.ids.append(cid)
+        if len(self.ids) > 2 * RECENT:
+            drop = len(self.ids) - RECENT
+            for cid in self.ids[:drop]:
+                if self.where.get(cid, -1) < self.base + drop:
+                    self.where.pop(cid, None)
+            del self.ids[:drop]
+            self.base += drop
+
+    def shorten(self, head: bytes, new_ids: list[bytes]) -> bytes:
+        """The head with each reference to a recent chunk, or to one this
+        body carries as bytes (new_ids, in order), made short."""
+        mlen = packing.BODY_HDR.unpack_from(head)[4]
+        meta = msgpack.unpackb(head[packing.BODY_HDR.size:packing.BODY_HDR.size + mlen])
+        end = self.base + len(self.ids)
+        local: dict[bytes, int] = {}
+        out: list[Any] = []
+        k = 0
+        for item in meta:
+            if type(item) is int:
+                if item < 0:
+                    local.setdefault(new_ids[k], k)
+                    k += 1
+                out.append(item)
+                continue
+            j = local.get(item)
+            n = self.where.get(item)
+            if j is not None:
+                out.append(msgpack.ExtType(_LOCAL_REF, _varint(j)))
+            elif n is not None and 0 < end - n <= RECENT:
+                out.append(msgpack.ExtType(_SHORT_REF, _varint(end - n)))
+            else:
+                out.append(item)
+        return head[:packing.BODY_HDR.size] + msgpack.packb(out)
+
+    def parse(self, head: bytes) -> tuple[list[Any], int]:
+        """The receiver's first step: the piece list with recent references
+        restored and references to this body's own new chunks left as
+        _Local (their ids are known only after decompression)."""
+        if len(head) < packing.BODY_HDR.size:
+            raise ProtocolError("zstd-ref head is shorter than a pack header")
+        mlen = packing.BODY_HDR.unpack_from(head)[4]
+        end = self.base + len(self.ids)
+
+        def ext(code: int, data: bytes) -> Any:
+            d = _unvarint(data)
+            if code == _LOCAL_REF:
+                return _Local(d)
+            if code != _SHORT_REF:
+                raise ProtocolError(f"zstd-ref head: unknown extension {code}")
+            if not 0 < d <= min(RECENT, len(self.ids)):
+                raise ProtocolError(f"zstd-ref head: short reference {d} names no recent chunk")
+            return self.ids[end - d - self.base]
+
+        try:
+            meta = msgpack.unpackb(head[packing.BODY_HDR.size:], ext_hook=ext, max_bin_len=packing.ID_SIZE,
+                                   max_str_len=0, max_map_len=0, max_ext_len=10)
+        except ProtocolError:
+            raise
+        except Exception as e:  # msgpack raises several unrelated types for bad input
+            raise ProtocolError(f"zstd-ref head does not decode ({type(e).__name__})") from None
+        if not isinstance(meta, list):
+            raise ProtocolError("zstd-ref head: piece list is not an array")
+        for item in meta:
+            if type(item) is bytes and len(item) != packing.ID_SIZE:
+                raise ProtocolError("zstd-ref head: a reference is not a chunk id")
+            if type(item) not in (int, bytes, _Local):
+                raise ProtocolError(f"zstd-ref head: piece of type {type(item).__name__}")
+        return meta, mlen
+
+    def restore(self, head: bytes) -> bytes:
+        """parse() for a head without local references (tests, tools)."""
+        meta, mlen = self.parse(head)
+        if any(type(x) is _Local for x in meta):
+            raise ProtocolError("zstd-ref head: local references need the body")
+        restored = msgpack.packb(meta)
+        if len(restored) != mlen:
+            raise ProtocolError(f"zstd-ref head: piece list of {len(restored)} bytes, the pack says {mlen}")
+        return head[:packing.BODY_HDR.size] + restored
+
+
+@dataclass(frozen=True, slots=True)
+class _Local:
+    """A reference to the k-th chunk this body carries as bytes."""
+
+    k: int
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _unvarint(data: bytes) -> int:
+    n = shift = 0
+    for i, b in enumerate(data):
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            if i != len(data) - 1:
+                break
+            return n
+    raise ProtocolError("zstd-ref head: malformed short reference")
+
+
+def new_chunk_ids(body: bytes, chunk_key: bytes) -> list[bytes]:
+    """The ids of the chunks a plaintext body carries as bytes, in order."""
+    h = packing.BODY_HDR.unpack_from(body)
+    mlen, llen = h[4], h[5]
+    start = packing.BODY_HDR.size
+    meta = msgpack.unpackb(body[start:start + mlen])
+    pos = start + mlen + llen
+    view = memoryview(body)
+    out = []
+    for item in meta:
+        if type(item) is int and item < 0:
+            out.append(chunk_id(chunk_key, view[pos:pos - item]))
+            pos -= item
+    view.release()
+    return out
+
+
+class MissingRefs(Exception):
+    """zstd-ref: the body references chunks the receiver's store does not
+    hold (pruned meanwhile); answer NEED with `ids`. The sender resends the
+    frame with them as bytes *in a new context* (Compressor.reset(), so the
+    DATA frame has reset): the two sides' dictionaries' history parted at
+    the failed frame."""
+
+    def __init__(self, ids: list[bytes]):
+        super().__init__(f"{len(ids)} referenced chunks are not in the store")
+        self.ids = ids
+
+
+# ---- decompressing ----------------------------------------------------------------
+
+
+class _Sink:
+    """Counts what a decompressor writes and refuses more than allowed."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.n = 0
+        self.limit = 0
+
+    def write(self, data: Any) -> int:
+        self.n += len(data)
+        if self.n > self.limit:
+            raise _TooBig()
+        self.parts.append(bytes(data))
+        return len(data)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _over_limit(message: str) -> ProtocolError:
+    """A ProtocolError whose ERROR frame code is "limit" (an announced
+    limit was exceeded), not "protocol"."""
+    e = ProtocolError(message)
+    e.code = "limit"  # type: ignore[attr-defined]
+    return e
+
+
+class Decompressor:
+    """The receiver's side: one per connection, enforcing its own limits."""
+
+    def __init__(self, window_log: int = DEFAULT_WINDOW_LOG, max_body: int = DEFAULT_MAX_BODY,
+                 chunk_key: bytes | None = None):
+        self.window_log = window_log
+        self.max_body = max_body
+        self.chunk_key = chunk_key  # the dedupe key, as the sender's Compressor has it
+        self._recent = _Recent()
+        self._sink = _Sink()
+        self._zstd: Any = None
+        self._broken = False
+        self._history = b""
+
+    def decompress(self, codec: str, body: bytes, raw: int, reset: bool = False,
+                   resolve: Callable[[bytes], bytes | None] | None = None) -> bytes:
+        """The body of one DATA frame, exactly `raw` bytes, or ProtocolError.
+        resolve (zstd-ref): a chunk's bytes from the receiver's store, or
+        None (then MissingRefs)."""
+        if self._broken:
+            raise ProtocolError("the compressed stream failed earlier; the connection must close")
+        if type(raw) is not int or not 0 <= raw <= self.max_body:
+            raise _over_limit(f"DATA raw size {raw!r} outside 0..{self.max_body}")
+        if codec == "none":
+            out = bytes(body)
+        elif codec == "lz4":
+            out = self._lz4(body, raw)
+        elif codec == "zstd":
+            out = self._zstd_body(body, raw, reset)
+        elif codec == "zstd-ref":
+            out = self._ref_body(body, raw, reset, resolve)
+        else:
+            raise ProtocolError(f"unknown codec {codec!r}")
+        if len(out) != raw:
+            raise ProtocolError(f"{codec} body decompressed to {len(out)} bytes, DATA said {raw}")
+        return out
+
+    def _lz4(self, body: bytes, raw: int) -> bytes:
+        d = lz4.frame.LZ4FrameDecompressor()
+        try:
+            out = d.decompress(body, max_length=raw + 1)
+        except RuntimeError as e:
+            raise ProtocolError(f"lz4 body is damaged: {e}") from None
+        if len(out) > raw:
+            raise ProtocolError(f"lz4 body decompresses past the {raw} bytes DATA announced")
+        if not d.eof or d.unused_data:
+            raise ProtocolError("lz4 body is not exactly one complete frame")
+        return out
+
+    def _ref_body(self, body: bytes, raw: int, reset: bool,
+                  resolve: Callable[[bytes], bytes | None] | None) -> bytes:
+        if resolve is None:
+            raise ProtocolError("codec zstd-ref needs the receiver's chunk store")
+        if reset:
+            self._history = b""
+            self._recent = _Recent()
+        if len(body) < REF_HDR.size:
+            raise ProtocolError(f"zstd-ref body of {len(body)} bytes is shorter than its header")
+        hlen, hraw, blen, hcrc = REF_HDR.unpack_from(body)
+        if REF_HDR.size + hlen + blen > len(body) or hraw > raw:
+            raise ProtocolError("zstd-ref body: lengths in its header run past the body")
+        pos = REF_HDR.size
+        head = self._zstd_body(body[pos:pos + hlen], hraw, reset)
+        if len(head) != hraw:
+            raise ProtocolError(f"zstd-ref head decompressed to {len(head)} bytes, header said {hraw}")
+        meta: list[Any] | None = None
+        if zlib.crc32(body[pos + hlen:pos + hlen + blen], zlib.crc32(head)) != hcrc:
+            self._broken = True
+            raise ProtocolError("zstd-ref body: its head or bitmap is damaged (checksum mismatch)")
+        if self.chunk_key is not None:
+            meta, mlen = self._recent.parse(head)
+            refs: list[Any] = [x for x in meta if type(x) is not int]
+        else:
+            refs = packing.head_refs(head)
+        bits = body[pos + hlen:pos + hlen + blen]
+        if blen != (len(refs) + 7) // 8:
+            raise ProtocolError(f"zstd-ref body: bitmap of {blen} bytes for {len(refs)} references")
+        parts: list[bytes] = []
+        missing: list[bytes] = []
+        total = len(self._history)
+        for i, cid in enumerate(refs):
+            if bits[i // 8] >> (i % 8) & 1:
+                if type(cid) is _Local:
+                    raise ProtocolError("zstd-ref body: a chunk of the body itself marked as held")
+                data = resolve(cid)
+                if data is None:
+                    missing.append(cid)
+                    continue
+                total += len(data)
+                if total > self.max_body + HISTORY:
+                    raise _over_limit("zstd-ref dictionary exceeds the body limit")
+                parts.append(data)
+        if missing:
+            raise MissingRefs(list(dict.fromkeys(missing)))
+        d = self._history + b"".join(parts)
+        dctx = zstandard.ZstdDecompressor(
+            max_window_size=1 << self.window_log,
+            dict_data=zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None)
+        sink = _Sink()
+        # the column layout of the literals adds 5 bytes and 4 per record header
+        sink.limit = raw - hraw + 5 + 4 * (raw // _REC.size + 1)
+        try:
+            with dctx.stream_writer(sink, write_size=OUT_STEP) as w:
+                w.write(body[pos + hlen + blen:])
+        except _TooBig:
+            self._broken = True
+            raise _over_limit(f"zstd-ref body decompresses past the {raw} bytes DATA announced") from None
+        except zstandard.ZstdError as e:
+            self._broken = True
+            raise ProtocolError(f"zstd-ref body refused: {e}") from None
+        rest = b"".join(sink.parts)
+        self._history = rest[-HISTORY:] if len(rest) >= HISTORY else (self._history + rest)[-HISTORY:]
+        llen = packing.BODY_HDR.unpack_from(head)[5]
+        lit, used = from_columns(rest, llen)
+        new = rest[used:]
+        if meta is not None:
+            assert self.chunk_key is not None
+            # the ids of the chunks this body carries, then its own references
+            view = memoryview(new)
+            new_ids: list[bytes] = []
+            off = 0
+            for item in meta:
+                if type(item) is int and item < 0:
+                    if off - item > len(new):
+                        raise ProtocolError("zstd-ref body: new chunks run past the body")
+                    new_ids.append(chunk_id(self.chunk_key, view[off:off - item]))
+                    off -= item
+            view.release()
+            for i, item in enumerate(meta):
+                if type(item) is _Local:
+                    if item.k >= len(new_ids):
+                        raise ProtocolError(f"zstd-ref head: local reference {item.k} past the body's chunks")
+                    meta[i] = new_ids[item.k]
+            restored = msgpack.packb(meta)
+            if len(restored) != mlen:
+                raise ProtocolError(f"zstd-ref head: piece list of {len(restored)} bytes, the pack says {mlen}")
+            head = head[:packing.BODY_HDR.size] + restored
+            self._recent.add(new_ids)
+        return head + lit + new
+
+    def _zstd_body(self, body: bytes, raw: int, reset: bool) -> bytes:
+        if reset or self._zstd is None:
+            dctx = zstandard.ZstdDecompressor(max_window_size=1 << self.window_log)
+            self._zstd = dctx.stream_writer(self._sink, write_size=OUT_STEP)
+        sink = self._sink
+        sink.parts, sink.n, sink.limit = [], 0, raw
+        try:
+            self._zstd.write(body)
+        except _TooBig:
+            self._broken = True
+            raise _over_limit(f"zstd body decompresses past the {raw} bytes DATA announced "
+                              "(a decompression bomb?)") from None
+        except zstandard.ZstdError as e:
+            self._broken = True
+            if "memory" in str(e):  # the frame asks for a window above the cap
+                raise _over_limit(f"zstd body needs a window above 2^{self.window_log}: {e}") from None
+            raise ProtocolError(f"zstd body refused: {e}") from None
+        out = b"".join(sink.parts)
+        sink.parts = []
+        return out
+
+
+# ---- the literal column as columns (zstd-ref) ------------------------------------------
+
+
+def to_columns(lit: bytes) -> bytes:
+    """A pack's literal column laid out field by field. It holds each
+    record's 48-byte header followed by its payload when that is literal
+    (packing keeps payloads under 512 bytes literal) and its padding;
+    stored row by row, the headers' CRCs, sequence numbers and timestamps
+    interleave and compress poorly. As columns (CRCs, lengths, seq deltas,
+    timestamp deltas, file ids, offsets, the last 8 header bytes, the
+    length of literal bytes after each header, then those bytes) the seq
+    deltas vanish and the rest shrinks: 1.22 MB -> 0.79 MB of zstd-3 on the
+    HIS workload. Which payloads are literal is checked against the bytes
+    (a header's marker must follow) and recorded, so a change of packing's
+    threshold costs compression, never correctness.
+    Bytes that do not parse as records (a file's literal tail) stay as they
+    are: first byte _RAW."""
+    n, pos, size = 0, 0, len(lit)
+    cols: list[array] = [array("I"), array("I"), array("Q"), array("Q"), array("Q"), array("Q"), array("I")]
+    tails = bytearray()
+    pay = bytearray()
+    prev_seq = prev_ts = 0
+    while pos < size:
+        if pos + _REC.size > size:
+            return bytes([_RAW]) + lit
+        crc, ln, seq, ts, fid, off, tail = _REC.unpack_from(lit, pos)
+        if tail[2:4] != b"CR" or ln > 1 << 24:
+            return bytes([_RAW]) + lit
+        pos += _REC.size
+        pad = (-(_REC.size + ln)) % 8
+        # Packing keeps payloads under LITERAL_BELOW literal; check that a
+        # header (or the end) follows, and try the other reading if not
+        # (the k column records the choice, so any reading round-trips).
+        for k in ((ln + pad, pad) if ln < packing.LITERAL_BELOW else (pad, ln + pad)):
+            nxt = pos + k
+            if nxt == size or (nxt + _REC.size <= size and lit[nxt + 42:nxt + 44] == b"CR"):
+                break
+        else:
+            return bytes([_RAW]) + lit
+        for c, v in zip(cols, (crc, ln, (seq - prev_seq) & _U64, (ts - prev_ts) & _U64, fid, off, k)):
+            c.append(v)
+        tails += tail
+        pay += lit[pos:pos + k]
+        prev_seq, prev_ts = seq, ts
+        pos += k
+        n += 1
+    if struct.pack("=I", 1) != struct.pack("<I", 1):  # pragma: no cover  (big-endian host)
+        for c in cols:
+            c.byteswap()
+    return bytes([_COLUMNS]) + struct.pack("<I", n) + b"".join(c.tobytes() for c in cols) + tails + pay
+
+
+def from_columns(buf: bytes, lit_len: int) -> tuple[bytes, int]:
+    """The inverse of to_columns over the start of buf: (the literal
+    column, bytes of buf it used). Anything inconsistent is a ProtocolError."""
+    if not buf:
+        raise ProtocolError("zstd-ref body: the literal column is missing")
+    if buf[0] == _RAW:
+        if len(buf) < 1 + lit_len:
+            raise ProtocolError("zstd-ref body: the literal column is short")
+        return buf[1:1 + lit_len], 1 + lit_len
+    if buf[0] != _COLUMNS or len(buf) < 5:
+        raise ProtocolError("zstd-ref body: the literal column has an unknown layout")
+    n = struct.unpack_from("<I", buf, 1)[0]
+    pos = 5
+    if pos + n * (_REC.size + 4) > len(buf) or n * _REC.size > lit_len:
+        raise ProtocolError(f"zstd-ref body: {n} record headers do not fit the literal column")
+    cols: list[array] = []
+    for code, w in (("I", 4), ("I", 4), ("Q", 8), ("Q", 8), ("Q", 8), ("Q", 8), ("I", 4)):
+        a = array(code)
+        a.frombytes(buf[pos:pos + n * w])
+        if struct.pack("=I", 1) != struct.pack("<I", 1):  # pragma: no cover
+            a.byteswap()
+        cols.append(a)
+        pos += n * w
+    tails = buf[pos:pos + 8 * n]
+    pos += 8 * n
+    out = bytearray()
+    seq = ts = 0
+    for i in range(n):
+        seq = (seq + cols[2][i]) & _U64
+        ts = (ts + cols[3][i]) & _U64
+        k = cols[6][i]
+        if pos + k > len(buf) or len(out) + _REC.size + k > lit_len:
+            raise ProtocolError("zstd-ref body: literal payloads run past the column")
+        out += _REC.pack(cols[0][i], cols[1][i], seq, ts - (1 << 64) if ts >> 63 else ts, cols[4][i],
+                         cols[5][i], tails[8 * i:8 * i + 8])
+        out += buf[pos:pos + k]
+        pos += k
+    if len(out) != lit_len:
+        raise ProtocolError(f"zstd-ref body: literal column of {len(out)} bytes, the pack says {lit_len}")
+    return bytes(out), pos
+
+
+# ---- the adaptive level -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rung:
+    codec: str
+    level: int
+
+    def __str__(self) -> str:
+        return "lz4" if self.codec == "lz4" else f"zstd-{self.level}"
+
+
+LADDER: tuple[Rung, ...] = (Rung("lz4", 0),) + tuple(Rung("zstd", n) for n in (1, 3, 6, 9, 12, 15, 19))
+# Relative compression speed (raw bytes per CPU second, zstd-3 = 1) and
+# wire/raw ratio, as priors until a rung is measured on this connection's
+# data. The speeds are scaled by what measured rungs show (a slower CPU
+# slows all rungs); the ratios are replaced once measured. Measured with
+# the zstd and lz4 CLIs' benchmark mode on text-like 64 KiB blocks here.
+PRIOR_SPEED = {"lz4": 2.5, "zstd-1": 1.4, "zstd-3": 1.0, "zstd-6": 0.45, "zstd-9": 0.3,
+               "zstd-12": 0.12, "zstd-15": 0.05, "zstd-19": 0.012}
+PRIOR_RATIO = {"lz4": 0.55, "zstd-1": 0.45, "zstd-3": 0.42, "zstd-6": 0.40, "zstd-9": 0.39,
+               "zstd-12": 0.385, "zstd-15": 0.38, "zstd-19": 0.37}
+PRIOR_ZSTD3_SPEED = 150e6  # bytes per CPU second before anything is measured
+DEFAULT_CPU_BUDGET = 0.25  # of one core
+DEFAULT_MARGIN = 2.0  # compression must be able to fill the link this many times over
+DEFAULT_HOLD = 5  # decisions a stronger rung must win in a row before moving up
+DEFAULT_ALPHA = 0.2  # weight of a new sample in the moving averages
+
+
+@dataclass(slots=True)
+class _Avg:
+    value: float | None = None
+
+    def add(self, x: float, alpha: float) -> None:
+        self.value = x if self.value is None else (1 - alpha) * self.value + alpha * x
+
+
+@dataclass
+class AdaptiveLevel:
+    """Chooses the ladder rung from measurements (module docstring). No
+    clock inside: the transport feeds measured quantities."""
+
+    cpu_budget: float = DEFAULT_CPU_BUDGET
+    margin: float = DEFAULT_MARGIN
+    hold: int = DEFAULT_HOLD
+    alpha: float = DEFAULT_ALPHA
+    current: int = 2  # zstd-3 until measurements say otherwise
+    link_rate: _Avg = field(default_factory=_Avg)      # wire bytes acknowledged per second
+    demand: _Avg = field(default_factory=_Avg)         # raw bytes per second the journal produces
+    speed: dict[int, _Avg] = field(default_factory=dict)  # raw bytes per CPU second, per rung
+    ratio: dict[int, _Avg] = field(default_factory=dict)  # wire / raw, per rung
+    _pending: int | None = None
+    _streak: int = 0
+
+    @property
+    def rung(self) -> Rung:
+        return LADDER[self.current]
+
+    def observe_link(self, wire_bytes: int, seconds: float) -> None:
+        """The receiver acknowledged wire_bytes over `seconds`."""
+        if seconds > 0 and wire_bytes > 0:
+            self.link_rate.add(wire_bytes / seconds, self.alpha)
+
+    def observe_demand(self, raw_bytes: int, seconds: float) -> None:
+        """The journal grew by raw_bytes over `seconds` (0 is a valid sample:
+        idle). While the sender is catching up, leave this alone: the link
+        sets the pace then."""
+        if seconds > 0:
+            self.demand.add(raw_bytes / seconds, self.alpha)
+
+    def observe_compression(self, rung: int | Rung, raw_bytes: int, wire_bytes: int,
+                            cpu_seconds: float) -> None:
+        """One real frame: raw_bytes in, wire_bytes out, cpu_seconds of this
+        thread's CPU (time.thread_time) spent compressing it."""
+        i = LADDER.index(rung) if isinstance(rung, Rung) else rung
+        if raw_bytes <= 0:
+            return
+        self.ratio.setdefault(i, _Avg()).add(max(wire_bytes, 1) / raw_bytes, self.alpha)
+        if cpu_seconds > 0:
+            self.speed.setdefault(i, _Avg()).add(raw_bytes / cpu_seconds, self.alpha)
+
+    def estimate(self, i: int) -> tuple[float, float]:
+        """(raw bytes per CPU second, wire/raw ratio) of rung i: measured, or
+        the prior scaled by the machine speed the measured rungs show."""
+        name = str(LADDER[i])
+        r = self.ratio.get(i)
+        ratio = r.value if r is not None and r.value is not None else PRIOR_RATIO[name]
+        s = self.speed.get(i)
+        if s is not None and s.value is not None:
+            return s.value, ratio
+        factors = [a.value / (PRIOR_SPEED[str(LADDER[j])] * PRIOR_ZSTD3_SPEED)
+                   for j, a in self.speed.items() if a.value is not None]
+        machine = sum(factors) / len(factors) if factors else 1.0
+        return PRIOR_SPEED[name] * PRIOR_ZSTD3_SPEED * machine, ratio
+
+    def fits(self, i: int, slack: float = 1.0) -> bool:
+        """Whether rung i keeps up with the link (with margin) and within
+        the CPU budget, both tightened by `slack` (> 1 to move up)."""
+        link = self.link_rate.value
+        if link is None:
+            return i <= 2  # nothing known: nothing stronger than the default
+        speed, ratio = self.estimate(i)
+        full = link / ratio  # raw bytes per second that fill the link
+        # The sender compresses what the journal produces, or, when behind,
+        # what the link can take; the CPU that costs must fit the budget.
+        pace = full if self.demand.value is None else min(full, self.demand.value)
+        return speed >= self.margin * slack * pace and pace / speed <= self.cpu_budget / slack
+
+    def best(self, slack: float = 1.0) -> int:
+        for i in range(len(LADDER) - 1, -1, -1):
+            if self.fits(i, slack):
+                return i
+        return 0
+
+    def choose(self) -> Rung:
+        """Decide after new measurements: at most one change, with hysteresis."""
+        if not self.fits(self.current):
+            self.current = self.best()
+            self._pending, self._streak = None, 0
+            return self.rung
+        up = self.best(slack=1.25)
+        if up > self.current:
+            if up == self._pending:
+                self._streak += 1
+            else:
+                self._pending, self._streak = up, 1
+            if self._streak >= self.hold:
+                self.current = up
+                self._pending, self._streak = None, 0
+        else:
+            self._pending, self._streak = None, 0
+        return self.rung
