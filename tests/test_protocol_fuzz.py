@@ -259,3 +259,17 @@ def test_sender_connection_survives_mutated_streams(case: tuple[list[Frame], byt
     except ProtocolError as e:
         assert "\n" not in str(e) and e.code in ("protocol", "limit", "version")
         assert ship.state.value == "closed"
+
+
+@given(st.lists(st.binary(min_size=30, max_size=34), min_size=16, max_size=40), st.data())
+def test_the_ids_fast_path_agrees_with_the_walk(items: list[bytes], data: st.DataObject) -> None:
+    """Arrays of 32-byte bins are pre-scanned by strided compares; arrays
+    that only nearly look like that (other lengths, a str among them, cut
+    short) must be walked and judged exactly as before."""
+    m: dict[str, Any] = {"t": "offer", "req": 1, "ids": items}
+    payload = bytearray(msgpack.packb(m, use_bin_type=True))
+    if data.draw(st.booleans()) and len(payload) > 10:
+        del payload[data.draw(st.integers(10, len(payload) - 1)):]
+    r = feed_all(FrameDecoder(), frame_of(bytes(payload)), [])
+    valid = all(len(x) == 32 for x in items) and len(payload) == len(msgpack.packb(m, use_bin_type=True))
+    assert (not isinstance(r, ProtocolError)) == valid

@@ -27,6 +27,11 @@ async def run_sender(stream: trio.abc.Stream, payload: bytes, rng: random.Random
     stats = {"max_inflight": 0, "frames": 0}
     changed = trio.Condition()
     done = trio.Event()
+    lock = trio.Lock()  # send() and the write of its bytes, in one piece (docs/protocol.md)
+
+    async def send(frame: object) -> None:
+        async with lock:
+            await stream.send_all(ship.send(frame))  # type: ignore[arg-type]
 
     async def reader() -> None:
         while ship.state is not State.CLOSED:
@@ -34,7 +39,7 @@ async def run_sender(stream: trio.abc.Stream, payload: bytes, rng: random.Random
             assert data, "the receiver closed early"
             for f in ship.receive_data(data):
                 if isinstance(f, Ping):
-                    await stream.send_all(ship.send(Pong(n=f.n)))
+                    await send(Pong(n=f.n))
             async with changed:
                 changed.notify_all()
         done.set()
@@ -44,29 +49,28 @@ async def run_sender(stream: trio.abc.Stream, payload: bytes, rng: random.Random
             while not pred():  # type: ignore[operator]
                 await changed.wait()
 
-    await stream.send_all(ship.send(Hello(versions=(1, 1), uuid=b"u" * 16, encrypted=False, domain=None,
-                                          agent="test")))
+    await send(Hello(versions=(1, 1), uuid=b"u" * 16, encrypted=False, domain=None, agent="test"))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader)
         await wait_until(lambda: ship.state is State.OPEN)
         assert ship.limits is not None
-        await stream.send_all(ship.send(Segment(seg=1, header=HEADER)))
+        await send(Segment(seg=1, header=HEADER))
         off, req = 0, 0
         while off < len(payload):
             n = min(rng.randint(1, 40_000), len(payload) - off)
             req += 1
             await wait_until(ship.can_offer)
-            await stream.send_all(ship.send(Offer(req=req, ids=(bytes([req % 256]) * 32,))))
+            await send(Offer(req=req, ids=(bytes([req % 256]) * 32,)))
             f = Data(seg=1, off=64 + off, end=64 + off + n, first_seq=req, last_seq=req, last_ts=req,
                      raw=n, body=payload[off:off + n])
             await wait_until(lambda: ship.can_send(f.wire_size()))
-            await stream.send_all(ship.send(f))
+            await send(f)
             stats["max_inflight"] = max(stats["max_inflight"], ship.inflight_bytes)
             stats["frames"] += 1
             off += n
-        await stream.send_all(ship.send(Seal(seg=1, size=64 + len(payload))))
+        await send(Seal(seg=1, size=64 + len(payload)))
         await wait_until(lambda: ship.inflight_bytes == 0 and ship.outstanding_offers == 0)
-        await stream.send_all(ship.send(Bye()))
+        await send(Bye())
         await done.wait()
     assert ship.state is State.CLOSED and ship.error is None and ship.peer_error is None
     return stats
@@ -78,7 +82,7 @@ async def run_receiver(stream: trio.abc.Stream, limits: Limits, rng: random.Rand
     waiting."""
     serve = ServeConnection()
     replica = bytearray(HEADER)
-    state = {"acked": 64, "pinged": False}
+    state = {"acked": 64, "frames": 0}
     lock = trio.Lock()  # one writer at a time on the stream
     closed = trio.Event()
 
@@ -109,9 +113,9 @@ async def run_receiver(stream: trio.abc.Stream, limits: Limits, rng: random.Rand
                     elif isinstance(f, Data):
                         assert f.off == len(replica), "data out of sequence"
                         replica.extend(f.body)
-                        if not state["pinged"]:
-                            out += serve.send(Ping(n=1))
-                            state["pinged"] = True
+                        state["frames"] += 1
+                        if state["frames"] % 7 == 1:  # the sender's reader answers while its writer writes
+                            out += serve.send(Ping(n=state["frames"]))
                     elif isinstance(f, Seal):
                         assert f.size == len(replica)
                     elif isinstance(f, Bye):
