@@ -447,3 +447,25 @@ def test_any_schedule_of_cuts_ends_with_the_replica_equal(cuts: list[tuple[str, 
         vault.close()
         assert 1 <= connections <= len(cuts) + 1
         assert_replica_equals(cut_journal, Path(d) / "vault", points=0)
+
+
+@pytest.mark.trio
+async def test_damage_in_the_source_journal_stops_the_sender_with_its_error(fast_tmp: Path, certs: Path) -> None:
+    from cdpcore.errors import CorruptJournal
+
+    src = make_journal(fast_tmp / "j", 200)
+    seg = sorted((src / "segments").glob("*.seg"))[0]
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a record in a sealed segment: never shipped, reported
+    seg.write_bytes(bytes(data))
+    vault = Vault(fast_tmp / "vault", create=True)
+    async with trio.open_nursery() as n:
+        port = await n.start(Server(vault, server_cfg(certs)).serve, "127.0.0.1", 0)
+        with pytest.raises(CorruptJournal):
+            await run_ship(src, port, client_ctx(certs))
+        n.cancel_scope.cancel()
+    vault.close()
+    import json
+    assert json.loads((src / "replication.json").read_text())["state"] == "failed"
+    rep = fast_tmp / "vault" / "A" / "journal" / "segments" / seg.name
+    assert not rep.exists() or rep.read_bytes() == bytes(data[:rep.stat().st_size])

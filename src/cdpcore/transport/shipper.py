@@ -185,6 +185,9 @@ class Shipper:
                         LinkError) as e:
                     self._set(state="backoff", last_error=_describe(e))
                     self.log(f"connection lost: {_describe(e)}")
+                except CdpError as e:  # the journal itself (damage found by the feed, ...)
+                    self._set(state="failed", last_error=str(e))
+                    raise
                 else:
                     if done:
                         self._set(state="stopped" if self.follow else "caught-up")
