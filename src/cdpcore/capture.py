@@ -44,7 +44,7 @@ from typing import IO, Any
 from cdpcore import checkpoint
 from cdpcore.errors import CaptureError, CdpError
 from cdpcore.format import Kind
-from cdpcore.journal import Journal, _fsync_dir
+from cdpcore.journal import Journal, fsync_dir
 
 LIBRARY_NAME = "libcdpcapture.so"
 ENV_JOURNAL = "CDPCORE_JOURNAL"
@@ -199,7 +199,7 @@ def _copy_tree(src: str, dst: str) -> tuple[int, int]:
                     files += 1
             except FileNotFoundError:
                 continue
-        _fsync_dir(out_top)
+        fsync_dir(out_top)
     return files, nbytes
 
 
@@ -232,7 +232,7 @@ def baseline(journal: Journal | str | os.PathLike[str]) -> BaselineResult:
         writer.unlock()
     j.sync()
     os.rename(tmp, dest)
-    _fsync_dir(base_dir)
+    fsync_dir(base_dir)
     return BaselineResult(name, base_seq, complete_seq, files, nbytes)
 
 

@@ -64,7 +64,7 @@ import msgpack
 
 from cdpcore._native import crc32c
 from cdpcore.format import SEG_HDR
-from cdpcore.journal import Journal, _fsync_dir
+from cdpcore.journal import Journal, fsync_dir
 
 DIR = "checkpoints"
 SUFFIX = ".ckpt"
@@ -188,7 +188,7 @@ def save(j: Journal, plan: Any) -> str:
         f.flush()
         os.fdatasync(f.fileno())
     os.replace(tmp, final)
-    _fsync_dir(d)
+    fsync_dir(d)
     return final
 
 
@@ -327,4 +327,4 @@ def discard(journal_path: str) -> None:
                 os.unlink(os.path.join(d, n))
             except FileNotFoundError:
                 pass
-    _fsync_dir(d)
+    fsync_dir(d)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import json
 import os
 import shutil
 import threading
@@ -28,6 +29,7 @@ from typing import Any
 
 from cdpcore._native import INT64_MIN, UINT64_MAX, check, ffi, lib, now_us
 from cdpcore.errors import (
+    CdpError,
     CorruptJournal,
     JournalExists,
     JournalNotFound,
@@ -119,12 +121,26 @@ def _ensure_head_file(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json(path: str, error: type[CdpError], what: str) -> Any:
+    """The JSON document in a small state file, or None when there is none;
+    an unreadable or unparsable one is `error` naming the file and `what`
+    it should have been."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: cannot read the {what}: {e}") from None
 
 
 def write_durable(path: str, data: bytes) -> None:
@@ -139,7 +155,7 @@ def write_durable(path: str, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    _fsync_dir(os.path.dirname(path) or ".")
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def _ts(ts: int | datetime | None) -> int | None:
@@ -1006,7 +1022,7 @@ class Journal:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         shutil.copytree(self.root, tmp, symlinks=True)
         os.rename(tmp, dest)
-        _fsync_dir(os.path.dirname(dest))
+        fsync_dir(os.path.dirname(dest))
         b = Batch(self)
         b.append_base(f"{BASE_DIR}/{name}")
         seq = b.commit()[1]

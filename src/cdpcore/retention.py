@@ -59,7 +59,7 @@ from cdpcore.format import (
     segment_name,
     setattr_payload,
 )
-from cdpcore.journal import Journal, _fsync_dir, write_durable
+from cdpcore.journal import Journal, fsync_dir, write_durable
 from cdpcore.plan import Inode, Tree, merge_ranges
 from cdpcore.point import datetime_to_us, format_us
 
@@ -731,7 +731,7 @@ def _fsync_tree(top: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(d)
+        fsync_dir(d)
 
 
 def _single_paths(top: str) -> dict[str, os.stat_result]:
@@ -820,7 +820,7 @@ def _execute(j: Journal, old: list[Any], outs: list[_Out], groups: list[_Group],
             if g.share_with is not None:
                 _share(plan, tmp, g.share_with)
         _fsync_tree(tmp)
-        _fsync_dir(basedir)
+        fsync_dir(basedir)
         new_bases.append(g.base)
         _step()
     # 2. the compacted segments, under temporary names
@@ -836,7 +836,7 @@ def _execute(j: Journal, old: list[Any], outs: list[_Out], groups: list[_Group],
             f.flush()
             os.fsync(f.fileno())
         _step()
-    _fsync_dir(segdir)
+    fsync_dir(segdir)
     keep_refs = {r.payload.decode("utf-8", "replace")[len(BASE_DIR) + 1:]
                  for g in groups for r in g.records if r.kind == Kind.BASE}
     # 3. the manifest: from here on the prune is decided
@@ -874,7 +874,7 @@ def _finish(path: str, manifest: dict[str, Any]) -> None:
             os.rename(tmp, os.path.join(basedir, name))
             _step()
     if os.path.isdir(basedir):
-        _fsync_dir(basedir)
+        fsync_dir(basedir)
     for no in sorted(set(manifest["old_segments"]) | new):
         idx = os.path.join(segdir, index_name(no))
         if os.path.exists(idx):
@@ -887,16 +887,16 @@ def _finish(path: str, manifest: dict[str, Any]) -> None:
         elif os.path.exists(seg):
             os.unlink(seg)
             _step()
-    _fsync_dir(segdir)
+    fsync_dir(segdir)
     for name in manifest["old_bases"]:
         p = os.path.join(basedir, name)
         if os.path.isdir(p):
             shutil.rmtree(p)
             _step()
     if os.path.isdir(basedir):
-        _fsync_dir(basedir)
+        fsync_dir(basedir)
     os.unlink(os.path.join(path, MANIFEST))
-    _fsync_dir(path)
+    fsync_dir(path)
     _step()
 
 

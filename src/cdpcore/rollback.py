@@ -54,7 +54,7 @@ from typing import Any
 from cdpcore._native import now_us
 from cdpcore.errors import CaptureRunning, RestoreError
 from cdpcore.filemap import fs_path
-from cdpcore.journal import Journal, write_durable
+from cdpcore.journal import Journal, read_json, write_durable
 from cdpcore.plan import (
     After,
     Dir,
@@ -193,13 +193,9 @@ def _bookmark(to_seq: int) -> str:
 
 
 def _read_intent(path: str) -> dict[str, int] | None:
-    try:
-        with open(path, "rb") as f:
-            doc = json.loads(f.read())
-    except FileNotFoundError:
+    doc = read_json(path, RestoreError, "rollback intent")
+    if doc is None:
         return None
-    except (OSError, ValueError) as e:
-        raise RestoreError(f"{path}: cannot read the rollback intent: {e}") from None
     if not isinstance(doc, dict) or not all(isinstance(doc.get(k), int) for k in ("to", "from")):
         raise RestoreError(f"{path}: not a rollback intent")
     return {"to": doc["to"], "from": doc["from"]}

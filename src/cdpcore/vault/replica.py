@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from cdpcore._native import INT64_MIN, check, ffi, lib
 from cdpcore.crypto import chunk_id
 from cdpcore.errors import CorruptJournal, NotAJournal, ProtocolError, UnsupportedVersion, VaultError
+from cdpcore.journal import fsync_dir, read_json, write_durable
 from cdpcore.format import (
     BASE_DIR,
     META_NAME,
@@ -89,27 +90,6 @@ def valid_name(name: str) -> bool:
     return isinstance(name, str) and bool(NAME_RE.fullmatch(name)) and name not in (".", "..")
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: str, data: bytes) -> None:
-    """temp, fsync, rename, fsync of the directory (a crash leaves the old or the new file)."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    fsync_dir(os.path.dirname(path))
 
 
 SOURCE_META = "source.json"
@@ -805,13 +785,9 @@ class Replica:
     def _finish_prune(self) -> bool:
         """Finish a swap whose manifest is on disk (every step can be redone)."""
         mpath = os.path.join(self.dir, PRUNE_NAME)
-        try:
-            with open(mpath, "rb") as f:
-                manifest = json.loads(f.read())
-        except FileNotFoundError:
+        manifest = read_json(mpath, VaultError, "prune manifest")
+        if manifest is None:
             return False
-        except (OSError, ValueError) as e:
-            raise VaultError(f"{mpath}: unreadable prune manifest ({e})") from None
         sealed_changed = False
         for seg in manifest["swap"]:
             live = os.path.join(self.segdir, segment_name(seg))

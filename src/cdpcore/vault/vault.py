@@ -17,6 +17,7 @@ from typing import Any
 from cdpcore._native import now_us
 from cdpcore.crypto import new_dedupe_key
 from cdpcore.errors import VaultError
+from cdpcore.journal import read_json
 from cdpcore.vault.chunkindex import ChunkIndex, open_index
 from cdpcore.vault.replica import JOURNAL_DIR, Replica, valid_name, write_durable
 
@@ -71,13 +72,9 @@ class Vault:
 
     def source_meta(self, name: str) -> dict[str, Any] | None:
         path = os.path.join(self.path, name, SOURCE_META)
-        try:
-            with open(path, "rb") as f:
-                doc = json.loads(f.read())
-        except FileNotFoundError:
+        doc = read_json(path, VaultError, "source description")
+        if doc is None:
             return None
-        except (OSError, ValueError) as e:
-            raise VaultError(f"{path}: unreadable: {e}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("uuid"), str):
             raise VaultError(f"{path}: not a source description")
         return doc
