@@ -4,10 +4,10 @@ CAP_SYS_ADMIN), `ip` and `tc` (iproute2).
 
     python benchmarks/wan/netlink.py verify [--rate 10mbit] [--mib 12]
     python benchmarks/wan/netlink.py run [--rate 10mbit] -- CMD [ARGS...]
-    python benchmarks/wan/netlink.py up [--rate 10mbit]     # prints the link as JSON
+    python benchmarks/wan/netlink.py up [--rate 10mbit]     # prints the link as JSON; owned by the caller
     python benchmarks/wan/netlink.py counters NAME           # tx/rx bytes of both ends
     python benchmarks/wan/netlink.py down NAME               # idempotent
-    python benchmarks/wan/netlink.py clean                   # links whose creator died
+    python benchmarks/wan/netlink.py clean                   # links whose owner process is gone
 
 Topology (NAME = cdpwan-PID-XXXX, unique per link: the creator's pid and
 random hex, so concurrent runs on one machine never collide)::
@@ -156,7 +156,9 @@ class Link:
     # ---- life cycle ------------------------------------------------------------
 
     @classmethod
-    def create(cls, rate: str = DEFAULT_RATE, latency_ms: int = DEFAULT_LATENCY_MS) -> Link:
+    def create(cls, rate: str = DEFAULT_RATE, latency_ms: int = DEFAULT_LATENCY_MS, owner: int | None = None) -> Link:
+        """A new link, named after `owner` (default: this process): `clean`
+        removes it once that process is gone."""
         if os.geteuid() != 0:
             raise NetlinkError("setting up network namespaces needs root")
         for tool in ("ip", "tc"):
@@ -164,7 +166,7 @@ class Link:
                 raise NetlinkError(f"{tool} not found: install iproute2")
         rate_bit = parse_rate(rate)
         p = tbf_params(rate_bit, latency_ms)
-        link = cls(name=f"{PREFIX}-{os.getpid()}-{secrets.token_hex(2)}", rate_bit=rate_bit,
+        link = cls(name=f"{PREFIX}-{owner or os.getpid()}-{secrets.token_hex(2)}", rate_bit=rate_bit,
                    burst=p["burst"], latency_ms=p["latency_ms"])
         try:
             link._up()
@@ -493,8 +495,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{res['goodput_mbit']:.2f} Mbit/s; wire {res['wire_bytes']:,} bytes "
                   f"({res['packets']:,} frames), link use {res['link_use']:.1%}", file=sys.stderr)
         elif a.cmd == "up":
-            link = Link.create(a.rate, a.latency_ms)
-            # the anchors die with us: counters of a link made by `up` are read through ip netns exec
+            # owned by the calling shell: `clean` leaves it alone while that shell lives
+            link = Link.create(a.rate, a.latency_ms, owner=os.getppid())
+            # the anchors would die with us: counters of a link made by `up` go through ip netns exec
             for anc in link._anchors.values():
                 anc.kill()
                 anc.wait()
