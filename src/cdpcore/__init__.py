@@ -24,6 +24,7 @@ from cdpcore.restore import RestoreResult, restore
 from cdpcore.rollback import RollbackResult, rollback
 from cdpcore.retention import Policy, PruneResult, prune
 from cdpcore.timeline import Timeline, timeline
+from cdpcore.replication import replication_status, vault_status
 from cdpcore.capture import (BaselineResult, JournaledFile, ProtectResult, Protection, ResyncResult,
                              baseline, open, protect, resync)
 
@@ -34,5 +35,5 @@ __all__ = [
     "Kind", "NotAJournal", "Point", "PointError", "PointInfo", "Record", "RestoreError",
     "RestoreResult", "Timeline", "UnsupportedVersion", "VerifyReport", "audit", "parse_point",
     "restore", "timeline", "BaselineResult", "JournaledFile", "ProtectResult", "Protection",
-    "ResyncResult", "baseline", "open", "protect", "resync",
+    "ResyncResult", "baseline", "open", "protect", "resync", "replication_status", "vault_status",
 ]

@@ -26,6 +26,7 @@ from cdpcore.cli import (
     info,
     init,
     log,
+    pki,
     points,
     protect,
     prune,
@@ -33,6 +34,7 @@ from cdpcore.cli import (
     resync,
     rollback,
     show,
+    status,
     timeline,
     verify,
 )
@@ -40,7 +42,7 @@ from cdpcore.cli.output import PROG, Output, UsageError
 from cdpcore.errors import CdpError, CorruptJournal
 
 COMMANDS: list[ModuleType] = [init, info, log, show, verify, bookmark, points, restore, rollback,
-                              diff, timeline, audit, prune, checkpoint, protect, resync, baseline]
+                              diff, timeline, audit, prune, checkpoint, protect, resync, baseline, pki, status]
 
 EXIT_INTERNAL = 1
 EXIT_OSERROR = 10
