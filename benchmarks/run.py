@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if "chunk" in suites:
         res["chunk"] = _chunk_bench.chunk_suite(rounds=args.rounds, mib=64 if args.quick else 256, log=log)
     if "wan" in suites:
-        res["wan"] = _wan_bench.wan_suite(log=log)
+        res["wan"] = _wan_bench.wan_suite(log=log, quick=args.quick)
     res["elapsed_s"] = round(time.perf_counter() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
     md = _bench.render_markdown(res, command)
