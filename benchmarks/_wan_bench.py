@@ -278,6 +278,41 @@ def write_stream(journal: str, after_seq: int, out: str) -> int:
     return total
 
 
+SEGMENT_HEADER = 64  # docs/journal-format.md
+TS_AT = 16  # a record header's ts field: int64 LE microseconds
+
+
+def vault_lag(journal: str, replica: str, now_us: int) -> tuple[float | None, int]:
+    """(seconds, bytes) the DR site is behind, from the files themselves:
+    the bytes of the source's segments the replica's do not hold yet, and
+    the age of the oldest record among them (its header's ts, read at the
+    replica's size in the source segment: the replica holds whole records
+    only). Seconds is None when that record's header is not complete yet
+    (an append in progress). No state file is involved, so this is the
+    lag at the moment of the sample, not as of the sender's last report."""
+    src_dir, rep_dir = os.path.join(journal, "segments"), os.path.join(replica, "segments")
+    pending, oldest = 0, None
+    for name in sorted(n for n in os.listdir(src_dir) if n.endswith(".seg")):
+        size = os.stat(os.path.join(src_dir, name)).st_size
+        try:
+            have = os.stat(os.path.join(rep_dir, name)).st_size
+        except FileNotFoundError:
+            have = 0
+        if size <= have:
+            continue
+        pending += size - have
+        if oldest is None:
+            with open(os.path.join(src_dir, name), "rb") as f:
+                f.seek(max(have, SEGMENT_HEADER) + TS_AT)
+                ts = f.read(8)
+            if len(ts) < 8:
+                return None, pending
+            oldest = int.from_bytes(ts, "little", signed=True)
+    if oldest is None:
+        return 0.0, pending
+    return max(0.0, (now_us - oldest) / 1e6), pending
+
+
 def last_seq(journal: str) -> int:
     with Journal.open(journal, readonly=True) as j:
         return j.last_seq
@@ -382,7 +417,9 @@ def lag_scenario(link: Link, dr: DrSite, work: str, seconds: float, rate: int, l
         time.sleep(2)  # connected and caught up with the empty journal
         writer = Measured([CDPCTL, "protect", journal, "--", sys.executable, SCENARIOS_PY, "writer", root,
                            "--rate", str(rate), "--seconds", str(seconds)], work, "lag-writer")
+        replica = os.path.join(dr.vault, "lag", "journal")
         samples: list[tuple[float, float | None, int | None]] = []
+        truth: list[tuple[float | None, int]] = []
         t0 = time.monotonic()
         nxt = t0
         while writer.alive():
@@ -392,6 +429,11 @@ def lag_scenario(link: Link, dr: DrSite, work: str, seconds: float, rate: int, l
             except Exception as e:  # a status read racing a segment rotation: note it, keep sampling
                 samples.append((time.monotonic() - t0, None, None))
                 log(f"lag: status failed: {e}")
+            try:
+                truth.append(vault_lag(journal, replica, time.time_ns() // 1000))
+            except OSError as e:
+                truth.append((None, 0))
+                log(f"lag: reading the replica failed: {e}")
             nxt += 0.2
             time.sleep(max(0.0, nxt - time.monotonic()))
         w = writer.wait()
@@ -408,14 +450,20 @@ def lag_scenario(link: Link, dr: DrSite, work: str, seconds: float, rate: int, l
     if w.returncode != 0:
         raise RuntimeError(f"the lag writer failed: {w.tail()}")
     lags = [x[1] for x in samples if x[1] is not None]
+    real = [x[0] for x in truth if x[0] is not None]
     wire = utilisation(smp.samples, link.rate_bit)
     return {"seconds": seconds, "rate": rate, "samples": len(samples), "missing": len(samples) - len(lags),
             "lag_p50_s": percentile(lags, 50), "lag_p99_s": percentile(lags, 99),
             "lag_max_s": max(lags) if lags else float("nan"),
             "lag_bytes_max": max((x[2] for x in samples if x[2] is not None), default=None),
+            "vault_lag_p50_s": percentile(real, 50), "vault_lag_p99_s": percentile(real, 99),
+            "vault_lag_max_s": max(real) if real else float("nan"), "vault_missing": len(truth) - len(real),
+            "vault_lag_bytes_max": max((x[1] for x in truth), default=0),
             "drain_s": drained, "ship_returncode": s.returncode, "ship_elapsed_s": s.elapsed_s,
             "cpu_s": s.cpu_s, "cpu_share": s.cpu_share, "written": _tree_bytes(root),
-            "wire_bytes": wire["wire_bytes"], "series": [(round(t, 2), lag) for t, lag, _b in samples],
+            "wire_bytes": wire["wire_bytes"],
+            "series": [(round(t, 2), lag, None if v[0] is None else round(v[0], 3))
+                       for (t, lag, _b), v in zip(samples, truth)],
             "replica_equal": replica_equal(journal, os.path.join(dr.vault, "lag", "journal"))}
 
 
@@ -553,12 +601,17 @@ def render(r: dict[str, Any]) -> list[str]:
                 f"{lag['samples']} samples of `replication_status()` every 200 ms ({lag['missing']} without a "
                 f"figure); {_mb(lag['written'])} written, {lag['wire_bytes']:,} wire bytes; caught up "
                 f"{_secs(lag['drain_s'])} after the writer stopped.\n",
-                "| lag p50 | lag p99 | lag max | max lag bytes | sender CPU |", "|---:|---:|---:|---:|---:|",
-                f"| {lag['lag_p50_s']:.2f} s | {lag['lag_p99_s']:.2f} s | {lag['lag_max_s']:.2f} s | "
-                f"{lag['lag_bytes_max'] or 0:,} | {lag['cpu_share']:.1%} |", "",
-                "| target | result | figure |", "|---|---|---|",
-                f"| lag p99 <= {TARGET_LAG_P99_S:.0f} s | {_pf(lag['lag_p99_s'] <= TARGET_LAG_P99_S)} | "
-                f"{lag['lag_p99_s']:.2f} s |",
+                "| lag, measured from | p50 | p99 | max | max bytes behind |", "|---|---:|---:|---:|---:|",
+                f"| `replication_status()` (the sender's state file, rewritten once a second) | "
+                f"{lag['lag_p50_s']:.2f} s | {lag['lag_p99_s']:.2f} s | {lag['lag_max_s']:.2f} s | "
+                f"{lag['lag_bytes_max'] or 0:,} |",
+                f"| the replica's files (what the DR site holds at the sample) | {lag['vault_lag_p50_s']:.2f} s | "
+                f"{lag['vault_lag_p99_s']:.2f} s | {lag['vault_lag_max_s']:.2f} s | {lag['vault_lag_bytes_max']:,} |",
+                "", "| target | result | figure |", "|---|---|---|",
+                f"| lag p99 <= {TARGET_LAG_P99_S:.0f} s (as `cdpctl status` reports it) | "
+                f"{_pf(lag['lag_p99_s'] <= TARGET_LAG_P99_S)} | {lag['lag_p99_s']:.2f} s |",
+                f"| lag p99 <= {TARGET_LAG_P99_S:.0f} s (at the DR site) | "
+                f"{_pf(lag['vault_lag_p99_s'] <= TARGET_LAG_P99_S)} | {lag['vault_lag_p99_s']:.2f} s |",
                 f"| sender CPU <= {TARGET_CPU:.0%} of one core | {_pf(lag['cpu_share'] <= TARGET_CPU)} | "
                 f"{lag['cpu_s']:.1f} s CPU in {lag['ship_elapsed_s']:.1f} s |",
                 f"| replica byte-equal to the source journal | {_pf(lag['replica_equal'])} | |", ""]
