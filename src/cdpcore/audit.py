@@ -493,6 +493,21 @@ def audited(journal: Journal | str | os.PathLike[str], action: str, arguments: d
 
 def _enter(journal: Journal | str | os.PathLike[str], action: str, arguments: dict[str, Any],
            result: dict[str, Any], ok: bool, anchor: bool, required: bool, anchor_ts: int | None = None) -> None:
+    from cdpcore.vault.replica import access_log, replica_dir_of
+
+    rdir = replica_dir_of(journal.path if isinstance(journal, Journal) else os.fspath(journal))
+    if rdir is not None:
+        # A vault replica's audit.log is the source's, replicated byte for byte:
+        # an entry here would make it diverge. The vault keeps its own log.
+        try:
+            access_log(rdir, {"v": AUDIT_VERSION, "ts": time.time_ns() // 1000, **_who(), "action": action,
+                              "arguments": arguments, "result": result, "ok": bool(ok)})
+        except OSError as e:
+            if required:
+                raise
+            print(f"cdpcore: warning: {action} not entered in the vault's access log: {e.strerror}",
+                  file=sys.stderr)
+        return
     try:
         append(journal, action, arguments, result, ok=ok, anchor=anchor, anchor_ts=anchor_ts)
     except OSError as e:

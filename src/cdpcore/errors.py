@@ -74,9 +74,18 @@ class CaptureError(CdpError):
 
 class ProtocolError(CdpError):
     """The replication peer sent a malformed, oversized or out-of-order
-    frame, or refused ours (docs/protocol.md). The connection is closed."""
+    frame, or refused ours (docs/protocol.md). The connection is closed.
+
+    `code` is the ERROR frame code that tells the peer why: "protocol"
+    (malformed or out of order), "limit" (over an announced limit),
+    "version" (no common protocol version), or the code of an ERROR frame
+    the peer sent."""
 
     exit_code = 20
+
+    def __init__(self, message: str, code: str = "protocol"):
+        super().__init__(message)
+        self.code = code
 
 
 class AuthError(CdpError):

@@ -502,6 +502,10 @@ class Journal:
     @classmethod
     def open(cls, path: str | os.PathLike[str], readonly: bool = False) -> "Journal":
         path = os.path.abspath(os.fspath(path))
+        from cdpcore.vault.replica import replica_journal
+
+        # A vault's source directory (VAULT/NAME) stands for the replica journal inside it.
+        path = replica_journal(path, readonly)
         if not os.path.exists(path):
             raise JournalNotFound(f"{path}: no such journal")
         if not os.path.isdir(path):
@@ -1265,9 +1269,13 @@ class Journal:
         the chain of sequence numbers across segments, and the index files."""
         rep = VerifyReport()
         head_path = os.path.join(self.path, HEAD_NAME)
+        from cdpcore.vault.replica import replica_dir_of
+
         try:
             with open(head_path, "rb") as f:
                 raw = f.read()
+        except FileNotFoundError if replica_dir_of(self.path) else ():
+            raw = b""  # a vault replica has no head: writers' shared state, not replicated
         except OSError as e:
             raw = b""
             rep.problems.append(Problem("damage", f"head file unreadable: {e.strerror}"))

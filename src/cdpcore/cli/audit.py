@@ -67,7 +67,7 @@ def render_verify(doc: Doc) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
-    with open_journal(args.journal, out) as j:
+    with open_journal(args.journal, out, encrypt_key=args.encrypt_key) as j:
         log = audit.AuditLog(j)
         if args.verify:
             report = log.verify()

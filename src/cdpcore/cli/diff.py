@@ -44,7 +44,7 @@ def render(doc: Doc) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
-    with open_journal(args.journal, out) as j:
+    with open_journal(args.journal, out, encrypt_key=args.encrypt_key) as j:
         d = diff(j, args.since, args.until)
         doc = {"journal": j.path, "from": args.since, "to": args.until, **d.to_json()}
     out.result(doc, render)

@@ -38,7 +38,7 @@ def render(doc: Doc) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
-    with open_journal(args.journal, out, report_recovery=False) as j:
+    with open_journal(args.journal, out, encrypt_key=args.encrypt_key, report_recovery=False) as j:
         doc = j.info()
     if doc["damage"]:
         # info still succeeds: it is how one looks at a damaged journal.

@@ -78,7 +78,7 @@ def line(rec: Doc) -> str:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
-    with open_journal(args.journal, out) as j:
+    with open_journal(args.journal, out, encrypt_key=args.encrypt_key) as j:
         records: Iterator[Record] = j.records(since=args.since, until=args.until, path=args.path,
                                               kinds=args.kind)
         if args.limit is not None:

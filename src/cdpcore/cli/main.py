@@ -33,6 +33,8 @@ from cdpcore.cli import (
     restore,
     resync,
     rollback,
+    serve,
+    ship,
     show,
     status,
     timeline,
@@ -42,7 +44,7 @@ from cdpcore.cli.output import PROG, Output, UsageError
 from cdpcore.errors import CdpError, CorruptJournal
 
 COMMANDS: list[ModuleType] = [init, info, log, show, verify, bookmark, points, restore, rollback,
-                              diff, timeline, audit, prune, checkpoint, protect, resync, baseline, pki, status]
+                              diff, timeline, audit, prune, checkpoint, protect, resync, baseline, pki, serve, ship, status]
 
 EXIT_INTERNAL = 1
 EXIT_OSERROR = 10

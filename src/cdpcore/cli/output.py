@@ -40,6 +40,9 @@ def add_command(subparsers: Any, name: str, help: str,
     # subparser's defaults, which would otherwise overwrite it with False.
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="write one JSON document to stdout (errors included)")
+    p.add_argument("--encrypt-key", metavar="FILE", default=None,
+                   help="key file of an encrypted vault replica (JOURNAL = VAULT/NAME): the journal is "
+                        "rebuilt, every chunk checked, in a scratch directory under VAULT/_tmp")
     return p
 
 
@@ -146,10 +149,18 @@ def _dumps(doc: Any, indent: int | None = None) -> str:
 
 @contextmanager
 def open_journal(path: str, out: Output, readonly: bool = True,
-                 report_recovery: bool = True) -> Iterator[Journal]:
+                 report_recovery: bool = True, encrypt_key: str | None = None) -> Iterator[Journal]:
     """Journal.open, with what opening found (a torn tail, a rebuilt head)
     told on stderr: the operator should know even when the command succeeds.
-    Commands that print the notes themselves pass report_recovery=False."""
+    Commands that print the notes themselves pass report_recovery=False.
+    With encrypt_key, path is an encrypted vault replica, materialised first."""
+    if encrypt_key is not None:
+        from cdpcore.vault.sealed import materialized
+
+        with materialized(path, encrypt_key) as jdir:
+            with open_journal(jdir, out, readonly, report_recovery) as j:
+                yield j
+        return
     journal = Journal.open(path, readonly=readonly)
     try:
         if report_recovery:

@@ -10,6 +10,7 @@ from typing import Any
 
 from cdpcore import pki
 from cdpcore.cli.output import Output, UsageError
+from cdpcore.crypto import write_key_file
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -37,10 +38,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         if name == "add":
             q.add_argument("--server", action="store_true",
                            help="also a new server certificate (with --host names)")
+    q = sub.add_parser("key", help="write a new end-to-end encryption key file (ship --encrypt-key)",
+                       description="Write 64 random bytes as one hex line, mode 0600. Refuses to "
+                                   "overwrite: a lost key makes every replica sealed with it unreadable.")
+    q.add_argument("file", metavar="FILE")
+    q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="write one JSON document to stdout (errors included)")
     return p
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
+    if args.pki_command == "key":
+        write_key_file(args.file)
+        out.result({"file": args.file}, lambda d: [f"wrote {d['file']} (keep a copy off this machine)"])
+        return 0
     try:
         if args.pki_command == "init":
             if not args.source:

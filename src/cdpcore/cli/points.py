@@ -32,7 +32,7 @@ def render(doc: Doc) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
-    with open_journal(args.journal, out) as j:
+    with open_journal(args.journal, out, encrypt_key=args.encrypt_key) as j:
         gaps = incomplete_ranges(j)
         pts = [{**p.to_json(), "complete": not any(a <= p.seq < b for a, b in gaps)} for p in j.points()]
     complete_from = gaps[0][1] if gaps and gaps[0][0] == j.first_seq else None

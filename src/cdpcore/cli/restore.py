@@ -77,7 +77,7 @@ def render(doc: Doc) -> Iterator[str]:
 
 def run(args: argparse.Namespace, out: Output) -> int:
     bars = ProgressBars() if ProgressBars.wanted(out) else None
-    with open_journal(args.journal, out) as j:
+    with open_journal(args.journal, out, encrypt_key=args.encrypt_key) as j:
         try:
             result = restore(j, args.dest, at=args.at, consistent=args.consistent, progress=bars)
         finally:

@@ -65,7 +65,7 @@ def render(doc: Doc) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
-    with open_journal(args.journal, out) as j:
+    with open_journal(args.journal, out, encrypt_key=args.encrypt_key) as j:
         rec = j.record(args.seq)
     # to_json() leaves out the fields a reader of `log` has no use for;
     # show is where every field of the record is visible.

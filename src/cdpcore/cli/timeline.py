@@ -82,7 +82,7 @@ def chart(doc: Doc) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
-    with open_journal(args.journal, out) as j:
+    with open_journal(args.journal, out, encrypt_key=args.encrypt_key) as j:
         t = timeline(j, bucket=args.bucket, since=args.since, until=args.until)
     doc = t.to_json()
     if args.png:

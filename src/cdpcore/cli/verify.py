@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
             raise UsageError("--timeout must be positive")
         return run_check(args, out)
     try:
-        with open_journal(args.journal, out, report_recovery=False) as j:
+        with open_journal(args.journal, out, encrypt_key=args.encrypt_key, report_recovery=False) as j:
             report, path, recovery = j.verify(), j.path, j.recovery
     except CorruptJournal as e:
         # Damage that stops even a read-only open is still a verify finding
@@ -172,7 +172,7 @@ def run_check(args: argparse.Namespace, out: Output) -> int:
     arguments: Doc = {"at": at, "command": args.check}
     if args.timeout is not None:
         arguments["timeout"] = args.timeout
-    with open_journal(args.journal, out) as j:
+    with open_journal(args.journal, out, encrypt_key=args.encrypt_key) as j:
         try:
             doc = restore_check(j, at, args.check, args.timeout, args.scratch)
         except BaseException as e:

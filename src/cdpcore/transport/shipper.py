@@ -1,0 +1,630 @@
+"""shipper: the sender's loop (`cdpctl ship`).
+
+Theory of operation
+-------------------
+`Shipper.run()` connects, runs one *session* until it ends, and on any
+network failure reconnects after a backoff delay (transport/rate.py) and
+starts a new session from the position the receiver's WELCOME carries:
+the receiver's durable position is the only truth about what it holds, so
+resuming from it ships nothing twice that matters (a resend of bytes it
+holds is recognised as such) and loses nothing (only ACKed bytes are
+durable, and the feed re-plans from them).
+
+A session has three tasks:
+
+* the *writer* takes feed items in order, packs runs (record-aware chunks,
+  packing.py), sends one OFFER per pack with the chunk ids it does not
+  know the vault holds, and goes on packing the next items while the HAVE
+  is on its way (up to the receiver's `offers` limit); each pack's DATA is
+  sent, in order, once its HAVE is in. DATA bodies go through the
+  connection's streamed compressor (codec.py) and the token bucket
+  (``--rate``), and only while the unacknowledged DATA bytes stay within
+  the receiver's `inflight` limit.
+* the *reader* handles HAVE, ACK (the vault's durable acknowledgement:
+  the acked position, lag and throughput follow from these), NEED (chunks
+  the vault lost meanwhile: that frame is re-encoded with them as
+  literals and resent), PING/PONG, ERROR and BYE.
+* the *watchdog* sends PING when the link has been quiet and ends the
+  session when nothing at all arrived for the idle limit (a dead peer
+  behind a WAN cut sends no reset).
+
+Without ``follow`` the session ends, once everything present at the start
+(and since) is acknowledged, with BYE both ways; with ``follow`` the
+writer polls the feed every 50 ms until `stop()` (SIGINT/SIGTERM), then
+waits briefly for outstanding ACKs and says BYE.
+
+Errors that retrying cannot fix end the run at once: a refused certificate
+(AuthError), a journal UUID the vault binds to another source (VaultError),
+a protocol error from either side (ProtocolError). Network failures are
+retried; without ``follow`` `give_up` seconds without progress end the run
+with LinkError.
+"""
+from __future__ import annotations
+
+import os
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from cdpcore import packing
+from cdpcore.codec import LADDER, AdaptiveLevel, Compressor
+from cdpcore.crypto import Keys
+from cdpcore.errors import AuthError, CdpError, KeyFileError, LinkError, ProtocolError, VaultError
+from cdpcore.feed import BaseItem, EntryItem, Feed, FileItem, Item, Position, PruneItem, RunItem, SealItem, SegmentItem
+from cdpcore.point import format_us
+from cdpcore.protocol import ShipConnection
+from cdpcore.protocol import frames as F
+from cdpcore.replication import SENDER_STATE, now_us, read_state, write_state
+from cdpcore.transport import tls
+from cdpcore.transport.errors import first_cause
+from cdpcore.transport.rate import Backoff, TokenBucket
+
+DEFAULT_GIVE_UP = 300.0  # seconds without progress before `ship` (without --follow) fails
+DEFAULT_CONNECT_TIMEOUT = 15.0
+DEFAULT_PING_AFTER = 10.0
+DEFAULT_IDLE_LIMIT = 30.0
+POLL_INTERVAL = 0.05  # --follow: how often the feed is asked for news
+STATE_INTERVAL = 1.0
+STOP_GRACE = 10.0  # seconds a stopping sender waits for outstanding ACKs
+KNOWN_IDS_CAP = 1 << 20  # chunk ids remembered per connection (32 MiB of ids at most)
+RECEIVE_SIZE = 256 * 1024
+AGENT = "cdpcore ship"
+
+StreamOpener = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+class _Fatal(Exception):
+    """Wraps an error that reconnecting cannot fix."""
+
+    def __init__(self, error: CdpError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class ShipResult:
+    acked_seq: int
+    wire_bytes: int
+    raw_bytes: int
+    connections: int
+    state: str
+
+
+@dataclass
+class _Pending:
+    """One item on its way: its frame(s) are sent in order."""
+
+    item: Item
+    pack: packing.Pack | None = None
+    req: int | None = None
+    offered: tuple[bytes, ...] = ()
+    have: trio.Event | None = None
+    held: set[bytes] = field(default_factory=set)
+
+
+@dataclass
+class _Unacked:
+    target: int | str
+    off: int
+    end: int
+    wire: int
+    last_seq: int | None
+    last_ts: int | None
+    pack: packing.Pack
+    item: RunItem | FileItem
+
+
+class Shipper:
+    def __init__(self, journal: str | os.PathLike[str], host: str, port: int,
+                 ssl_context: ssl.SSLContext, *, rate: float | None = None, follow: bool = False,
+                 keys: Keys | None = None, domain: str | None = None, give_up: float = DEFAULT_GIVE_UP,
+                 open_stream: StreamOpener | None = None, backoff: Backoff | None = None,
+                 ping_after: float = DEFAULT_PING_AFTER, idle_limit: float = DEFAULT_IDLE_LIMIT,
+                 state_file: bool = True, log: Callable[[str], None] | None = None,
+                 inline_io: bool = False) -> None:
+        self.journal = os.path.abspath(os.fspath(journal))
+        self.host, self.port = host, port
+        self.ssl_context = ssl_context
+        self.follow = follow
+        self.keys = keys
+        self.domain = domain
+        self.give_up = give_up
+        self.bucket = TokenBucket(rate)
+        self.backoff = backoff or Backoff()
+        self.ping_after, self.idle_limit = ping_after, idle_limit
+        self._open_stream = open_stream
+        # Tests under trio's MockClock run file work and compression inline:
+        # a task waiting on a worker thread counts as idle there, and the
+        # clock would jump to the next timeout meanwhile.
+        self.inline_io = inline_io
+        self._log = log
+        self.state_file = state_file
+        self.feed = Feed(self.journal)
+        self.level = AdaptiveLevel()
+        self._stop = trio.Event()
+        self.stats: dict[str, Any] = {
+            "target": f"{host}:{port}", "source": None, "state": "starting", "acked_seq": 0,
+            "acked_ts": None, "acked_time": None, "acked_segments": {}, "wire_bytes": 0, "raw_bytes": 0,
+            "dedupe_hits": 0, "dedupe_bytes": 0, "connections": 0, "last_error": None, "level": None,
+            "codec": None, "throughput": None, "lag_bytes": None, "lag_seconds": None, "pid": os.getpid()}
+        self._acked = Position()  # the receiver's durable position as we know it
+        prev = read_state(os.path.join(self.journal, SENDER_STATE))
+        if prev and prev.get("target") == self.stats["target"] and isinstance(prev.get("acked_seq"), int):
+            # acks are durable: what the vault acknowledged before still holds
+            for k in ("acked_seq", "acked_ts", "acked_time"):
+                self.stats[k] = prev.get(k)
+        self._state_written = -1e9
+        self._progress = time.monotonic()
+
+    # ---- public ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish cleanly: no new items, wait for outstanding ACKs, BYE."""
+        self._stop.set()
+
+    async def run(self) -> ShipResult:
+        """Ship until caught up (or, with follow, until stop()); raises
+        AuthError, VaultError, ProtocolError, KeyFileError or LinkError."""
+        try:
+            while True:
+                try:
+                    done = await self._session()
+                except _Fatal as e:
+                    self._set(state="failed", last_error=str(e.error))
+                    raise e.error from None
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                        LinkError) as e:
+                    self._set(state="backoff", last_error=_describe(e))
+                    self.log(f"connection lost: {_describe(e)}")
+                else:
+                    if done:
+                        self._set(state="stopped" if self.follow else "caught-up")
+                        return ShipResult(int(self.stats["acked_seq"]), self.stats["wire_bytes"],
+                                          self.stats["raw_bytes"], self.stats["connections"], self.stats["state"])
+                if self._stop.is_set():
+                    self._set(state="stopped")
+                    return ShipResult(int(self.stats["acked_seq"]), self.stats["wire_bytes"],
+                                      self.stats["raw_bytes"], self.stats["connections"], "stopped")
+                if not self.follow and time.monotonic() - self._progress > self.give_up:
+                    err = LinkError(f"no progress for {self.give_up:g} s shipping to {self.host}:{self.port}: "
+                                    f"{self.stats['last_error']}")
+                    self._set(state="failed", last_error=str(err))
+                    raise err
+                delay = self.backoff.failed(trio.current_time())
+                self.log(f"reconnecting in {delay:.1f} s")
+                with trio.move_on_after(delay):
+                    await self._stop.wait()
+        finally:
+            self._write_state(force=True)
+            self.feed.close()
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    async def sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking work (file reads, packing, compression) off the trio thread."""
+        if self.inline_io:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
+
+    def log(self, message: str) -> None:
+        if self._log is not None:
+            self._log(message)
+
+    def _set(self, **kw: Any) -> None:
+        self.stats.update(kw)
+        self._write_state(force=True)
+
+    def _write_state(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.state_file or (not force and now - self._state_written < STATE_INTERVAL):
+            return
+        self._state_written = now
+        try:
+            nbytes, oldest = self.feed.backlog(self._acked)
+        except (CdpError, OSError):
+            nbytes, oldest = None, None
+        wire, raw = self.stats["wire_bytes"], self.stats["raw_bytes"]
+        self.stats.update(
+            lag_bytes=nbytes,
+            lag_seconds=None if nbytes is None else (0.0 if not nbytes or oldest is None
+                                                     else round(max(0.0, (now_us() - oldest) / 1e6), 3)),
+            compression_ratio=round(raw / wire, 3) if wire else None,
+            acked_segments={str(k): v[1] for k, v in self._acked.segments.items()},
+            updated=format_us(now_us()))
+        try:
+            write_state(os.path.join(self.journal, SENDER_STATE), self.stats)
+        except OSError:
+            pass  # statistics never stop replication (a read-only journal still ships)
+
+    async def _connect(self) -> trio.SSLStream[trio.abc.Stream]:
+        with trio.fail_after(DEFAULT_CONNECT_TIMEOUT):
+            if self._open_stream is not None:
+                raw = await self._open_stream()
+            else:
+                raw = await trio.open_tcp_stream(self.host, self.port)
+        stream = trio.SSLStream(raw, self.ssl_context, server_hostname=self.host)
+        try:
+            await tls.handshake(stream, tls.DEFAULT_HANDSHAKE_TIMEOUT, "the server")
+        except AuthError as e:
+            await trio.aclose_forcefully(stream)
+            raise _Fatal(e) from None
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    async def _session(self) -> bool:
+        self._set(state="connecting")
+        stream = await self._connect()
+        try:
+            session = _Session(self, stream)
+            return await session.run()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+
+def _describe(e: BaseException) -> str:
+    seen: BaseException | None = e
+    while seen is not None:
+        text = str(seen)
+        if text:
+            return text.splitlines()[0]
+        seen = seen.__cause__ or seen.__context__
+    return type(e).__name__
+
+
+def _crc(header: bytes) -> int:
+    return int.from_bytes(header[60:64], "little")
+
+
+class _Session:
+    """One connection's work (module docstring)."""
+
+    def __init__(self, shipper: Shipper, stream: trio.SSLStream[trio.abc.Stream]) -> None:
+        self.s = shipper
+        self.stream = stream
+        # The protocol's books (state, targets, in-flight window, offers),
+        # kept in step with the receiver's: every frame in and out goes through it.
+        self.conn = ShipConnection()
+        self.send_lock = trio.Lock()
+        self.compressor: Compressor | None = None
+        self.limits = F.Limits()
+        self.key: bytes | None = None
+        self.known: set[bytes] = set()
+        self.offers: dict[int, _Pending] = {}
+        self.next_req = 1
+        self.unacked: deque[_Unacked] = deque()
+        self.acked_changed = trio.Event()
+        self.bye = trio.Event()
+        self.last_received = trio.current_time()
+        self.last_sent = trio.current_time()
+        self.ping_n = 0
+        self.seg_crc: dict[int, int] = {}
+        self.ack_clock: tuple[float, int] | None = None  # (time, wire bytes acked) of the last sample
+        self.wire_acked = 0
+
+    # ---- I/O ------------------------------------------------------------------------------
+
+    async def send(self, frame: F.Frame, paced: bool = False) -> int:
+        if paced:
+            await self.s.bucket.take(frame.wire_size() if isinstance(frame, F.Data) else 64)
+        async with self.send_lock:
+            # Booked in the order the bytes go out: the books must see what the peer sees.
+            data = self.conn.send(frame)
+            await self.stream.send_all(data)
+        self.last_sent = trio.current_time()
+        self.s.stats["wire_bytes"] += len(data)
+        return len(data)
+
+    async def receive(self) -> list[F.Frame]:
+        data = await self.stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            raise trio.BrokenResourceError("the receiver closed the connection")
+        self.last_received = trio.current_time()
+        return self.conn.receive_data(data)
+
+    def peer_error(self, frame: F.Error) -> CdpError:
+        msg = f"the receiver refused: {frame.message}"
+        if frame.code == "auth":
+            return AuthError(msg)
+        if frame.code in ("uuid", "storage"):
+            return VaultError(msg)
+        return ProtocolError(msg, frame.code)
+
+    # ---- the session --------------------------------------------------------------------
+
+    async def run(self) -> bool:
+        s = self.s
+        try:
+            await self.send(F.Hello(versions=F.SUPPORTED_VERSIONS, uuid=s.feed.uuid,
+                                    encrypted=s.keys is not None, domain=s.domain, agent=AGENT))
+            welcome = await self.welcome()
+        except ProtocolError as e:
+            raise _Fatal(e) from None
+        except trio.BrokenResourceError as e:
+            err = tls.auth_failure(e, "the server")
+            if err is not None:
+                raise _Fatal(err) from None
+            raise
+        s.backoff.connected(trio.current_time())
+        s.stats["connections"] += 1
+        self.limits = welcome.limits
+        self.key = welcome.dedupe_key
+        if s.keys is None and self.key is None:
+            raise _Fatal(ProtocolError("the receiver sent no dedupe key for an unencrypted source"))
+        rung = s.level.rung
+        self.compressor = Compressor(rung.codec if s.keys is None else "none", max(rung.level, 1),
+                                     window_log=min(self.limits.window_log, 31))
+        pos = welcome.position
+        s._acked = Position.parse(pos._wire())
+        self.seg_crc = {p.seg: p.header_crc for p in pos.segments}
+        s.stats["source"] = welcome.source
+        s.log(f"connected to {s.host}:{s.port} as source {welcome.source}")
+        s._set(state="connected", last_error=None)
+        items = s.feed.plan(pos._wire())
+        try:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.reader)
+                    nursery.start_soon(self.watchdog)
+                    finished = await self.writer(items)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as eg:
+                raise first_cause(eg) from None
+        except ProtocolError as e:
+            with trio.move_on_after(2):
+                try:
+                    await self.send(F.Error.about(e))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+                    pass
+            raise _Fatal(e) from None
+        except (VaultError, AuthError, KeyFileError) as e:
+            raise _Fatal(e) from None
+        return finished
+
+    async def welcome(self) -> F.Welcome:
+        with trio.fail_after(self.s.idle_limit):
+            while True:
+                frames = await self.receive()
+                if not frames:
+                    continue
+                f = frames[0]
+                if isinstance(f, F.Error):
+                    raise _Fatal(self.peer_error(f))
+                assert isinstance(f, F.Welcome)  # the books allow nothing else first
+                return f
+
+    async def watchdog(self) -> None:
+        while True:
+            now = trio.current_time()
+            if now - self.last_received >= self.s.idle_limit:
+                raise trio.TooSlowError(f"nothing from the receiver for {self.s.idle_limit:g} s")
+            if now - max(self.last_received, self.last_sent) >= self.s.ping_after:
+                self.ping_n += 1
+                await self.send(F.Ping(n=self.ping_n))
+            quiet = max(self.last_received, self.last_sent)
+            await trio.sleep(max(0.01, min(quiet + self.s.ping_after, self.last_received + self.s.idle_limit)
+                                 - trio.current_time()))
+            self.s._write_state()
+
+    async def reader(self) -> None:
+        while True:
+            for f in await self.receive():
+                if isinstance(f, F.Ack):
+                    self.on_ack(f)
+                elif isinstance(f, F.Have):
+                    p = self.offers.pop(f.req)  # the books checked that it is outstanding
+                    assert p.have is not None
+                    p.held = {cid for i, cid in enumerate(p.offered) if f.held(i)}
+                    self.known.update(p.held)
+                    self.s.stats["dedupe_hits"] += len(p.held)
+                    p.have.set()
+                elif isinstance(f, F.Need):
+                    await self.on_need(f)
+                elif isinstance(f, F.Ping):
+                    await self.send(F.Pong(n=f.n))
+                elif isinstance(f, F.Pong):
+                    pass
+                elif isinstance(f, F.Bye):
+                    self.bye.set()
+                    return
+                elif isinstance(f, F.Error):
+                    err = self.peer_error(f)
+                    if f.code in ("internal", "storage"):
+                        # the vault's trouble may pass (a full disk freed): retry
+                        raise LinkError(str(err))
+                    raise err
+                else:
+                    raise ProtocolError(f"{f.T} frame is not expected from a receiver")
+
+    def on_ack(self, f: F.Ack) -> None:
+        s = self.s
+        target: int | str = f.seg if f.seg is not None else f.file  # type: ignore[assignment]
+        if f.seg is not None:
+            crc = self.seg_crc.get(f.seg)
+            if crc is None:
+                raise ProtocolError(f"ack for segment {f.seg:016x}, which this connection never opened")
+            old = s._acked.segments.get(f.seg)
+            s._acked.segments[f.seg] = (crc, f.size, bool(old and old[0] == crc and old[2]))
+            if f.last_seq is not None and f.last_seq > s.stats["acked_seq"]:
+                s.stats["acked_seq"] = f.last_seq
+        else:
+            s._acked.files[str(f.file)] = f.size
+        freed = 0
+        keep: deque[_Unacked] = deque()
+        for u in self.unacked:
+            if u.target == target and u.end <= f.size:
+                freed += u.wire
+                if u.last_ts is not None:
+                    s.stats["acked_ts"] = u.last_ts
+                    s.stats["acked_time"] = format_us(u.last_ts)
+            else:
+                keep.append(u)
+        self.unacked = keep
+        self.wire_acked += freed
+        now = trio.current_time()
+        if self.ack_clock is None:
+            self.ack_clock = (now, self.wire_acked)
+        elif now - self.ack_clock[0] >= 0.5:
+            dt, db = now - self.ack_clock[0], self.wire_acked - self.ack_clock[1]
+            s.level.observe_link(db, dt)
+            s.stats["throughput"] = round(db / dt, 1)
+            self.ack_clock = (now, self.wire_acked)
+        s._progress = time.monotonic()
+        self.acked_changed.set()
+        self.acked_changed = trio.Event()
+        s._write_state()
+
+    async def on_need(self, f: F.Need) -> None:
+        target: int | str = f.seg if f.seg is not None else f.file  # type: ignore[assignment]
+        for u in self.unacked:
+            if u.target == target and u.off == f.off:
+                self.known.difference_update(f.ids)
+                body = u.pack.encode(frozenset(), resend=frozenset(f.ids))
+                await self.send_data(u.item, body, u.pack, resend=u)
+                return
+        raise ProtocolError(f"need for {target!r} at offset {f.off}, which is not an unacknowledged frame")
+
+    # ---- the writer ------------------------------------------------------------------
+
+    async def next_item(self, items: Iterator[Item]) -> Item | None:
+        return await self.s.sync(next, items, None)
+
+    async def writer(self, items: Iterator[Item]) -> bool:
+        s = self.s
+        queue: deque[_Pending] = deque()
+        exhausted = False
+        while True:
+            # Fill the pipeline: pack ahead and offer while HAVEs are on their way.
+            while not exhausted and len(queue) < 2 * self.limits.offers + 2 and \
+                    self.conn.can_offer() and not s._stop.is_set():
+                item = await self.next_item(items)
+                if item is None:
+                    exhausted = True
+                    break
+                queue.append(await self.prepare(item))
+                if queue[-1].req is None and len(queue) == 1:
+                    break  # nothing to wait for: send it now
+            if queue:
+                await self.emit(queue.popleft())
+                continue
+            # Nothing queued: caught up with what the feed had.
+            if s._stop.is_set():
+                return await self.finish(grace=STOP_GRACE)
+            if await s.sync(s.feed.poll):
+                items, exhausted = s.feed.items(), False
+                continue
+            if not s.follow:
+                return await self.finish(grace=None)
+            s._write_state()
+            with trio.move_on_after(POLL_INTERVAL):
+                await s._stop.wait()
+
+    async def finish(self, grace: float | None) -> bool:
+        """Wait for every DATA frame's ACK, then BYE both ways."""
+        with trio.move_on_after(grace if grace is not None else float("inf")):
+            while self.unacked:
+                await self.acked_changed.wait()
+        if self.unacked:
+            return True  # stopping: the rest is resent by the next run
+        await self.send(F.Bye())
+        with trio.fail_after(self.s.idle_limit):
+            await self.bye.wait()
+        return True
+
+    async def prepare(self, item: Item) -> _Pending:
+        """Pack a data item and send its OFFER; other items pass through."""
+        if not isinstance(item, (RunItem, FileItem)):
+            return _Pending(item)
+        s = self.s
+        records = isinstance(item, RunItem)
+        key = self.key or b""
+        known = self.known
+        pk = await s.sync(lambda: packing.pack(item.buf, key, known.__contains__, s.keys, records=records))
+        p = _Pending(item, pk)
+        ids = tuple(pk.ids[:self.limits.offer_ids])
+        if ids:
+            p.req, p.offered, p.have = self.next_req, ids, trio.Event()
+            self.next_req += 1
+            self.offers[p.req] = p
+            await self.send(F.Offer(req=p.req, ids=ids))
+        return p
+
+    async def drain(self) -> None:
+        """Wait until every DATA frame sent is acknowledged (PRUNE, and
+        reopening a segment to replace it, need an empty window)."""
+        while self.unacked:
+            await self.acked_changed.wait()
+
+    async def emit(self, p: _Pending) -> None:
+        item = p.item
+        if p.have is not None:
+            await p.have.wait()
+        if isinstance(item, PruneItem) or (isinstance(item, SegmentItem) and item.replace):
+            await self.drain()
+        if isinstance(item, SegmentItem):
+            self.seg_crc[item.seg] = _crc(item.header)
+            await self.send(F.Segment(seg=item.seg, header=item.header, replace=item.replace))
+        elif isinstance(item, SealItem):
+            await self.send(F.Seal(seg=item.seg, size=item.size))
+        elif isinstance(item, EntryItem):
+            await self.send(F.File(file=item.path, size=item.size, mode=item.mode, mtime_us=item.mtime_us,
+                                   kind=item.kind, target=item.target))
+        elif isinstance(item, BaseItem):
+            await self.send(F.Base(name=item.name))
+        elif isinstance(item, PruneItem):
+            for seg, crc, _size in item.segments:
+                self.seg_crc[seg] = crc
+            await self.send(F.Prune(segments=tuple(F.PruneSeg(*x) for x in item.segments),
+                                    bases=tuple(item.bases)))
+        else:
+            assert p.pack is not None and isinstance(item, (RunItem, FileItem))
+            pk = p.pack
+            body = await self.s.sync(pk.encode, p.held)
+            hits = [c for c in pk.all_ids if c in p.held or c in pk.known]
+            self.s.stats["dedupe_bytes"] += sum(b.end - b.start for b in pk.pieces
+                                                 if b.id is not None and b.id in p.held)
+            del hits
+            await self.send_data(item, body, pk)
+            if len(self.known) > KNOWN_IDS_CAP:
+                self.known.clear()
+            self.known.update(pk.all_ids)  # the vault holds them once this frame is applied
+
+    async def send_data(self, item: RunItem | FileItem, body: bytes, pk: packing.Pack,
+                        resend: _Unacked | None = None) -> None:
+        s = self.s
+        assert self.compressor is not None
+        if s.keys is None:
+            rung = s.level.choose()
+            self.compressor.set_level(rung.codec, max(rung.level, 1))
+        t0 = time.thread_time()
+        comp = await s.sync(self.compressor.compress, body)
+        s.level.observe_compression(LADDER.index(s.level.rung) if s.keys is None else 0, comp.raw,
+                                    len(comp.body), time.thread_time() - t0)
+        s.stats["codec"], s.stats["level"] = comp.codec, comp.level
+        if isinstance(item, RunItem):
+            frame = F.Data(seg=item.seg, off=item.off, end=item.end, first_seq=item.first_seq,
+                           last_seq=item.last_seq, last_ts=item.last_ts, codec=comp.codec, level=comp.level,
+                           reset=comp.reset, raw=comp.raw, body=comp.body)
+            target: int | str = item.seg
+        else:
+            frame = F.Data(file=item.path, off=item.off, end=item.end, codec=comp.codec, level=comp.level,
+                           reset=comp.reset, raw=comp.raw, body=comp.body)
+            target = item.path
+        size = frame.wire_size()
+        while self.conn.inflight_bytes and not self.conn.can_send(size):
+            await self.acked_changed.wait()
+        n = await self.send(frame, paced=True)
+        if resend is not None:
+            resend.wire = n
+        else:
+            self.unacked.append(_Unacked(target, item.off, item.end, n,
+                                         item.last_seq if isinstance(item, RunItem) else None,
+                                         item.last_ts if isinstance(item, RunItem) else None, pk, item))
+            s.stats["raw_bytes"] += item.end - item.off

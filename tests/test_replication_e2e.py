@@ -1,0 +1,323 @@
+"""Replication end to end, in process: `Server` and `Shipper` over real TLS
+(certificates from cdpcore.pki) on real loopback sockets, or over the WAN
+emulator; the replica compared with the source byte for byte and by
+restores at random points; cuts at random byte offsets; the source/vault
+binding rules; refused certificates; --follow with a writer appending."""
+from __future__ import annotations
+
+import filecmp
+import os
+import random
+import tempfile
+import uuid as uuidlib
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+import cdpcore
+from cdpcore import Journal, pki
+from cdpcore.errors import AuthError, LinkError, VaultError
+from cdpcore.replication import replication_status, vault_status
+from cdpcore.testing import Link, LinkProxy, memory_link_pair
+from cdpcore.transport import tls
+from cdpcore.transport.rate import Backoff
+from cdpcore.transport.server import Server, ServerConfig
+from cdpcore.transport.shipper import Shipper
+from cdpcore.vault import Vault
+from conftest import scale
+
+SEGMENT = 32 * 1024
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    pki.init(d, ["A", "B", "rev"])
+    return d
+
+
+@pytest.fixture(scope="module")
+def stranger(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second CA with its own "A": must be refused everywhere."""
+    d = tmp_path_factory.mktemp("pki2")
+    pki.init(d, ["A"])
+    return d
+
+
+def make_journal(path: Path, records: int, seed: int = 1) -> Path:
+    """A journal over several small segments: writes of many sizes (some
+    repeated, so that dedupe has something to find), creates, renames,
+    truncates and flushes."""
+    root = path.parent / (path.name + "-root")
+    root.mkdir()
+    rng = random.Random(seed)
+    page = bytes(rng.randrange(256) for _ in range(4096))
+    with Journal.create(path, root, segment_size=SEGMENT, base=False) as j:
+        extend(j, records, rng, page)
+    return path
+
+
+def extend(j: Journal, records: int, rng: random.Random, page: bytes = b"p" * 4096) -> None:
+    for i in range(records):
+        name = f"f{rng.randrange(5)}"
+        r = rng.random()
+        if r < 0.6:
+            data = page if rng.random() < 0.3 else rng.randbytes(rng.choice([10, 700, 4096, 9000]))
+            j.append_write(name, rng.randrange(1 << 16), data)
+        elif r < 0.7:
+            j.append_truncate(name, rng.randrange(1 << 16))
+        elif r < 0.8:
+            j.append_flush()
+        elif r < 0.9:
+            j.append_create(f"d{i}")
+        else:
+            j.append_rename(name, f"g{i}")
+
+
+def server_cfg(certs: Path, **kw: object) -> ServerConfig:
+    return ServerConfig(tls.server_context(certs / "server.pem", certs / "server.key", certs / "ca.pem"), **kw)  # type: ignore[arg-type]
+
+
+def client_ctx(certs: Path, name: str = "A", ca: Path | None = None):  # type: ignore[no-untyped-def]
+    return tls.client_context(certs / f"{name}.pem", certs / f"{name}.key", ca or certs / "ca.pem")
+
+
+def fast_backoff() -> Backoff:
+    return Backoff(initial=0.001, cap=0.01, rng=random.Random(0))
+
+
+def assert_replica_equals(src: Path, vault: Path, name: str = "A", points: int = 4) -> None:
+    """Every source segment byte-equal in the replica, and restores at random
+    points (and the latest) of both byte-for-byte equal."""
+    rep = vault / name / "journal"
+    segs = sorted(p.name for p in (src / "segments").glob("*.seg"))
+    assert segs == sorted(p.name for p in (rep / "segments").glob("*.seg"))
+    for s in segs:
+        assert filecmp.cmp(src / "segments" / s, rep / "segments" / s, shallow=False), s
+    with Journal.open(src, readonly=True) as j:
+        last = j.last_seq
+    rng = random.Random(last)
+    for k, at in enumerate(["latest"] + [f"seq:{rng.randrange(1, last + 1)}" for _ in range(points)]):
+        scratch = Path(tempfile.mkdtemp(dir=src.parent))
+        out_src, out_rep = scratch / "src", scratch / "replica"
+        cdpcore.restore(str(src), out_src, at=at, audit=False)
+        cdpcore.restore(str(vault / name), out_rep, at=at, audit=False)
+        assert _tree(out_src) == _tree(out_rep), at
+
+
+def _tree(top: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(top)): p.read_bytes() for p in sorted(top.rglob("*")) if p.is_file()}
+
+
+async def run_ship(journal: Path, port: int, ctx, **kw: object):  # type: ignore[no-untyped-def]
+    kw.setdefault("backoff", fast_backoff())
+    return await Shipper(journal, "127.0.0.1", port, ctx, **kw).run()  # type: ignore[arg-type]
+
+
+# ---- the straight path --------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_ship_then_replica_equals_source_and_restores_equal(fast_tmp: Path, certs: Path) -> None:
+    src = make_journal(fast_tmp / "j", scale(400, 3000))
+    vault = Vault(fast_tmp / "vault", create=True)
+    server = Server(vault, server_cfg(certs))
+    async with trio.open_nursery() as n:
+        port = await n.start(server.serve, "127.0.0.1", 0)
+        result = await run_ship(src, port, client_ctx(certs))
+        with Journal.open(src, readonly=True) as j:
+            assert result.acked_seq == j.last_seq and result.state == "caught-up"
+        assert result.wire_bytes < result.raw_bytes  # compressed and deduped
+        # a second run finds nothing to do and says so quickly
+        again = await run_ship(src, port, client_ctx(certs))
+        assert again.raw_bytes <= 1024 and again.acked_seq == result.acked_seq
+        n.cancel_scope.cancel()
+    vault.close()
+    assert_replica_equals(src, fast_tmp / "vault")
+    st = replication_status(src)
+    assert st["lag_bytes"] == 0 and st["lag_seconds"] == 0 and st["state"] == "caught-up"
+    vs = vault_status(fast_tmp / "vault")
+    assert [s["source"] for s in vs["sources"]] == ["A"] and vs["sources"][0]["last_seq"] == result.acked_seq
+
+
+@pytest.mark.trio
+async def test_appending_after_a_ship_ships_only_the_rest(fast_tmp: Path, certs: Path) -> None:
+    src = make_journal(fast_tmp / "j", 300)
+    vault = Vault(fast_tmp / "vault", create=True)
+    async with trio.open_nursery() as n:
+        port = await n.start(Server(vault, server_cfg(certs)).serve, "127.0.0.1", 0)
+        first = await run_ship(src, port, client_ctx(certs))
+        with Journal.open(src) as j:
+            extend(j, 200, random.Random(5))
+        second = await run_ship(src, port, client_ctx(certs))
+        assert second.acked_seq > first.acked_seq
+        assert second.raw_bytes < first.raw_bytes  # only the new part (and journal.json)
+        n.cancel_scope.cancel()
+    vault.close()
+    assert_replica_equals(src, fast_tmp / "vault")
+
+
+# ---- cuts -------------------------------------------------------------------------------
+
+
+async def _ship_through_cuts(tmp: Path, certs: Path, offsets: list[int]) -> tuple[int, int]:
+    """Ship through a proxy that cuts connection i after offsets[i] bytes
+    (in the direction given by the sign: >0 client->server, <0 back)."""
+    src = make_journal(tmp / "j", 250, seed=len(offsets))
+    vault = Vault(tmp / "vault", create=True)
+    async with trio.open_nursery() as n:
+        port = await n.start(Server(vault, server_cfg(certs)).serve, "127.0.0.1", 0)
+        cut = iter(offsets)
+
+        class Cutting(LinkProxy):
+            """Each new connection gets the next drop point."""
+
+            async def _handle(self, client: trio.SocketStream) -> None:  # type: ignore[override]
+                off = next(cut, None)
+                self.up = Link(drop_after=off if off and off > 0 else None)
+                self.down = Link(drop_after=-off if off and off < 0 else None)
+                await super()._handle(client)
+
+        proxy = Cutting("127.0.0.1", port, Link())
+        pport = await n.start(proxy.run)
+        result = await run_ship(src, pport, client_ctx(certs), give_up=60)
+        n.cancel_scope.cancel()
+    vault.close()
+    assert_replica_equals(src, tmp / "vault", points=1)
+    return result.connections, len(proxy.connections)
+
+
+@pytest.mark.trio
+async def test_cut_at_random_byte_offsets_then_resume_loses_nothing(fast_tmp: Path, certs: Path) -> None:
+    rng = random.Random(42)
+    n = scale(12, 100)
+    # both directions, early (inside TLS and the handshake) and late
+    offsets = [rng.choice([1, -1]) * rng.randrange(1, 60_000) for _ in range(n)]
+    offsets[:4] = [5, -5, 700, -2000]
+    connections, proxied = await _ship_through_cuts(fast_tmp, certs, offsets)
+    # the small cuts always hit (a cut past what is left to send does not)
+    assert proxied >= 5 and connections <= proxied
+
+
+@pytest.mark.trio
+async def test_emulated_wan_10mbit_50ms_under_mock_clock(fast_tmp: Path, certs: Path) -> None:
+    """10 Mbit/s, 50 ms each way, with drops: virtual time, so it runs in
+    milliseconds; the time taken is what the link allows."""
+    src = make_journal(fast_tmp / "j", 400)
+    vault = Vault(fast_tmp / "vault", create=True)
+    server = Server(vault, server_cfg(certs, inline_io=True, log=open(os.devnull, "w")))
+    drops = iter([30_000, 80_000, None])
+
+    async def open_stream() -> trio.abc.Stream:
+        d = next(drops, None)
+        client, far = memory_link_pair(Link(bandwidth=10e6, latency=0.05, drop_after=d),
+                                       Link(bandwidth=10e6, latency=0.05))
+        nursery.start_soon(server.handle, far)
+        return client
+
+    async with trio.open_nursery() as nursery:
+        start = trio.current_time()
+        sh = Shipper(src, "localhost", 1, client_ctx(certs), open_stream=open_stream, backoff=fast_backoff(),
+                     inline_io=True)
+        result = await sh.run()
+        elapsed = trio.current_time() - start
+    vault.close()
+    assert result.connections == 3
+    # at least the bytes on the wire at 10 Mbit/s, plus round trips
+    assert elapsed >= result.wire_bytes * 8 / 10e6
+    assert_replica_equals(src, fast_tmp / "vault", points=1)
+
+
+# ---- binding and authorisation --------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_source_is_the_certificate_and_bound_to_its_journal(fast_tmp: Path, certs: Path) -> None:
+    a = make_journal(fast_tmp / "a", 100, seed=1)
+    b = make_journal(fast_tmp / "b", 100, seed=2)
+    vault = Vault(fast_tmp / "vault", create=True)
+    async with trio.open_nursery() as n:
+        port = await n.start(Server(vault, server_cfg(certs)).serve, "127.0.0.1", 0)
+        # B's journal shipped with B's certificate lands in VAULT/B
+        await run_ship(b, port, client_ctx(certs, "B"))
+        b_before = _tree(fast_tmp / "vault" / "B")
+        # A's certificate with B's journal: written only under VAULT/A
+        await run_ship(b, port, client_ctx(certs, "A"))
+        assert _tree(fast_tmp / "vault" / "B").keys() == b_before.keys()
+        # ... and now A is bound to B's uuid: A's own journal is refused
+        with pytest.raises(VaultError, match="bound to journal"):
+            await run_ship(a, port, client_ctx(certs, "A"))
+        n.cancel_scope.cancel()
+    vault.close()
+    assert_replica_equals(b, fast_tmp / "vault", "A", points=0)
+    assert_replica_equals(b, fast_tmp / "vault", "B", points=0)
+    meta = (fast_tmp / "vault" / "A" / "source.json").read_text()
+    with Journal.open(b, readonly=True) as j:
+        assert str(uuidlib.UUID(j.uuid)) in meta
+
+
+@pytest.mark.trio
+async def test_unknown_and_revoked_certificates_are_refused(fast_tmp: Path, certs: Path, stranger: Path) -> None:
+    src = make_journal(fast_tmp / "j", 30)
+    vault = Vault(fast_tmp / "vault", create=True)
+    revoked = frozenset({pki.serial_of(certs / "rev.pem")})
+    async with trio.open_nursery() as n:
+        port = await n.start(Server(vault, server_cfg(certs, revoked=revoked, log=open(os.devnull, "w"))).serve,
+                             "127.0.0.1", 0)
+        with pytest.raises(AuthError, match="refused by the server"):  # client cert from another CA
+            await run_ship(src, port, client_ctx(stranger, "A", ca=certs / "ca.pem"))
+        with pytest.raises(AuthError, match="not trusted"):  # the server is not signed by our --ca
+            await run_ship(src, port, client_ctx(certs, "A", ca=stranger / "ca.pem"))
+        with pytest.raises(AuthError, match="revoked"):
+            await run_ship(src, port, client_ctx(certs, "rev"))
+        n.cancel_scope.cancel()
+    vault.close()
+    assert not (fast_tmp / "vault" / "A").exists() and not (fast_tmp / "vault" / "rev").exists()
+
+
+@pytest.mark.trio
+async def test_unreachable_receiver_gives_up_with_link_error(fast_tmp: Path, certs: Path) -> None:
+    src = make_journal(fast_tmp / "j", 10)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    await listeners[0].aclose()  # nothing listens there now
+    with pytest.raises(LinkError, match="no progress"):
+        await run_ship(src, port, client_ctx(certs), give_up=0.05)
+    assert replication_status(src)["state"] == "failed"
+
+
+# ---- follow ------------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_follow_ships_what_a_writer_appends_meanwhile(fast_tmp: Path, certs: Path) -> None:
+    src = make_journal(fast_tmp / "j", 50)
+    vault = Vault(fast_tmp / "vault", create=True)
+    async with trio.open_nursery() as n:
+        port = await n.start(Server(vault, server_cfg(certs)).serve, "127.0.0.1", 0)
+        sh = Shipper(src, "127.0.0.1", port, client_ctx(certs), follow=True, backoff=fast_backoff())
+        result: list[object] = []
+
+        async def ship() -> None:
+            result.append(await sh.run())
+
+        n.start_soon(ship)
+        rng = random.Random(3)
+        with Journal.open(src) as j:
+            for _ in range(scale(5, 20)):
+                extend(j, 40, rng)
+                await trio.sleep(0.02)
+            last = j.last_seq
+        with trio.fail_after(30):  # a hang guard, not a timing assertion
+            while sh.stats["acked_seq"] < last:
+                await trio.sleep(0.01)
+        sh.stop()
+        with trio.fail_after(30):
+            while not result:
+                await trio.sleep(0.01)
+        n.cancel_scope.cancel()
+    vault.close()
+    assert result[0].state == "stopped"  # type: ignore[attr-defined]
+    assert_replica_equals(src, fast_tmp / "vault", points=2)
