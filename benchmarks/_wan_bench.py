@@ -6,26 +6,31 @@ the rate on both ends). `cdpctl serve` runs in the DR namespace, `cdpctl
 ship` in the sender's, over TLS (certificates from `cdpctl pki init`),
 without --rate: the link shapes. The same link carries the baselines.
 
-Scenarios:
+Scenarios (the workloads are benchmarks/workloads.py's programs, run
+through its subcommands, so that the ship is measured between the initial
+state and the change):
 
-(a) his: a SQLite HIS database (scenarios.py his-init, ~16 MiB) is the
+(a) his: a 16 MiB SQLite HIS database (workloads.py his-init) is the
     initial state, journaled as the journal's base and shipped once (the
-    initial sync, reported apart); then N transactions (his-run) under
+    initial sync, reported apart); then 3,000 transactions (his-tx) under
     `cdpctl protect`, and the increment is shipped (measured). Baselines:
-    `rsync -z` of the changed tree to a DR copy of the initial state (the
-    delta algorithm works against it), `zstd -3` of the net change (the
-    4 KiB pages of the database that differ, end to end) and, for
-    context, `zstd -3` of every write's bytes (what shipping each write
-    naively compresses to).
-(b) pacs: an initial tree of studies, shipped once; then thousands of new
-    images, ~10 % byte copies of earlier ones, under protect; the increment
-    is shipped. Baselines: `rsync -z`, `tar | zstd -3` of the new files.
+    `rsync -z` of the tree to a DR copy of the initial state (the delta
+    algorithm works against it; once as negotiated (zstd), once with zlib
+    for context), `zstd -3` of the net change (workloads.net_change: the
+    differing 4 KiB blocks) and, for context, `zstd -3` of every write's
+    bytes (what shipping each write naively compresses to).
+(b) pacs: a root holding a README (the base, shipped once), then 1,500
+    256x256 16-bit images (pacs-write), ~10 % of them byte copies of
+    earlier ones, under protect; the increment is shipped. Baselines:
+    `rsync -z`, `zstd -3` of the new files.
 (c) lag: `cdpctl ship --follow` running while a steady writer under
-    protect writes 500 KiB/s of 2x-compressible data for
-    CDP_WAN_LAG_SECONDS (default 60) seconds; `replication_status()` (what
-    `cdpctl status JOURNAL --json` prints, called in-process so that 5
-    interpreter starts a second do not load the 2-core machine) sampled
-    every 200 ms: p50/p99/max lag in seconds; the sender's CPU.
+    protect (workloads.py sustain) appends 500 KiB/s of 2x-compressible
+    data for CDP_WAN_LAG_SECONDS (default 60) seconds; every 200 ms, the
+    lag as `replication_status()` gives it (what `cdpctl status JOURNAL
+    --json` prints, called in-process so that 5 interpreter starts a
+    second do not load the 2-core machine) and as the replica's files
+    give it (vault_lag: what the DR site holds at that moment): p50, p99,
+    max; the sender's CPU.
 
 Measured for every transfer: wire bytes (the sender veth's tx_bytes over
 the run), elapsed time, link use while the backlog existed
@@ -34,11 +39,12 @@ byte), counters sampled every 20 ms), sender CPU (user + system of the
 ship process from wait4's rusage, as % of one core over its run). Nothing
 asserts: each target gets a PASS/FAIL line.
 
-Knobs: CDP_WAN_RATE (10mbit), CDP_WAN_HIS_MIB (16), CDP_WAN_HIS_TX (3000),
-CDP_WAN_PACS_INIT (200 files), CDP_WAN_PACS_FILES (2000), CDP_WAN_PACS_DUP
-(0.1), CDP_WAN_LAG_SECONDS (60), CDP_WAN_LAG_RATE (512000 bytes/s),
-CDP_WAN_SCENARIOS (his,pacs,lag). `run.py wan --quick`: 1000 transactions, 500
-files, 20 s of lag.
+Knobs: CDP_WAN_RATE (10mbit), CDP_WAN_SCENARIOS (his,pacs,lag),
+CDP_WAN_LAG_SECONDS (60), CDP_WAN_LAG_RATE (512000 bytes/s), CDP_WAN_BASE
+(1; 0: journals without a base, the initial state not shipped), and
+workloads.py's CDP_WL_DB_MB (16), CDP_WL_TRANSACTIONS (3000),
+CDP_WL_IMAGES (1500), CDP_WL_IMAGE_SIDE (256). `run.py wan --quick`: 1000
+transactions, 500 images, 20 s of lag.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import _bench
@@ -60,16 +67,15 @@ sys.path.insert(0, os.path.join(_bench.HERE, "wan"))
 
 import baselines
 import netlink
-import scenarios
+import workloads
 from netlink import Link, Sampler, shaped_link, utilisation
 
 from cdpcore import Journal
 from cdpcore.format import Kind
 
-SCENARIOS_PY = os.path.join(_bench.HERE, "wan", "scenarios.py")
+WORKLOADS_PY = workloads.__file__
 CDPCTL = os.path.join(os.path.dirname(sys.executable), "cdpctl")
 SERVE_PORT = 7400
-PAGE = 4096
 
 TARGET_LINK_USE = 0.90
 TARGET_LAG_P99_S = 2.0
@@ -250,22 +256,6 @@ def replica_equal(journal: str, replica: str) -> bool:
 # ---- changed data --------------------------------------------------------------------
 
 
-def changed_pages(before: str, after: str, out: str, page: int = PAGE) -> int:
-    """The pages of `after` that differ from `before` (or lie past its
-    end), concatenated into out: a file's net change. Returns their count."""
-    n = 0
-    with open(before, "rb") as a, open(after, "rb") as b, open(out, "wb") as o:
-        while True:
-            y = b.read(page)
-            if not y:
-                break
-            x = a.read(page)
-            if x != y:
-                o.write(y)
-                n += 1
-    return n
-
-
 def write_stream(journal: str, after_seq: int, out: str) -> int:
     """Every WRITE record's bytes after after_seq, in order, into out: what
     shipping each write without dedupe or a long window carries."""
@@ -318,8 +308,9 @@ def last_seq(journal: str) -> int:
         return j.last_seq
 
 
-def protect(journal: str, argv: Sequence[str]) -> None:
-    p = subprocess.run([CDPCTL, "protect", journal, "--", *argv], capture_output=True, text=True)
+def protect(journal: str, argv: Sequence[str], baseline: bool = True) -> None:
+    p = subprocess.run([CDPCTL, "protect", *(() if baseline else ("--no-baseline",)), journal, "--", *argv],
+                       capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"cdpctl protect {' '.join(argv[-3:])}: exit {p.returncode}: {p.stderr.strip()[-300:]}")
 
@@ -327,27 +318,34 @@ def protect(journal: str, argv: Sequence[str]) -> None:
 # ---- scenarios (a) and (b) -----------------------------------------------------------
 
 
-def _transfer_scenario(name: str, link: Link, dr: DrSite | None, work: str, init: Sequence[str],
-                       run: Sequence[str], changed: Callable[[str, str, str, int], dict[str, Any]],
-                       log: Log, rsync_zlib: bool = False) -> dict[str, Any]:
-    """init (not captured) -> cdpctl init (base) -> initial ship -> run under
-    protect -> measured: ship of the increment, rsync -z, zstd -3."""
+def _transfer_scenario(name: str, link: Link, dr: DrSite | None, work: str,
+                       init: Callable[[str], list[str]], run: Callable[[str], list[str]],
+                       log: Log, stream_row: bool = False) -> dict[str, Any]:
+    """init(root) (a program, not captured) -> cdpctl init (the base) ->
+    initial ship -> run(root) under protect -> measured: ship of the
+    increment, rsync -z to a copy of the initial state, zstd -3 of the
+    net change (workloads.net_change's differing 4 KiB blocks)."""
     d = os.path.join(work, name)
-    root, journal, before = os.path.join(d, "root"), os.path.join(d, "journal"), os.path.join(d, "dr-copy")
+    root, journal = os.path.join(d, "root"), os.path.join(d, "journal")
+    before, dr_copy = os.path.join(d, "before"), os.path.join(d, "dr-copy")
     os.makedirs(root)
-    subprocess.run([sys.executable, SCENARIOS_PY, init[0], root, *init[1:]], check=True)
-    cdpctl("init", journal, "--root", root)
-    shutil.copytree(root, before, symlinks=True)  # the DR copy rsync updates: the initial state
-    if rsync_zlib:
-        shutil.copytree(root, os.path.join(d, "dr-copy-zlib"), symlinks=True)
-    res: dict[str, Any] = {"initial_bytes": _tree_bytes(root)}
+    argv = init(root)
+    if argv:
+        workloads._run(argv)
+    # Without a base (CDP_WAN_BASE=0) the journal holds only the change: the
+    # increment's records are the same, but nothing of the initial state is
+    # in the vault to dedupe against (a workaround while shipping bases fails).
+    with_base = os.environ.get("CDP_WAN_BASE", "1") != "0"
+    cdpctl("init", journal, "--root", root, *(() if with_base else ("--no-base",)))
+    shutil.copytree(root, before, symlinks=True)
+    res: dict[str, Any] = {"initial_bytes": _tree_bytes(root), "with_base": with_base}
     if dr is not None:
         log(f"{name}: initial sync")
         res["initial_ship"] = dr.ship(name, journal, f"{name}-ship0")
     seq0 = last_seq(journal)
     log(f"{name}: workload under protect")
     t0 = time.monotonic()
-    protect(journal, [sys.executable, SCENARIOS_PY, run[0], root, *run[1:]])
+    protect(journal, run(root), baseline=with_base)
     res["workload_s"] = time.monotonic() - t0
     res["records"] = last_seq(journal) - seq0
     res["journal_bytes"] = _tree_bytes(os.path.join(journal, "segments"))
@@ -356,17 +354,16 @@ def _transfer_scenario(name: str, link: Link, dr: DrSite | None, work: str, init
         log(f"{name}: cdpctl ship of the change")
         res["ship"] = dr.ship(name, journal, f"{name}-ship1")
         log(f"{name}: ship {res['ship']['wire_bytes']:,} wire bytes in {res['ship']['elapsed_s']:.1f} s")
-    # the changed data first: rsync turns the DR copy into the new state
-    res["zstd"] = changed(root, os.path.join(d, "changed"), journal, seq0)
+    res["zstd"] = changed_data(before, root, os.path.join(d, "changed"), journal if stream_row else None, seq0)
     log(f"{name}: zstd -3 of the changed data: {res['zstd']['bytes']:,} bytes")
-    log(f"{name}: rsync -z")
-    res["rsync"] = baselines.rsync_push(link, root, before)
-    log(f"{name}: rsync {res['rsync']['wire_bytes']:,} wire bytes in {res['rsync']['elapsed_s']:.1f} s")
-    if rsync_zlib:
-        # rsync 3.2 negotiates zstd for -z; the classic zlib -z is a row of context
-        shutil.rmtree(before)
-        shutil.copytree(os.path.join(d, "dr-copy-zlib"), before, symlinks=True)
-        res["rsync_zlib"] = baselines.rsync_push(link, root, before, compress_choice="zlib")
+    for key, choice in (("rsync", None), ("rsync_zlib", "zlib")):
+        if key == "rsync_zlib" and not stream_row:
+            continue  # the zlib row is context, given for (a) only: it costs link time
+        shutil.rmtree(dr_copy, ignore_errors=True)
+        shutil.copytree(before, dr_copy, symlinks=True)  # the DR site's copy: the initial state
+        log(f"{name}: rsync -z{'' if choice is None else ' --compress-choice=' + choice}")
+        res[key] = baselines.rsync_push(link, root, dr_copy, compress_choice=choice)
+        log(f"{name}: rsync {res[key]['wire_bytes']:,} wire bytes in {res[key]['elapsed_s']:.1f} s")
     res["zstd"]["over_link"] = baselines.zstd_over_link(link, res["zstd"]["file"])
     return res
 
@@ -375,30 +372,50 @@ def _tree_bytes(path: str) -> int:
     return sum(os.lstat(os.path.join(d, f)).st_size for d, _s, fs in os.walk(path) for f in fs)
 
 
-def his_changed(root: str, out: str, journal: str, seq0: int) -> dict[str, Any]:
+def changed_data(before: str, after: str, out: str, journal: str | None, seq0: int) -> dict[str, Any]:
+    """zstd -3 of the net change (the differing 4 KiB blocks of changed
+    files, new files whole: workloads.Change.blocks); with journal, also
+    zstd -3 of every WRITE's bytes after seq0 (the size only)."""
     os.makedirs(out)
-    before = os.path.join(os.path.dirname(root), "dr-copy", "his", "his.db")
-    pages = os.path.join(out, "pages")
-    n = changed_pages(before, scenarios.his_path(root), pages)
-    z = pages + ".zst"
-    size = baselines.zstd_size([pages], 3, z)
-    stream = os.path.join(out, "stream")
-    raw_stream = write_stream(journal, seq0, stream)
-    stream_z = baselines.zstd_size([stream], 3)
-    os.unlink(stream)
-    return {"what": f"the {n:,} changed 4 KiB pages of his.db", "raw": n * PAGE, "bytes": size, "file": z,
-            "stream_raw": raw_stream, "stream_bytes": stream_z}
+    ch = workloads.net_change(Path(before), Path(after))
+    blocks = os.path.join(out, "blocks")
+    with open(blocks, "wb") as f:
+        f.write(ch.blocks(Path(before), Path(after)))
+    z = blocks + ".zst"
+    res: dict[str, Any] = {
+        "what": f"{len(ch.new_files):,} new and {len(ch.changed_files):,} changed files: their differing "
+                f"4 KiB blocks", "raw": os.path.getsize(blocks), "bytes": baselines.zstd_size([blocks], 3, z),
+        "file": z}
+    os.unlink(blocks)
+    if journal is not None:
+        stream = os.path.join(out, "stream")
+        res["stream_raw"] = write_stream(journal, seq0, stream)
+        res["stream_bytes"] = baselines.zstd_size([stream], 3)
+        os.unlink(stream)
+    return res
 
 
-def pacs_changed(root: str, out: str, journal: str, seq0: int) -> dict[str, Any]:
-    os.makedirs(out)
-    before = os.path.join(os.path.dirname(root), "dr-copy")
-    old = set(baselines.tar_members(before))
-    new = [n for n in baselines.tar_members(root) if n not in old]
-    z = os.path.join(out, "new.tar.zst")
-    size = baselines.tar_zstd(root, new, z)
-    raw = sum(os.path.getsize(os.path.join(root, n)) for n in new)
-    return {"what": f"tar of the {len(new):,} new files", "raw": raw, "bytes": size, "file": z}
+def his_init(root: str) -> list[str]:
+    mb = workloads._env_int("CDP_WL_DB_MB", 16)
+    return [sys.executable, WORKLOADS_PY, "his-init", os.path.join(root, "his.db"), str(mb), str(workloads.SEED)]
+
+
+def his_run(quick: bool) -> Callable[[str], list[str]]:
+    n = workloads._env_int("CDP_WL_TRANSACTIONS", 1000 if quick else 3000)
+    return lambda root: [sys.executable, WORKLOADS_PY, "his-tx", os.path.join(root, "his.db"), str(n),
+                         str(workloads.SEED)]
+
+
+def pacs_init(root: str) -> list[str]:
+    with open(os.path.join(root, "README"), "w") as f:  # as workloads.pacs_tree: one file in the base
+        f.write("PACS archive\n")
+    return []
+
+
+def pacs_run(quick: bool) -> Callable[[str], list[str]]:
+    n = workloads._env_int("CDP_WL_IMAGES", 500 if quick else 1500)
+    side = workloads._env_int("CDP_WL_IMAGE_SIDE", 256)
+    return lambda root: [sys.executable, WORKLOADS_PY, "pacs-write", root, str(n), str(side), str(workloads.SEED)]
 
 
 # ---- scenario (c): lag ----------------------------------------------------------------
@@ -410,13 +427,15 @@ def lag_scenario(link: Link, dr: DrSite, work: str, seconds: float, rate: int, l
     d = os.path.join(work, "lag")
     root, journal = os.path.join(d, "root"), os.path.join(d, "journal")
     os.makedirs(root)
-    cdpctl("init", journal, "--root", root)
+    cdpctl("init", journal, "--root", root, "--no-base")
     log(f"lag: ship --follow, then {seconds:.0f} s of {rate >> 10} KiB/s")
     with Sampler(link, period=0.1) as smp:
         ship = Measured(link.argv("tx", dr.ship_argv("lag", journal, follow=True)), work, "lag-ship")
         time.sleep(2)  # connected and caught up with the empty journal
-        writer = Measured([CDPCTL, "protect", journal, "--", sys.executable, SCENARIOS_PY, "writer", root,
-                           "--rate", str(rate), "--seconds", str(seconds)], work, "lag-writer")
+        # an empty root needs no base: every file is created under capture
+        writer = Measured([CDPCTL, "protect", "--no-baseline", journal, "--", sys.executable, WORKLOADS_PY,
+                           "sustain", os.path.join(root, "stream.bin"), str(rate), str(seconds),
+                           str(workloads.SEED)], work, "lag-writer")
         replica = os.path.join(dr.vault, "lag", "journal")
         samples: list[tuple[float, float | None, int | None]] = []
         truth: list[tuple[float | None, int]] = []
@@ -490,14 +509,10 @@ def wan_suite(log: Log = lambda s: None, quick: bool = False) -> dict[str, Any]:
             try:
                 if "his" in chosen:
                     res["scenarios"]["his"] = _transfer_scenario(
-                        "his", link, dr, work, ["his-init", "--mib", str(_env_int("CDP_WAN_HIS_MIB", 16))],
-                        ["his-run", "--tx", str(_env_int("CDP_WAN_HIS_TX", 1000 if quick else 3000))],
-                        his_changed, log, rsync_zlib=True)
+                        "his", link, dr, work, his_init, his_run(quick), log, stream_row=True)
                 if "pacs" in chosen:
                     res["scenarios"]["pacs"] = _transfer_scenario(
-                        "pacs", link, dr, work, ["pacs-init", "--files", str(_env_int("CDP_WAN_PACS_INIT", 200))],
-                        ["pacs-run", "--files", str(_env_int("CDP_WAN_PACS_FILES", 500 if quick else 2000)),
-                         "--dup", str(_env_float("CDP_WAN_PACS_DUP", 0.1))], pacs_changed, log)
+                        "pacs", link, dr, work, pacs_init, pacs_run(quick), log)
                 if "lag" in chosen and dr is not None:
                     res["scenarios"]["lag"] = lag_scenario(
                         link, dr, work, _env_float("CDP_WAN_LAG_SECONDS", 20.0 if quick else 60.0),
@@ -575,7 +590,9 @@ def render(r: dict[str, Any]) -> list[str]:
         out += [f"### {title}\n",
                 f"Initial state {_mb(sc['initial_bytes'])}; the change: {sc['records']:,} journal records "
                 f"({_mb(sc['journal_bytes'])} of segments in all), tree after {_mb(sc['after_bytes'])}. "
-                f"Changed data for zstd: {z['what']} ({_mb(z['raw'])}).\n",
+                f"Changed data for zstd: {z['what']} ({_mb(z['raw'])})."
+                + ("" if sc.get("with_base", True) else " The journal had no base (CDP_WAN_BASE=0): the "
+                   "vault held nothing of the initial state to dedupe against.") + "\n",
                 "| transfer | wire bytes | time | link use | sender CPU |", "|---|---:|---:|---:|---:|"]
         if "initial_ship" in sc:
             out.append(_row("cdpcore initial sync (base, context)", sc["initial_ship"], sc["initial_ship"]["cpu_share"]))
@@ -613,7 +630,7 @@ def render(r: dict[str, Any]) -> list[str]:
                 f"| lag p99 <= {TARGET_LAG_P99_S:.0f} s (at the DR site) | "
                 f"{_pf(lag['vault_lag_p99_s'] <= TARGET_LAG_P99_S)} | {lag['vault_lag_p99_s']:.2f} s |",
                 f"| sender CPU <= {TARGET_CPU:.0%} of one core | {_pf(lag['cpu_share'] <= TARGET_CPU)} | "
-                f"{lag['cpu_s']:.1f} s CPU in {lag['ship_elapsed_s']:.1f} s |",
+                f"{lag['cpu_share']:.1%} ({lag['cpu_s']:.1f} s CPU in {lag['ship_elapsed_s']:.1f} s) |",
                 f"| replica byte-equal to the source journal | {_pf(lag['replica_equal'])} | |", ""]
     return out
 

@@ -131,20 +131,6 @@ def test_parse_rsync_stats() -> None:
     assert baselines.parse_rsync_stats("")["compress"] == "?"
 
 
-@given(st.binary(max_size=5 * 64), st.binary(max_size=5 * 64))
-def test_changed_pages_matches_model(before: bytes, after: bytes) -> None:
-    import _wan_bench
-
-    with netlink_tmp() as d:
-        a, b, o = (os.path.join(d, n) for n in ("a", "b", "o"))
-        Path(a).write_bytes(before)
-        Path(b).write_bytes(after)
-        n = _wan_bench.changed_pages(a, b, o, page=64)
-        pages = [after[i:i + 64] for i in range(0, len(after), 64)]
-        want = [p for i, p in enumerate(pages) if before[i * 64:i * 64 + 64] != p]
-        assert n == len(want) and Path(o).read_bytes() == b"".join(want)
-
-
 def netlink_tmp():  # type: ignore[no-untyped-def]
     import tempfile
     return tempfile.TemporaryDirectory(prefix="cdptest-wan-")
