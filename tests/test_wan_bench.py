@@ -20,6 +20,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import THOROUGH
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH / "wan"))
 sys.path.insert(0, str(BENCH))
@@ -316,3 +318,34 @@ def test_vault_lag_matches_model(small_journal: tuple[str, list[tuple[str, int]]
             assert (lag, behind) == (0.0, 0)
         else:
             assert lag == pytest.approx((now - tss[k + 1]) / 1e6)
+
+
+# ---- the whole suite, tiny -----------------------------------------------------------------------
+
+
+@needs_root
+@pytest.mark.slow
+@pytest.mark.skipif(not THOROUGH, reason="the whole WAN suite, tiny: ~30 s (CDP_TEST_PROFILE=thorough)")
+def test_wan_suite_tiny_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three scenarios on a real link with tiny sizes: every transfer
+    measured, every replica byte-equal, a PASS/FAIL line per target, and
+    no namespace left behind."""
+    import _wan_bench
+
+    if _wan_bench.replication_available() is not None:
+        pytest.skip(_wan_bench.replication_available())
+    for k, v in {"CDP_WL_DB_MB": "1", "CDP_WL_TRANSACTIONS": "20", "CDP_WL_IMAGES": "12",
+                 "CDP_WL_IMAGE_SIDE": "64", "CDP_WAN_LAG_SECONDS": "2", "CDP_WAN_BASE": "0"}.items():
+        monkeypatch.setenv(k, v)
+    before = _ours()
+    res = _wan_bench.wan_suite(quick=True)
+    assert _ours() == before
+    for name in ("his", "pacs"):
+        sc = res["scenarios"][name]
+        assert sc["ship"]["replica_equal"] and sc["ship"]["wire_bytes"] > 0
+        assert sc["rsync"]["wire_bytes"] > 0 and sc["zstd"]["over_link"]["payload_bytes"] == sc["zstd"]["bytes"]
+        assert all(ok is not None for _t, ok, _f in _wan_bench.targets(sc))
+    lag = res["scenarios"]["lag"]
+    assert lag["replica_equal"] and lag["samples"] > 0 and lag["ship_returncode"] in (0, 130, -signal.SIGINT)
+    md = "\n".join(_wan_bench.render(res))
+    assert md.count("PASS") + md.count("FAIL") >= 2 * 5 + 4
