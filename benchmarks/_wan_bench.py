@@ -612,6 +612,10 @@ def render(r: dict[str, Any]) -> list[str]:
         out += ["", "| target | result | figure |", "|---|---|---|"]
         out += [f"| {t} | {_pf(ok)} | {fig} |" for t, ok, fig in targets(sc)]
         out.append("")
+    if "serve" in r:
+        sv = r["serve"]
+        out.append(f"`cdpctl serve` (the DR side, all scenarios): {sv['cpu_s']:.1f} s CPU over its "
+                   f"{sv['elapsed_s']:.0f} s, exit {sv['returncode']}.\n")
     lag = r["scenarios"].get("lag")
     if lag:
         out += [f"### (c) Lag under a steady {lag['rate'] >> 10} KiB/s writer ({lag['seconds']:.0f} s)\n",
