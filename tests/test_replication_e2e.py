@@ -202,7 +202,8 @@ async def test_cut_at_random_byte_offsets_then_resume_loses_nothing(fast_tmp: Pa
 
 
 @pytest.mark.trio
-async def test_emulated_wan_10mbit_50ms_under_mock_clock(fast_tmp: Path, certs: Path) -> None:
+async def test_emulated_wan_10mbit_50ms_under_mock_clock(fast_tmp: Path, certs: Path,
+                                                        autojump_clock: trio.testing.MockClock) -> None:
     """10 Mbit/s, 50 ms each way, with drops: virtual time, so it runs in
     milliseconds; the time taken is what the link allows."""
     src = make_journal(fast_tmp / "j", 400)
@@ -321,3 +322,42 @@ async def test_follow_ships_what_a_writer_appends_meanwhile(fast_tmp: Path, cert
     vault.close()
     assert result[0].state == "stopped"  # type: ignore[attr-defined]
     assert_replica_equals(src, fast_tmp / "vault", points=2)
+
+
+# ---- end-to-end encryption -----------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_encrypted_shipping_leaves_no_plaintext_and_restores_with_the_key(fast_tmp: Path, certs: Path) -> None:
+    from cdpcore.crypto import write_key_file
+    from cdpcore.errors import KeyFileError
+    from cdpcore.vault.sealed import materialize
+
+    marker = b"PATIENT-RECORD-" * 40  # must never appear in the vault
+    root = fast_tmp / "root"
+    root.mkdir()
+    src = fast_tmp / "j"
+    with Journal.create(src, root, segment_size=SEGMENT, base=False) as j:
+        extend(j, 150, random.Random(9))
+        for i in range(20):
+            j.append_write("secret", i * len(marker), marker)
+    keys = write_key_file(fast_tmp / "e2e.key")
+    vault = Vault(fast_tmp / "vault", create=True)
+    async with trio.open_nursery() as n:
+        port = await n.start(Server(vault, server_cfg(certs)).serve, "127.0.0.1", 0)
+        result = await run_ship(src, port, client_ctx(certs), keys=keys)
+        with Journal.open(src, readonly=True) as j:
+            assert result.acked_seq == j.last_seq
+        n.cancel_scope.cancel()
+    vault.close()
+    for p in (fast_tmp / "vault").rglob("*"):
+        if p.is_file():
+            assert marker[:32] not in p.read_bytes(), p
+    assert not (fast_tmp / "vault" / "A" / "journal" / "segments").exists() or \
+        not list((fast_tmp / "vault" / "A" / "journal" / "segments").glob("*.seg"))
+    out = materialize(fast_tmp / "vault" / "A", keys, fast_tmp / "plain")
+    for s in (src / "segments").glob("*.seg"):
+        assert (Path(out) / "segments" / s.name).read_bytes() == s.read_bytes()
+    wrong = write_key_file(fast_tmp / "other.key")
+    with pytest.raises(KeyFileError):
+        materialize(fast_tmp / "vault" / "A", wrong, fast_tmp / "wrong")

@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cdpcore import pki
 from cdpcore.cli.output import Output, UsageError
-from cdpcore.crypto import write_key_file
+
+DEFAULT_DAYS = 825  # = DEFAULT_DAYS (cryptography is imported only when pki runs)
+CA_DAYS_FACTOR = 4  # = CA_DAYS_FACTOR
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -29,9 +30,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         q.add_argument("--host", action="append", default=[], metavar="NAME",
                        help="another DNS name or IP address of the receiver (repeatable; "
                             "localhost, 127.0.0.1 and ::1 are always in)")
-        q.add_argument("--days", type=int, default=pki.DEFAULT_DAYS, metavar="N",
-                       help=f"validity of the certificates in days (default {pki.DEFAULT_DAYS}; "
-                            f"the CA's is {pki.CA_DAYS_FACTOR}x that)")
+        q.add_argument("--days", type=int, default=DEFAULT_DAYS, metavar="N",
+                       help=f"validity of the certificates in days (default {DEFAULT_DAYS}; "
+                            f"the CA's is {CA_DAYS_FACTOR}x that)")
         q.add_argument("--force", action="store_true", help="overwrite existing files")
         q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="write one JSON document to stdout (errors included)")
@@ -48,6 +49,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
+    from cdpcore import pki
+    from cdpcore.crypto import write_key_file
+
     if args.pki_command == "key":
         write_key_file(args.file)
         out.result({"file": args.file}, lambda d: [f"wrote {d['file']} (keep a copy off this machine)"])

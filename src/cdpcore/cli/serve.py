@@ -6,12 +6,7 @@ import argparse
 import signal
 from typing import Any
 
-import trio
-
 from cdpcore.cli.output import Output, UsageError
-from cdpcore.transport import tls
-from cdpcore.transport.server import Server, ServerConfig, parse_listen
-from cdpcore.vault import Vault
 
 
 def _domain(text: str) -> tuple[str, list[str]]:
@@ -42,6 +37,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
+    # imported here: every other cdpctl command would pay for trio and TLS at start
+    import trio
+
+    from cdpcore.transport import tls
+    from cdpcore.transport.errors import first_cause
+    from cdpcore.transport.server import Server, ServerConfig, parse_listen
+    from cdpcore.vault import Vault
+
     try:
         host, port = parse_listen(args.listen)
     except ValueError as e:
@@ -64,7 +67,10 @@ def run(args: argparse.Namespace, out: Output) -> int:
         return "stopped"
 
     try:
-        why = trio.run(main)
+        try:
+            why = trio.run(main)
+        except BaseExceptionGroup as eg:  # the nursery's: report the one error that ended it
+            raise first_cause(eg) from None
     except OSError as e:  # cannot bind: say which address
         raise OSError(e.errno, f"cannot listen on {args.listen}: {e.strerror}") from None
     finally:

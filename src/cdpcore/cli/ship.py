@@ -7,17 +7,16 @@ import signal
 import sys
 from typing import Any
 
-import trio
-
 from cdpcore.cli.output import Output, UsageError, text
-from cdpcore.crypto import load_key_file
-from cdpcore.transport import tls
-from cdpcore.transport.rate import format_rate, parse_rate
-from cdpcore.transport.server import parse_listen
-from cdpcore.transport.shipper import DEFAULT_GIVE_UP, Shipper
+
+# trio, cryptography and the transport are imported by run(): every other
+# cdpctl command would otherwise pay for them at start.
+DEFAULT_GIVE_UP = 300.0  # = transport.shipper.DEFAULT_GIVE_UP (tests/test_replication_cli.py checks)
 
 
 def _rate(s: str) -> float | None:
+    from cdpcore.transport.rate import parse_rate
+
     try:
         return parse_rate(s)
     except ValueError as e:
@@ -62,6 +61,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
+    import trio
+
+    from cdpcore.crypto import load_key_file
+    from cdpcore.transport import tls
+    from cdpcore.transport.errors import first_cause
+    from cdpcore.transport.rate import format_rate
+    from cdpcore.transport.server import parse_listen
+    from cdpcore.transport.shipper import Shipper
+
     try:
         host, port = parse_listen(args.to)
     except ValueError as e:
@@ -97,7 +105,10 @@ def run(args: argparse.Namespace, out: Output) -> int:
                 nursery.cancel_scope.cancel()
                 return result
 
-    result = trio.run(main)
+    try:
+        result = trio.run(main)
+    except BaseExceptionGroup as eg:  # the nursery's: report the one error that ended it
+        raise first_cause(eg) from None
     if result is None:
         raise KeyboardInterrupt
     doc = {"journal": args.journal, "to": args.to, "state": result.state, "acked_seq": result.acked_seq,

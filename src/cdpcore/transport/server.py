@@ -477,9 +477,13 @@ class _Connection:
                 r.file_entry(frame.file, frame.size, frame.mode, frame.mtime_us, frame.kind, frame.target)
             self.owe(0)
         elif isinstance(frame, F.Base):
+            # base_complete() fsyncs and renames the tree: sync first, as for
+            # SEAL, so that the base files' bytes are acknowledged
             async with self.replica_lock:
+                self.owed, self.owed_since = 0, None
+                acks = await self.sync(r.sync)
                 await self.sync(r.base_complete, frame.name)
-            self.owe(0)
+            await self.send_acks(acks)
         elif isinstance(frame, F.Prune):
             async with self.replica_lock:
                 await self.sync(r.prune, [list(s) for s in frame.segments], list(frame.bases))

@@ -461,6 +461,10 @@ class _Session:
         for u in self.unacked:
             if u.target == target and u.end <= f.size:
                 freed += u.wire
+                if u.last_seq is not None and u.last_seq > s.stats["acked_seq"]:
+                    # our own record of what the frame held: an encrypted
+                    # replica cannot tell seqs (its ACKs carry none)
+                    s.stats["acked_seq"] = u.last_seq
                 if u.last_ts is not None:
                     s.stats["acked_ts"] = u.last_ts
                     s.stats["acked_time"] = format_us(u.last_ts)
@@ -530,13 +534,30 @@ class _Session:
         """Wait for every DATA frame's ACK, then BYE both ways."""
         with trio.move_on_after(grace if grace is not None else float("inf")):
             while self.unacked:
-                await self.acked_changed.wait()
+                # ACKs that stop coming while the link is alive (PONGs keep
+                # the watchdog quiet) would hang here: reconnect instead
+                with trio.fail_after(self.s.idle_limit):
+                    await self.acked_changed.wait()
         if self.unacked:
             return True  # stopping: the rest is resent by the next run
         await self.send(F.Bye())
         with trio.fail_after(self.s.idle_limit):
             await self.bye.wait()
+        self.caught_up()
         return True
+
+    def caught_up(self) -> None:
+        """Everything the feed has seen is acknowledged: the acked seq is the
+        feed's last (a run that found nothing to send has no ACK to learn it
+        from). The feed keeps it in its segment books; read defensively."""
+        s = self.s
+        nbytes, _ = s.feed.backlog(s._acked)
+        segs = getattr(s.feed, "_segs", {})
+        order = getattr(s.feed, "_published", [])
+        if nbytes == 0 and order and order[-1] in segs:
+            last = int(getattr(segs[order[-1]], "last_seq", 0) or 0)
+            if last > s.stats["acked_seq"]:
+                s.stats["acked_seq"] = last
 
     async def prepare(self, item: Item) -> _Pending:
         """Pack a data item and send its OFFER; other items pass through."""
@@ -574,6 +595,10 @@ class _Session:
         elif isinstance(item, SealItem):
             await self.send(F.Seal(seg=item.seg, size=item.size))
         elif isinstance(item, EntryItem):
+            if item.path.count("/") < 2:
+                # base/NAME itself: the FILE frame names entries inside a base
+                # (base/NAME/PATH); the vault makes the directory, BASE completes it
+                return
             await self.send(F.File(file=item.path, size=item.size, mode=item.mode, mtime_us=item.mtime_us,
                                    kind=item.kind, target=item.target))
         elif isinstance(item, BaseItem):
