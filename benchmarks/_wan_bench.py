@@ -227,6 +227,7 @@ class DrSite:
         if r.returncode != 0:
             raise RuntimeError(f"cdpctl ship ({tag}) exited with {r.returncode}: {r.tail()}")
         res = {"elapsed_s": r.elapsed_s, "cpu_s": r.cpu_s, "cpu_share": r.cpu_share,
+               "log": (r.stderr + r.stdout)[-3000:],
                **utilisation(smp.samples, self.link.rate_bit)}
         res["replica_equal"] = replica_equal(journal, os.path.join(self.vault, source, "journal"))
         return res

@@ -335,7 +335,7 @@ def test_wan_suite_tiny_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     if _wan_bench.replication_available() is not None:
         pytest.skip(_wan_bench.replication_available())
     for k, v in {"CDP_WL_DB_MB": "1", "CDP_WL_TRANSACTIONS": "20", "CDP_WL_IMAGES": "12",
-                 "CDP_WL_IMAGE_SIDE": "64", "CDP_WAN_LAG_SECONDS": "2", "CDP_WAN_BASE": "0"}.items():
+                 "CDP_WL_IMAGE_SIDE": "64", "CDP_WAN_LAG_SECONDS": "2"}.items():
         monkeypatch.setenv(k, v)
     before = _ours()
     res = _wan_bench.wan_suite(quick=True)
