@@ -1,5 +1,6 @@
 """The README's main job keeps working: ransomware is found on the timeline
-and rolled back, through the real cdpctl commands."""
+and rolled back, and the journal replicated to a DR site that restores the
+same point, through the real cdpctl commands."""
 from __future__ import annotations
 
 import subprocess
@@ -14,6 +15,8 @@ def test_demo_rolls_back_the_attack(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "RANSOMWARE?" in r.stdout
     assert "live tree identical to the moment before the attack: yes" in r.stdout
+    assert "DR restore identical to the local restore of" in r.stdout and ": yes (" in r.stdout.split("DR restore")[1]
+    assert "replication lag (RPO) at most" in r.stdout
     assert "Traceback" not in r.stderr
 
 

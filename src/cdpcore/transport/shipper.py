@@ -306,7 +306,13 @@ class _Session:
         self.last_sent = trio.current_time()
         self.ping_n = 0
         self.seg_crc: dict[int, int] = {}
-        self.ack_clock: tuple[float, int] | None = None  # (time, wire bytes acked) of the last sample
+        self.ack_clock: tuple[float, int, float] | None = None  # (time, wire bytes acked, blocked) at the last sample
+        # Seconds the writer spent waiting for the link (socket send, in-flight
+        # window, --rate): ACK throughput measures the link only when the
+        # sender was link-bound. While CPU-bound (packing, compressing), the
+        # ACK rate is the sender's own speed; fed to AdaptiveLevel it would
+        # read as a slow link and pick stronger, slower levels, a spiral.
+        self.blocked = 0.0
         self.wire_acked = 0
 
     # ---- I/O ------------------------------------------------------------------------------
@@ -423,7 +429,6 @@ class _Session:
                     assert p.have is not None
                     p.held = {cid for i, cid in enumerate(p.offered) if f.held(i)}
                     self.known.update(p.held)
-                    self.s.stats["dedupe_hits"] += len(p.held)
                     p.have.set()
                 elif isinstance(f, F.Need):
                     await self.on_need(f)
@@ -474,12 +479,13 @@ class _Session:
         self.wire_acked += freed
         now = trio.current_time()
         if self.ack_clock is None:
-            self.ack_clock = (now, self.wire_acked)
+            self.ack_clock = (now, self.wire_acked, self.blocked)
         elif now - self.ack_clock[0] >= 0.5:
             dt, db = now - self.ack_clock[0], self.wire_acked - self.ack_clock[1]
-            s.level.observe_link(db, dt)
+            if (self.blocked - self.ack_clock[2]) >= 0.5 * dt:
+                s.level.observe_link(db, dt)
             s.stats["throughput"] = round(db / dt, 1)
-            self.ack_clock = (now, self.wire_acked)
+            self.ack_clock = (now, self.wire_acked, self.blocked)
         s._progress = time.monotonic()
         self.acked_changed.set()
         self.acked_changed = trio.Event()
@@ -612,10 +618,11 @@ class _Session:
             assert p.pack is not None and isinstance(item, (RunItem, FileItem))
             pk = p.pack
             body = await self.s.sync(pk.encode, p.held)
-            hits = [c for c in pk.all_ids if c in p.held or c in pk.known]
-            self.s.stats["dedupe_bytes"] += sum(b.end - b.start for b in pk.pieces
-                                                 if b.id is not None and b.id in p.held)
-            del hits
+            # dedupe: pieces sent as a reference (the vault holds them, or
+            # this connection sent them before) instead of as bytes
+            refs = [b for b in pk.pieces if b.id is not None and (b.id in p.held or b.id in pk.known)]
+            self.s.stats["dedupe_hits"] += len(refs)
+            self.s.stats["dedupe_bytes"] += sum(b.end - b.start for b in refs)
             await self.send_data(item, body, pk)
             if len(self.known) > KNOWN_IDS_CAP:
                 self.known.clear()
@@ -643,9 +650,11 @@ class _Session:
                            reset=comp.reset, raw=comp.raw, body=comp.body)
             target = item.path
         size = frame.wire_size()
+        t0 = trio.current_time()
         while self.conn.inflight_bytes and not self.conn.can_send(size):
             await self.acked_changed.wait()
         n = await self.send(frame, paced=True)
+        self.blocked += trio.current_time() - t0
         if resend is not None:
             resend.wire = n
         else:
