@@ -38,7 +38,7 @@ file_paths = st.one_of(st.sampled_from(["journal.json", "audit.log"]), base_path
 def limits(draw: st.DrawFn) -> Limits:
     frame = draw(st.integers(64 << 10, 64 << 20))
     return Limits(frame=frame, body=draw(st.integers(64 << 10, 256 << 20)),
-                  window_log=draw(st.integers(10, 31)), inflight=draw(st.integers(frame, U63)),
+                  window_log=draw(st.integers(10, 31)), inflight=draw(st.integers(frame + 4, U63)),
                   offers=draw(st.integers(1, 64)), offer_ids=draw(st.integers(1, MAX_OFFER_IDS)))
 
 
@@ -97,7 +97,8 @@ seal = st.builds(lambda s, z: Seal(seg=s, size=z), u63, u63)
 @st.composite
 def file(draw: st.DrawFn) -> File:
     kind = draw(st.sampled_from(["file", "dir", "symlink"]))
-    return File(file=draw(base_paths), size=draw(u63) if kind == "file" else 0,
+    path = draw(base_paths | component.map(lambda n: "base/" + n)) if kind == "dir" else draw(base_paths)
+    return File(file=path, size=draw(u63) if kind == "file" else 0,
                 mode=draw(st.integers(0, 0o7777)), mtime_us=draw(i64), kind=kind,
                 target=draw(base_paths | st.just("/etc/hosts")) if kind == "symlink" else None)
 

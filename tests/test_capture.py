@@ -17,6 +17,7 @@ import pytest
 import cdpcore
 from capture_util import assert_same_tree, cc, make_journal, restore_to, run
 from cdpcore import Journal
+from cdpcore.format import Kind
 from cdpcore.cli.main import main as cdpctl
 from conftest import scale
 
@@ -479,3 +480,67 @@ os.pwrite(fd, b"B" * 4096, 8192)
         writes = {bytes(r.data[:1]): r.seq for r in j.records(kinds=(cdpcore.Kind.WRITE,))}
     assert writes[b"A"] < mark < writes[b"B"]
     assert staged_only  # A was still in the stage when the bookmark came
+
+
+def test_barriers_from_threads_and_forked_children(jr, tmp_path):
+    """fsync/fdatasync/sync_file_range run the journal's sync on a syncer
+    thread in parallel with the program's flush. A child forked while the
+    parent's syncer exists must start its own (threads do not survive fork),
+    concurrent barriers of many threads must each wait for a sync that
+    covers them, and every barrier must leave one FLUSH record. After each
+    barrier returns, the head says the journal is durable at least up to the
+    records appended before the call."""
+    jpath, root = jr
+    script = tmp_path / "b.py"
+    script.write_text(r"""
+import os, sys, threading
+from cdpcore.format import parse_head
+HEAD = sys.argv[1]
+def head():
+    with open(HEAD, "rb") as f:
+        return parse_head(f.read(4096))
+def barrier_loop(tag, n, how):
+    fd = os.open(f"f-{tag}", os.O_RDWR | os.O_CREAT, 0o644)
+    for i in range(n):
+        os.pwrite(fd, b"%s %d\n" % (tag.encode(), i) * 50, i * 1000)
+        before = head().next_seq - 1
+        if how == 0:
+            os.fsync(fd)
+        elif how == 1:
+            os.fdatasync(fd)
+        else:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
+            assert libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), 7) == 0
+        if head().synced_seq < before:
+            print("NOT DURABLE", tag, i, before, head().synced_seq, flush=True)
+            os._exit(3)
+    os.close(fd)
+barrier_loop("p", 5, 0)   # the parent's syncer thread now exists
+kids = []
+for k in range(3):
+    pid = os.fork()
+    if pid == 0:
+        ts = [threading.Thread(target=barrier_loop, args=(f"c{k}t{t}", 20, t % 3)) for t in range(3)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+        if k == 0:  # a grandchild forked from a child whose syncer runs
+            g = os.fork()
+            if g == 0:
+                barrier_loop("g", 10, 1)
+                os._exit(0)
+            os._exit(os.waitpid(g, 0)[1] >> 8)
+        os._exit(0)
+    kids.append(pid)
+barrier_loop("p2", 10, 1)
+codes = [os.waitpid(pid, 0)[1] >> 8 for pid in kids]
+sys.exit(max(codes))
+""")
+    p = cdpcore.protect(jpath, [PY, str(script), str(jpath / "head")], cwd=root, resync=False,
+                        stdout=subprocess.PIPE)
+    out, _ = p.process.communicate(timeout=120)
+    assert p.wait().returncode == 0, out
+    check_latest(jpath, root, tmp_path)
+    with Journal.open(jpath, readonly=True) as j:
+        flushes = sum(1 for r in j.records() if r.kind == Kind.FLUSH)
+    assert flushes == 5 + 3 * 3 * 20 + 10 + 10

@@ -132,7 +132,13 @@ class Replica:
             raise AssertionError(item)
 
     def wire_position(self) -> dict:
-        return self.pos.to_wire()
+        # as the vault does: a prune's N.seg.incoming is listed beside N.seg
+        pos = Position(dict(self.pos.segments), dict(self.pos.files), set(self.pos.bases),
+                       {n: v for n, v in self.incoming.items() if n in self.pos.segments})
+        incoming_only = {n: v for n, v in self.incoming.items() if n not in self.pos.segments}
+        wire = pos.to_wire()
+        wire["segments"] = sorted(wire["segments"] + [[n, *v] for n, v in incoming_only.items()])
+        return wire
 
 
 def ship(feed: Feed, rep: Replica, position: dict | None = None) -> list[Item]:
@@ -409,6 +415,33 @@ def test_a_prune_on_the_source_reaches_the_replica(fast_tmp, behind):
     j.close()
 
 
+def test_a_prune_shipment_resumes_after_a_reconnect(fast_tmp):
+    j, jdir = make(fast_tmp)
+    build_days(j, 10)
+    rep = Replica(fast_tmp / "rep")
+    with Feed(jdir) as feed:
+        ship(feed, rep)
+        prune(j, Policy.parse("3d", keep_daily="30d"), now=T0 + 10 * D)
+        items = list(feed.items())
+        runs = [k for k, it in enumerate(items) if isinstance(it, RunItem)]
+        cut = runs[len(runs) // 2]  # the connection drops half way through the new segments
+        assert not any(isinstance(it, PruneItem) for it in items[:cut])
+        for it in items[:cut]:
+            rep.apply(it)
+        assert rep.incoming
+        wire = rep.wire_position()
+        assert len({e[0] for e in wire["segments"]}) < len(wire["segments"])  # twins listed
+        again = ship(feed, rep, wire)
+        opened = [it.seg for it in again if isinstance(it, SegmentItem) and it.replace]
+        resumed = [n for n, v in rep.incoming.items()]
+        assert not (set(opened) & {n for n, v in Position.parse(wire).twins.items()
+                                    if v[0] == struct.unpack_from("<I", (jdir / "segments" / segment_name(n)).read_bytes(), 60)[0]})
+        assert any(isinstance(it, PruneItem) for it in again) and not resumed
+        same_segments(jdir, rep)
+        assert records_of(rep.top) == records_of(jdir)
+    j.close()
+
+
 def test_nothing_ships_while_a_prune_swaps_segments(fast_tmp):
     j, jdir = make(fast_tmp)
     j.append_write("a", 0, b"a")
@@ -427,8 +460,9 @@ def test_nothing_ships_while_a_prune_swaps_segments(fast_tmp):
 @pytest.mark.parametrize("bad", [
     [], {"segments": "x"}, {"segments": [[1, 2, 3]]}, {"segments": [[1, 2, 3, "no"]]},
     {"segments": [[0, 1, 64, False]]}, {"segments": [[1, 2**32, 64, False]]},
-    {"segments": [[1, 1, 10, False]]}, {"segments": [[1, 1, 64, False], [1, 1, 64, False]]},
+    {"segments": [[1, 1, 10, False]]}, {"segments": [[1, 1, 64, False], [1, 1, 80, False]]},
     {"files": []}, {"files": {"audit.log": -1}}, {"bases": "b"}, {"bases": [1]},
+    {"segments": [[1, 5, 64, False], [1, 6, 64, False], [1, 7, 64, False]]},
 ])
 def test_a_malformed_position_is_a_protocol_error(fast_tmp, bad):
     j, jdir = make(fast_tmp)
@@ -448,6 +482,18 @@ def test_a_replica_ahead_of_the_source_or_off_a_boundary_is_refused(fast_tmp):
             list(feed.plan({"segments": [[1, crc, size + 8, False]]}))
         with pytest.raises(VaultError, match="not a record boundary"):
             list(feed.plan({"segments": [[1, crc, 64 + 8, False]]}))
+    j.close()
+
+
+def test_a_replica_ahead_of_the_source_is_not_pruned(fast_tmp):
+    j, jdir = make(fast_tmp, segment_size=1 << 20)
+    j.append_write("a", 0, b"a")
+    crc = struct.unpack_from("<I", (jdir / "segments" / segment_name(1)).read_bytes(), 60)[0]
+    with Feed(jdir) as feed:
+        with pytest.raises(VaultError, match="past the source"):
+            list(feed.plan({"segments": [[1, crc, 64, True], [2, 5, 64, False]]}))
+        with pytest.raises(VaultError, match="another header"):
+            list(feed.plan({"segments": [[1, crc ^ 1, 64, False]]}))
     j.close()
 
 
@@ -532,3 +578,67 @@ def test_database_like_base_files_are_cut_at_pages(fast_tmp):
     # a page written again later (a rollback journal's copy) has the same id
     assert ids == {chunk_id(key, db[o:o + 4096]) for o in range(0, len(db), 4096)}
     j.close()
+
+
+# ---- a live writer in another process ---------------------------------------------
+
+WRITER = r"""
+import os, sys
+from cdpcore import Journal
+j = Journal.open(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    j.append_write(f"f{i % 4}", (i * 4096) % 65536, os.urandom(100 + (i * 37) % 5000))
+    if i % 50 == 0:
+        j.sync()
+j.close()
+"""
+
+
+def test_following_a_journal_another_process_writes(fast_tmp):
+    import subprocess
+    import sys
+
+    j, jdir = make(fast_tmp, segment_size=64 * 1024)
+    j.close()
+    n = scale(1500, 8000)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(jdir), str(n)])
+    rep = Replica(fast_tmp / "rep")
+    passes = 0
+    with Feed(jdir, run_bytes=16384) as feed:
+        ship(feed, rep)
+        while proc.poll() is None:
+            if feed.poll():
+                follow(feed, rep)
+                passes += 1
+            # the replica is a prefix of the source at every moment
+            for p in (rep.top / "segments").glob("*.seg"):
+                with open(jdir / "segments" / p.name, "rb") as f:
+                    assert f.read(p.stat().st_size) == p.read_bytes()
+        assert proc.wait() == 0
+        follow(feed, rep)
+    same_segments(jdir, rep)
+    assert records_of(rep.top) == records_of(jdir)
+    assert passes > 1
+
+
+def test_a_tail_torn_at_every_byte_ships_only_whole_records(fast_tmp):
+    """Cut the last segment at every byte of its last two records (a crash
+    mid-append, no head to believe): the feed ships exactly the records
+    that end before the cut."""
+    j, jdir = make(fast_tmp, segment_size=1 << 20)
+    for i in range(3):
+        j.append_write("a", i, bytes([i]) * 60)
+    j.close()
+    (jdir / HEAD_NAME).unlink()
+    seg = jdir / "segments" / segment_name(1)
+    full = seg.read_bytes()
+    ends = [64]
+    while ends[-1] < len(full):
+        ends.append(ends[-1] + REC_HDR.size + ((REC_HDR.unpack_from(full, ends[-1])[1] + 7) & ~7))
+    step = 1 if scale(0, 1) else 3
+    for cut in range(ends[-3], len(full), step):
+        seg.write_bytes(full[:cut])
+        with Feed(jdir) as feed:
+            got = b"".join(i.buf for i in feed.plan(None) if isinstance(i, RunItem))
+        want_end = max(e for e in ends if e <= cut)
+        assert got == full[64:want_end], cut

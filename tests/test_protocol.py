@@ -276,7 +276,7 @@ def test_every_field_missing_or_mistyped_is_a_protocol_error(t: str) -> None:
      "32 bytes"),
     (lambda: Limits(frame=1000), "limits.frame"),
     (lambda: Limits(frame=(64 << 20) + 1), "limits.frame"),
-    (lambda: Limits(inflight=(8 << 20) - 1), "limits.inflight"),
+    (lambda: Limits(inflight=(8 << 20) + 3), "limits.inflight"),
     (lambda: Limits(offers=0), "limits.offers"),
     (lambda: Limits(offer_ids=65537), "limits.offer_ids"),
     (lambda: Limits(window_log=32), "limits.window_log"),
@@ -296,6 +296,9 @@ def test_every_field_missing_or_mistyped_is_a_protocol_error(t: str) -> None:
     (lambda: Need(seg=1, off=0, ids=()), "fewer than"),
     (lambda: File(file="journal.json", size=0, mode=0, mtime_us=0, kind="file"), "base/NAME/PATH"),
     (lambda: File(file="base/b", size=0, mode=0, mtime_us=0, kind="file"), "base/NAME/PATH"),
+    (lambda: File(file="base/b", size=0, mode=0, mtime_us=0, kind="symlink", target="x"), "base/NAME/PATH"),
+    (lambda: File(file="base", size=0, mode=0, mtime_us=0, kind="dir"), "base/NAME/PATH"),
+    (lambda: File(file="base/..", size=0, mode=0, mtime_us=0, kind="dir"), "normalised"),
     (lambda: File(file="base/b/x", size=0, mode=0o10000, mtime_us=0, kind="file"), "'mode'"),
     (lambda: File(file="base/b/x", size=0, mode=0, mtime_us=0, kind="fifo"), "'kind'"),
     (lambda: File(file="base/b/x", size=0, mode=0, mtime_us=0, kind="symlink"), "'target'"),
@@ -400,3 +403,8 @@ def test_data_wire_size_is_the_encoded_size(frame: Data, body_len: int) -> None:
     import dataclasses
     f = dataclasses.replace(frame, body=b"b" * body_len, raw=body_len)
     assert f.wire_size() == len(encode(f))
+
+
+def test_the_base_directory_itself_is_a_dir_entry() -> None:
+    f = File(file="base/b0", size=0, mode=0o755, mtime_us=7, kind="dir")
+    assert decode_one(encode(f)) == f

@@ -388,7 +388,7 @@ RECEIVER_CASES: list[tuple[str, Callable[[], tuple[ShipConnection, ServeConnecti
     ("need for no frame in flight", _with_data, Need(seg=1, off=100, ids=(ID[0],)), "in flight"),
     ("need over offer_ids", lambda: connect(limits=Limits(offer_ids=1)), Need(seg=1, off=64, ids=tuple(ID[:2])),
      "more than the limit"),
-    ("ack after the sender's bye", _closing, Ack(seg=1, size=1), "out of order"),
+    ("ack after the sender's bye beyond what was sent", _closing, Ack(seg=1, size=1), "neither in the position"),
     ("have after the sender's bye", _closing, Have(req=1, bits=b""), "out of order"),
     ("pong for no ping", connect, Pong(n=1), "no ping 1"),
     ("anything after close", _closed, Ping(n=1), "closed"),
@@ -457,9 +457,12 @@ def test_an_error_frame_closes_both_ends_with_its_reason() -> None:
 
 def test_error_in_the_same_read_as_frames_after_it() -> None:
     ship, serve = opened()
-    with pytest.raises(ProtocolError, match="out of order"):
-        ship.receive_data(encode(Error(code="internal", message="m")) + encode(Ack(seg=1, size=64)))
-    assert ship.peer_error is not None and ship.state is State.CLOSED
+    err = Error(code="internal", message="m")
+    assert ship.receive_data(encode(Ack(seg=1, size=64)) + encode(err) + encode(Ack(seg=1, size=64)) + b"junk") \
+        == [Ack(seg=1, size=64), err]
+    assert ship.peer_error == err and ship.state is State.CLOSED and ship.error is None
+    with pytest.raises(ProtocolError, match="after the connection closed"):
+        ship.receive_data(b"more")
 
 
 def test_frames_after_a_protocol_error_in_the_same_read_are_not_returned() -> None:
@@ -605,7 +608,7 @@ def test_a_complete_file_stays_known_while_in_flight_and_after_a_need() -> None:
 
 
 def test_can_send_with_the_exact_wire_size() -> None:
-    limits = Limits(frame=64 << 10, inflight=64 << 10)
+    limits = Limits(frame=64 << 10, inflight=(64 << 10) + 4)  # the smallest window: one largest frame
     ship, serve = connect(limits=limits)
     pipe(ship.send(Segment(seg=1, header=HEADER)), serve)
     n = limits.inflight
@@ -613,5 +616,317 @@ def test_can_send_with_the_exact_wire_size() -> None:
         exact = Data(seg=1, off=64, end=100, raw=n, body=b"w" * n)
         n += limits.inflight - exact.wire_size()
     assert exact.wire_size() == limits.inflight and ship.can_send(exact.wire_size())
+    assert exact.wire_size() - 4 == limits.frame  # also exactly the largest frame
     pipe(ship.send(exact), serve)
     assert ship.inflight_bytes == limits.inflight and not ship.can_send(1)
+
+
+def test_acks_of_a_segment_or_seal_may_follow_the_senders_bye() -> None:
+    ship, serve = opened()
+    pipe(ship.send(data(off=64, end=164)), serve)
+    pipe(serve.send(Ack(seg=1, size=164)), ship)
+    pipe(ship.send(Seal(seg=1, size=164)), serve)
+    pipe(ship.send(Segment(seg=2, header=HEADER)), serve)
+    pipe(ship.send(Bye()), serve)
+    # the receiver's sync after the seal and the new header acks them now
+    assert pipe(serve.send(Ack(seg=1, size=164, last_seq=2)), ship) == [Ack(seg=1, size=164, last_seq=2)]
+    pipe(serve.send(Ack(seg=2, size=64)), ship)
+    with pytest.raises(ProtocolError, match="beyond the 64 bytes sent"):
+        serve.send(Ack(seg=2, size=65))
+
+
+def test_several_needs_for_one_frame_and_bye_waits_for_the_resend() -> None:
+    ship, serve = opened()
+    pipe(ship.send(data(off=64, end=164)), serve)
+    pipe(serve.send(Need(seg=1, off=64, ids=(ID[1],))), ship)
+    pipe(serve.send(Need(seg=1, off=64, ids=(ID[2],))), ship)  # more ids than one NEED holds
+    assert ship.inflight_bytes == serve.inflight_bytes == 0
+    for frame in (Bye(), Seal(seg=1, size=164), Segment(seg=1, header=HEADER, replace=True),
+                  Prune(segments=(), bases=())):
+        s2, v2 = opened()
+        pipe(s2.send(data(off=64, end=164)), v2)
+        pipe(v2.send(Need(seg=1, off=64, ids=(ID[1],))), s2)
+        with pytest.raises(ProtocolError, match="still owes the resend at offset 64"):
+            s2.send(frame)
+        with pytest.raises(ProtocolError, match="still owes the resend at offset 64"):
+            v2.receive_data(encode(frame))
+    pipe(ship.send(data(off=64, end=164)), serve)
+    assert ship.inflight_of(seg=1) == serve.inflight_of(seg=1) > 0
+
+
+def test_need_takes_the_frame_and_all_after_it_out_of_flight() -> None:
+    ship, serve = opened()
+    frames = [data(off=64 + 100 * i, end=164 + 100 * i) for i in range(4)]
+    pipe(ship.send(frames[0]), serve)
+    pipe(ship.send(frames[1]), serve)
+    b2, b3 = ship.send(frames[2]), ship.send(frames[3])  # still on the wire when the NEED is sent
+    pipe(serve.send(Need(seg=1, off=164, ids=(ID[1],))), ship)
+    one = len(encode(frames[0]))
+    assert ship.inflight_bytes == serve.inflight_bytes == one  # only the frame before the refused one
+    # the frames sent before the sender read the NEED arrive: stale, dropped, not counted
+    assert pipe(b2 + b3, serve) == []
+    assert serve.inflight_bytes == one
+    # the sender must resend from the refused frame on
+    with pytest.raises(ProtocolError, match="must come first"):
+        ShipConnection.send(_copy_of(ship), frames[2])
+    resent = [pipe(ship.send(f), serve) for f in frames[1:]]
+    assert resent == [[f] for f in frames[1:]]
+    pipe(serve.send(Ack(seg=1, size=464)), ship)
+    assert ship.inflight_bytes == serve.inflight_bytes == 0
+
+
+def _copy_of(conn: ShipConnection) -> ShipConnection:
+    import copy
+    return copy.deepcopy(conn)
+
+
+def test_a_need_for_another_offset_while_a_resend_is_awaited() -> None:
+    ship, serve = opened()
+    pipe(ship.send(data(off=64, end=164)), serve)
+    pipe(ship.send(data(off=164, end=264)), serve)
+    pipe(serve.send(Need(seg=1, off=164, ids=(ID[1],))), ship)
+    with pytest.raises(ProtocolError, match="while the resend at 164 is awaited"):
+        serve.send(Need(seg=1, off=64, ids=(ID[1],)))
+    with pytest.raises(ProtocolError, match="while the resend at 164 is awaited"):
+        ship.receive_data(encode(Need(seg=1, off=64, ids=(ID[1],))))
+
+
+def test_inflight_of_a_segment_gates_its_reopening() -> None:
+    ship, serve = opened()
+    pipe(ship.send(data(off=64, end=164)), serve)
+    assert ship.inflight_of(seg=1) > 0 and ship.inflight_of(seg=2) == 0
+    assert ship.inflight_of(file="audit.log") == 0
+    pipe(serve.send(Ack(seg=1, size=164)), ship)
+    assert ship.inflight_of(seg=1) == 0
+    pipe(ship.send(Segment(seg=1, header=HEADER, replace=True)), serve)
+
+
+# ---- the state table, exhaustively ---------------------------------------------------------------
+#
+# docs/protocol.md's table of who may send what in which state, checked for
+# every frame type in every state from both ends. A frame the table allows
+# may still break a bookkeeping rule (a HAVE with no offer), but then the
+# error is not "out of order"; a frame the table forbids is refused as out
+# of order (or "closed" once closed).
+
+STATES = ["fresh", "hello", "open", "closing", "closed"]
+SENDER_MAY = {"fresh": {"hello"}, "hello": set(), "closing": {"ping", "pong"}, "closed": set(),
+              "open": {"segment", "offer", "data", "seal", "file", "base", "prune", "ping", "pong", "bye"}}
+RECEIVER_MAY = {"fresh": set(), "hello": {"welcome"}, "open": {"have", "need", "ack", "ping", "pong"},
+                "closing": {"ack", "ping", "pong", "bye"}, "closed": set()}
+TABLE_FRAMES: dict[str, Frame] = {
+    "hello": hello(), "welcome": Welcome(version=1, source="s", dedupe_key=KEY, position=Position(),
+                                         limits=Limits()),
+    "segment": Segment(seg=2, header=HEADER), "offer": Offer(req=1, ids=(ID[0],)), "data": data(),
+    "seal": Seal(seg=1, size=64), "file": File(file="base/b/d", size=0, mode=0, mtime_us=0, kind="dir"),
+    "base": Base(name="b"), "prune": Prune(segments=((1, 1, 64),), bases=()), "ping": Ping(n=2),
+    "pong": Pong(n=1), "bye": Bye(), "have": Have(req=1, bits=b"\x01"),
+    "need": Need(seg=1, off=64, ids=(ID[0],)), "ack": Ack(seg=1, size=64),
+}
+
+
+def in_state(state: str) -> tuple[ShipConnection, ServeConnection]:
+    ship, serve = ShipConnection(), ServeConnection()
+    if state == "fresh":
+        return ship, serve
+    serve.receive_data(ship.send(hello()))
+    if state == "hello":
+        return ship, serve
+    ship.receive_data(serve.send(welcome(serve, Position(segments=(SegPos(1, 1, 64, False),)))))
+    serve.receive_data(ship.send(Ping(n=1)))  # a ping outstanding each way, so that pong(1) is in order
+    ship.receive_data(serve.send(Ping(n=1)))
+    if state == "open":
+        return ship, serve
+    serve.receive_data(ship.send(Bye()))
+    if state == "closing":
+        return ship, serve
+    ship.receive_data(serve.send(Bye()))
+    return ship, serve
+
+
+def _check(action: Callable[[], object], allowed: bool) -> None:
+    try:
+        action()
+    except ProtocolError as e:
+        refused = "out of order" in str(e) or "closed" in str(e)
+        assert refused != allowed, str(e)
+    else:
+        assert allowed
+
+
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("t", sorted(TABLE_FRAMES))
+def test_state_table(state: str, t: str) -> None:
+    frame = TABLE_FRAMES[t]
+    sender_frame = t in {"hello", "segment", "offer", "data", "seal", "file", "base", "prune", "bye"} or \
+        t in ("ping", "pong")
+    receiver_frame = t in {"welcome", "have", "need", "ack", "bye", "ping", "pong"}
+    if sender_frame:
+        ship, serve = in_state(state)
+        _check(lambda: ship.send(frame), t in SENDER_MAY[state])
+        ship, serve = in_state(state)
+        _check(lambda: serve.receive_data(encode(frame)), t in SENDER_MAY[state])
+    if receiver_frame:
+        ship, serve = in_state(state)
+        _check(lambda: serve.send(frame), t in RECEIVER_MAY[state])
+        ship, serve = in_state(state)
+        _check(lambda: ship.receive_data(encode(frame)), t in RECEIVER_MAY[state])
+    if not sender_frame:  # a receiver's frame from the sender is always out of order, and vice versa
+        ship, serve = in_state(state)
+        _check(lambda: ship.send(frame), False)
+        ship, serve = in_state(state)
+        _check(lambda: serve.receive_data(encode(frame)), False)
+    if not receiver_frame:
+        ship, serve = in_state(state)
+        _check(lambda: serve.send(frame), False)
+        ship, serve = in_state(state)
+        _check(lambda: ship.receive_data(encode(frame)), False)
+
+
+@given(st.randoms(use_true_random=False), st.integers(10, 80))
+def test_random_conversations_with_needs_seals_and_pings(rng: random.Random, steps: int) -> None:
+    """A receiver that refuses frames (NEED) and acks what it applied, a
+    sender that resends from a refused frame on before anything new of that
+    segment, seals, pings both ways; every byte delivered in random pieces.
+    The model: each segment's bytes are applied in order exactly once. Both
+    ends agree all along and drain to nothing in flight."""
+    limits = Limits(frame=64 << 10, inflight=192 << 10, offers=2, offer_ids=4)
+    ship, serve = connect(limits=limits, position=Position(segments=(SegPos(1, 1, 64, False),)))
+    wire_up: list[bytes] = []  # sender -> receiver, not yet delivered
+    wire_down: list[bytes] = []
+    sent: dict[int, list[Data]] = {1: []}  # sender: the frames of each segment, in offset order
+    high = {1: 64}
+    sealed: set[int] = set()
+    resend: dict[int, list[Data]] = {}  # sender: per segment, frames to send again first
+    applied = {1: 64}  # receiver: bytes applied per segment (in order, no hole, no overlap)
+    acked = {1: 64}
+    refused: dict[int, int] = {}  # receiver: seg -> offset it sent a NEED for, until the resend comes
+    pings = [0, 0]
+    req = 0
+
+    def up() -> None:
+        for f in pipe(b"".join(wire_up), serve, rng):
+            if isinstance(f, Data):
+                seg = f.seg
+                assert seg is not None
+                assert f.off == applied[seg], "the connection passed a frame out of sequence"
+                refused.pop(seg, None)
+                applied[seg] = f.end
+            elif isinstance(f, Segment):
+                applied[f.seg], acked[f.seg] = 64, 0
+            elif isinstance(f, Ping):
+                wire_down.append(serve.send(Pong(n=f.n)))
+            elif isinstance(f, Offer):
+                wire_down.append(serve.send(Have.of(f.req, [False] * len(f.ids))))
+        wire_up.clear()
+
+    def down() -> None:
+        for f in pipe(b"".join(wire_down), ship, rng):
+            if isinstance(f, Need):
+                assert f.seg is not None
+                resend[f.seg] = [d for d in sent[f.seg] if d.off >= f.off]
+            elif isinstance(f, Ping):
+                wire_up.append(ship.send(Pong(n=f.n)))
+        wire_down.clear()
+
+    def send_data() -> None:
+        owing = [s for s in resend if resend[s]]
+        if owing:
+            seg = rng.choice(owing)
+            f = resend[seg][0]
+        else:
+            open_segs = sorted(s for s in high if s not in sealed)
+            if not open_segs:
+                return
+            seg = rng.choice(open_segs)
+            n = rng.randint(1, 30_000)
+            f = Data(seg=seg, off=high[seg], end=high[seg] + n, codec="lz4", raw=n,
+                     body=rng.randbytes(rng.randint(0, 20_000)))
+        if not ship.can_send(f.wire_size()):
+            return
+        wire_up.append(ship.send(f))
+        if owing:
+            resend[seg].pop(0)
+        else:
+            sent[seg].append(f)
+            high[seg] = f.end
+
+    for _ in range(steps):
+        action = rng.choice(["data", "data", "data", "deliver", "deliver", "back", "ack", "need", "segment",
+                             "seal", "ping", "offer"])
+        if action == "data":
+            send_data()
+        elif action == "segment" and len(high) < 4:
+            seg = max(high) + 1
+            wire_up.append(ship.send(Segment(seg=seg, header=HEADER)))
+            high[seg], sent[seg] = 64, []
+        elif action == "seal":
+            cands = [s for s in high if s not in sealed and ship.inflight_of(seg=s) == 0 and not resend.get(s)
+                     and s not in refused]
+            if cands:
+                seg = rng.choice(cands)
+                try:
+                    wire_up.append(ship.send(Seal(seg=seg, size=high[seg])))
+                except ProtocolError as e:  # a NEED the sender has read but not answered
+                    assert "owes the resend" in str(e)
+                    return
+                sealed.add(seg)
+        elif action == "deliver":
+            up()
+        elif action == "back":
+            down()
+        elif action == "ack":
+            cands = [s for s in applied if applied[s] > acked[s]]
+            if cands:
+                seg = rng.choice(cands)
+                wire_down.append(serve.send(Ack(seg=seg, size=applied[seg])))
+                acked[seg] = applied[seg]
+        elif action == "need":
+            # refuse the last frame applied of a segment, if not acknowledged yet
+            cands = [s for s in applied if s not in refused and applied[s] > acked[s]]
+            if cands:
+                seg = rng.choice(cands)
+                last = next((d for d in reversed(sent[seg]) if d.end == applied[seg] and d.off >= acked[seg]),
+                            None)
+                if last is not None and serve.inflight_of(seg=seg):
+                    try:
+                        wire_down.append(serve.send(Need(seg=seg, off=last.off, ids=(ID[0],))))
+                    except ProtocolError as e:  # that frame was already acked by a covering ack
+                        assert "in flight" in str(e)
+                        return
+                    refused[seg] = last.off
+                    applied[seg] = last.off
+        elif action == "ping":
+            if rng.random() < 0.5 and len(ship._our_pings) < 4:
+                pings[0] += 1
+                wire_up.append(ship.send(Ping(n=pings[0])))
+            elif len(serve._our_pings) < 4:
+                pings[1] += 1
+                wire_down.append(serve.send(Ping(n=pings[1])))
+        elif action == "offer" and ship.can_offer():
+            req += 1
+            wire_up.append(ship.send(Offer(req=req, ids=(ID[1],))))
+        assert serve.inflight_bytes <= ship.inflight_bytes <= limits.inflight
+        assert serve.outstanding_offers <= ship.outstanding_offers <= limits.offers
+    # drain: deliver, ack, answer, resend until quiet
+    for _ in range(100):
+        up()
+        for seg in applied:
+            if applied[seg] > acked[seg]:
+                wire_down.append(serve.send(Ack(seg=seg, size=applied[seg])))
+                acked[seg] = applied[seg]
+        down()
+        while any(resend.values()) and ship.can_send(max(1, 0)):
+            before = len(wire_up)
+            send_data()
+            if len(wire_up) == before:
+                break
+        if not wire_up and not wire_down and not any(resend.values()):
+            break
+    assert ship.inflight_bytes == serve.inflight_bytes == 0
+    assert ship.outstanding_offers == serve.outstanding_offers == 0
+    assert applied == high
+    pipe(ship.send(Bye()), serve)
+    assert serve.state is State.CLOSING
+
+

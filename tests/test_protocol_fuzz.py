@@ -239,3 +239,37 @@ def test_receiver_connection_survives_mutated_streams(case: tuple[list[Frame], b
     except ProtocolError as e:
         assert "\n" not in str(e)
         assert serve.state.value == "closed"
+
+
+@given(mutated_streams(), st.lists(st.integers(1, 64), max_size=6))
+def test_sender_connection_survives_mutated_streams(case: tuple[list[Frame], bytes], pieces: list[int]) -> None:
+    """The same against the sender's end (a broken or hostile receiver)."""
+    from cdpcore.protocol.connection import ShipConnection
+    _, stream = case
+    ship = ShipConnection()
+    ship.send(Hello(versions=(1, 1), uuid=b"u" * 16, encrypted=False, domain=None, agent="a"))
+    ship.receive_data(encode(Welcome(version=1, source="s", dedupe_key=b"k" * 32, position=Position(),
+                                     limits=Limits())))
+    ship.send(Segment(seg=1, header=b"h" * 64))
+    i = 0
+    try:
+        for n in [*pieces, len(stream)]:
+            ship.receive_data(stream[i:i + n])
+            i += n
+    except ProtocolError as e:
+        assert "\n" not in str(e) and e.code in ("protocol", "limit", "version")
+        assert ship.state.value == "closed"
+
+
+@given(st.lists(st.binary(min_size=30, max_size=34), min_size=16, max_size=40), st.data())
+def test_the_ids_fast_path_agrees_with_the_walk(items: list[bytes], data: st.DataObject) -> None:
+    """Arrays of 32-byte bins are pre-scanned by strided compares; arrays
+    that only nearly look like that (other lengths, a str among them, cut
+    short) must be walked and judged exactly as before."""
+    m: dict[str, Any] = {"t": "offer", "req": 1, "ids": items}
+    payload = bytearray(msgpack.packb(m, use_bin_type=True))
+    if data.draw(st.booleans()) and len(payload) > 10:
+        del payload[data.draw(st.integers(10, len(payload) - 1)):]
+    r = feed_all(FrameDecoder(), frame_of(bytes(payload)), [])
+    valid = all(len(x) == 32 for x in items) and len(payload) == len(msgpack.packb(m, use_bin_type=True))
+    assert (not isinstance(r, ProtocolError)) == valid

@@ -80,13 +80,13 @@ def test_sigkill_of_sender_and_receiver_mid_stream_then_restart(tmp_path: Path, 
     vault = tmp_path / "vault"
     serve = Serve(vault, certs)
     # a slow rate, so that the kills land mid-stream
-    ship = subprocess.Popen(ship_args(src, serve.port, certs, "--rate", "2MB", "--quiet"),
+    ship = subprocess.Popen(ship_args(src, serve.port, certs, "--rate", "400KB", "--quiet"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: acked(src) > 0, "first acks")
     ship.kill()
     ship.wait()
     assert acked(src) < last
-    ship = subprocess.Popen(ship_args(src, serve.port, certs, "--rate", "2MB", "--quiet"),
+    ship = subprocess.Popen(ship_args(src, serve.port, certs, "--rate", "400KB", "--quiet"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     before = acked(src)
     wait_for(lambda: acked(src) > before, "acks after the sender's restart")

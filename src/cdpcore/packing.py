@@ -381,3 +381,78 @@ def open_chunk(keys: Keys, cid: bytes, ciphertext: bytes, plain_len: int) -> byt
     if chunk_id(keys.ids, plain) != cid:
         raise KeyFileError(f"sealed chunk {cid.hex()[:16]}: content does not match its id")
     return plain
+
+
+# ---- references the receiver can resolve before decompressing (codec zstd-ref) ----
+
+
+def head_size(body: bytes | bytearray | memoryview) -> int:
+    """Length of a plaintext body's header and piece list (what the receiver
+    must see first to know the body's references)."""
+    if len(body) < BODY_HDR.size:
+        raise ProtocolError(f"pack body of {len(body)} bytes is shorter than its {BODY_HDR.size}-byte header")
+    mlen = BODY_HDR.unpack_from(body)[4]
+    return BODY_HDR.size + mlen
+
+
+def prefix_plan(p: Pack, held: set[bytes] | frozenset[bytes] = frozenset(),
+                resend: set[bytes] | frozenset[bytes] = frozenset()) -> tuple[bytes, bytes]:
+    """For the body p.encode(held, resend) gives: a bitmap over its
+    references in piece-list order (bit i of byte i//8, LSB first) marking
+    those the receiver resolves from its store (held before this body, each
+    id marked once), and those chunks' bytes in that order. The codec uses
+    them as a dictionary, so a page compresses against its previous version
+    that the vault already holds (a rollback journal's copy of it)."""
+    if p.keys is not None:
+        raise ValueError("sealed packs have no resolvable prefix")
+    sent: set[bytes] = set()
+    taken: set[bytes] = set()
+    bits = bytearray()
+    data: list[bytes] = []
+    n = 0
+    view = memoryview(p.buf)
+    for piece in p.pieces:
+        if piece.id is None:
+            continue
+        if piece.id in sent or ((piece.id in held or piece.id in p.known) and piece.id not in resend):
+            if n % 8 == 0:
+                bits.append(0)
+            if piece.id not in sent and piece.id not in taken:
+                bits[-1] |= 1 << (n % 8)
+                taken.add(piece.id)
+                data.append(bytes(view[piece.start:piece.end]))
+            n += 1
+        else:
+            sent.add(piece.id)
+    view.release()
+    return bytes(bits), b"".join(data)
+
+
+def head_refs(head: bytes | bytearray | memoryview) -> list[bytes]:
+    """The references (chunk ids, in piece-list order, repeats included) of
+    a plaintext body's header and piece list; malformed input is a
+    ProtocolError."""
+    head = memoryview(head)
+    if len(head) < BODY_HDR.size:
+        raise ProtocolError(f"pack head of {len(head)} bytes is shorter than its {BODY_HDR.size}-byte header")
+    magic, version, mode, reserved, mlen, _llen, _clen = BODY_HDR.unpack_from(head)
+    if magic != MAGIC or version != VERSION or mode != MODE_PLAIN or reserved:
+        raise ProtocolError(f"pack head: expected a version {VERSION} plaintext pack header")
+    if BODY_HDR.size + mlen != len(head):
+        raise ProtocolError(f"pack head: piece list of {mlen} bytes, head holds {len(head) - BODY_HDR.size}")
+    try:
+        meta = msgpack.unpackb(head[BODY_HDR.size:], use_list=True, max_bin_len=ID_SIZE, max_str_len=0,
+                               max_array_len=mlen, max_map_len=0, max_ext_len=0)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"pack head: piece list does not decode ({type(e).__name__})") from None
+    if not isinstance(meta, list):
+        raise ProtocolError("pack head: piece list is not an array")
+    out = []
+    for item in meta:
+        if type(item) is bytes:
+            if len(item) != ID_SIZE:
+                raise ProtocolError(f"pack head: chunk reference of {len(item)} bytes, expected {ID_SIZE}")
+            out.append(item)
+        elif type(item) is not int:
+            raise ProtocolError(f"pack head: piece of type {type(item).__name__}")
+    return out

@@ -20,6 +20,10 @@ Both ends keep the same books, so each checks the other and itself:
 * the DATA frames in flight (sent, not yet covered by an ACK of their
   target at or beyond their end, nor answered by a NEED), in encoded bytes:
   the sender may not exceed `limits.inflight`;
+* after a NEED, the resend it asks for: the sender must resend the target
+  from the refused frame on before anything else of it, and the receiver
+  drops (never returns) the frames of the target the sender had sent
+  before it read the NEED, so the transport never sees a hole;
 * the OFFERs not yet answered by a HAVE (at most `limits.offers`).
 
 Why both ends can check the same rule although frames cross on the wire:
@@ -29,6 +33,10 @@ of frames in flight or offers outstanding is therefore never above the
 sender's, and a limit the sender obeys is never seen broken by the
 receiver. The same argument makes "nothing in flight" rules (BYE, PRUNE,
 reopening a segment) checkable at the receiver.
+
+`send()` books a frame when it is called, so the transport must write the
+returned bytes in the order of the calls (one lock held across `send()`
+and the write, when several tasks send).
 
 Any ProtocolError, raised by `receive_data()` (the peer broke a rule) or by
 `send()` (our own caller did), closes the connection: the state becomes
@@ -43,6 +51,7 @@ import heapq
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from .errors import ProtocolError, fail
 from .frames import (
@@ -90,6 +99,7 @@ class _TargetBook:
     sealed: int | None = None  # segments: the SEAL size
     replace: bool = False  # segments: opened with replace=True (bytes go to .incoming)
     complete: bool = False  # base files: their FILE frame was sent
+    need_off: int | None = None  # a NEED refused the frame at this offset; its resend is awaited
     heap: list[tuple[int, int, _Sent]] = field(default_factory=list)  # (end, tiebreak, frame)
     by_off: dict[int, list[_Sent]] = field(default_factory=dict)
     inflight: int = 0  # encoded bytes of live frames in `heap`
@@ -122,10 +132,15 @@ class _Books:
             book = self.targets[target] = _TargetBook()
         return book
 
+    def _no_resend_due(self, where: str, target: Target, book: _TargetBook | None) -> None:
+        if book is not None and book.need_off is not None:
+            fail(where, f"{_name(target)} still owes the resend at offset {book.need_off} a need asked for")
+
     def open_segment(self, f: Segment) -> None:
         where = "segment frame"
         target = ("seg", f.seg)
         book = self.targets.get(target)
+        self._no_resend_due(where, target, book)
         if book is not None and book.inflight:
             # An ACK already on its way would be read as one of the new
             # segment: reopen only when everything sent is acknowledged.
@@ -136,25 +151,39 @@ class _Books:
             # The header comes with this frame: the segment holds 64 bytes.
             self.targets[target] = _TargetBook(high=64, replace=f.replace)
 
-    def data(self, f: Data, size: int) -> None:
+    def data(self, f: Data, size: int, receiving: bool) -> bool:
+        """Book a DATA frame; False for a stale one (the receiver drops it)."""
         where = "data frame"
         if f.raw > self.limits.body or len(f.body) > self.limits.body:
             fail(where, f"body of {max(f.raw, len(f.body))} bytes, more than the limit {self.limits.body}",
-                 "limit")
-        if self.inflight + size > self.limits.inflight:
-            fail(where, f"{self.inflight + size} bytes in flight, more than the limit {self.limits.inflight}",
                  "limit")
         book = self._book(where, f.target, create_file=True)
         if f.off > book.high:
             fail(where, f"{_name(f.target)} bytes [{f.off}, {f.end}) would leave a hole after byte {book.high}")
         if book.sealed is not None and f.end > book.sealed:
             fail(where, f"{_name(f.target)} bytes [{f.off}, {f.end}) beyond its seal at {book.sealed}")
+        if book.need_off is not None:
+            if f.off != book.need_off:
+                if not receiving:
+                    fail(where, f"{_name(f.target)}: the resend at offset {book.need_off} a need asked for "
+                         f"must come first, not [{f.off}, {f.end})")
+                # Sent before the sender read our NEED (after it, its first
+                # DATA of the target is the resend): already out of flight
+                # at the sender, so neither counted nor applied here; but
+                # sent, so later stale frames follow it without a hole.
+                book.high = max(book.high, f.end)
+                return False
+            book.need_off = None
+        if self.inflight + size > self.limits.inflight:
+            fail(where, f"{self.inflight + size} bytes in flight, more than the limit {self.limits.inflight}",
+                 "limit")
         book.high = max(book.high, f.end)
         sent = _Sent(f.end, f.off, size)
         heapq.heappush(book.heap, (f.end, next(self._tiebreak), sent))
         book.by_off.setdefault(f.off, []).append(sent)
         book.inflight += size
         self.inflight += size
+        return True
 
     def _release(self, book: _TargetBook, sent: _Sent) -> None:
         sent.alive = False
@@ -194,14 +223,25 @@ class _Books:
         if len(f.ids) > self.limits.offer_ids:
             fail(where, f"{len(f.ids)} ids, more than the limit {self.limits.offer_ids}", "limit")
         book = self._book(where, f.target, create_file=False)
-        same = book.by_off.get(f.off)
-        if not same:
+        if book.need_off is not None:
+            if f.off != book.need_off:
+                fail(where, f"{_name(f.target)} at offset {f.off} while the resend at {book.need_off} is awaited")
+            return  # one more NEED for the same frame: more ids than one holds
+        if f.off not in book.by_off:
             fail(where, f"no data frame of {_name(f.target)} at offset {f.off} is in flight")
-        self._release(book, same[0])  # answered: the sender resends it as a new frame
+        # The receiver applies nothing of the target from this frame on until
+        # its resend, and the sender resends it and everything after it: so
+        # all of those leave flight now (else a full window could never make
+        # room for the resends).
+        for off in [o for o in book.by_off if o >= f.off]:
+            for sent in list(book.by_off.get(off, ())):
+                self._release(book, sent)
+        book.need_off = f.off
 
     def seal(self, f: Seal) -> None:
         where = "seal frame"
         book = self._book(where, ("seg", f.seg), create_file=False)
+        self._no_resend_due(where, ("seg", f.seg), book)
         if f.size != book.high:
             fail(where, f"segment {f.seg} sealed at {f.size} but {book.high} bytes were sent")
         if book.sealed is not None and book.sealed != f.size:
@@ -211,6 +251,7 @@ class _Books:
     def file(self, f: File) -> None:
         target = ("file", f.file)
         book = self.targets.get(target)
+        self._no_resend_due("file frame", target, book)
         high = book.high if book is not None else 0
         if f.kind == "file" and f.size != high:
             fail("file frame", f"file {f.file!r} complete at {f.size} bytes but {high} were sent")
@@ -223,6 +264,8 @@ class _Books:
     def prune(self, f: Prune) -> None:
         if self.inflight:
             fail("prune frame", f"sent with {self.inflight} bytes of data in flight")
+        for target, book in self.targets.items():
+            self._no_resend_due("prune frame", target, book)
         live = {s.seg for s in f.segments}
         for target in list(self.targets):
             if target[0] == "seg":
@@ -258,6 +301,12 @@ class _Books:
             fail(where, f"sent with {self.inflight} bytes of data in flight")
         if self.offers:
             fail(where, f"sent with {len(self.offers)} offers unanswered")
+        for target, book in self.targets.items():
+            self._no_resend_due(where, target, book)
+
+    def inflight_of(self, target: Target) -> int:
+        book = self.targets.get(target)
+        return book.inflight if book is not None else 0
 
 
 def _name(target: Target) -> str:
@@ -307,21 +356,30 @@ class _Connection:
     def outstanding_offers(self) -> int:
         return len(self._books.offers) if self._books else 0
 
+    def inflight_of(self, seg: int | None = None, file: str | None = None) -> int:
+        """Encoded bytes of DATA in flight for one segment or file: a
+        SEGMENT reopening it, or a PRUNE, must wait until this is 0."""
+        target: Target = ("seg", seg) if seg is not None else ("file", file)  # type: ignore[assignment]
+        return self._books.inflight_of(target) if self._books else 0
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """The frames in `data` (any split of the stream), each checked
         against the state machine. Raises ProtocolError (and the connection
         is CLOSED) at the first frame that breaks a rule; frames before it
         in the same call are not returned (nothing of a broken stream is
-        applied)."""
+        applied). DATA made stale by a NEED is dropped, not returned; an
+        ERROR frame is the last frame returned (bytes after it are ignored)."""
         if not data:
             return []
         if self._state is State.CLOSED:
             fail("", f"{len(data)} bytes received after the connection closed")
         try:
             out = []
-            for frame, size in self._decoder.feed_sized(data):
-                self._receive(frame, size)
-                out.append(frame)
+            for frame, size in self._decoder.frames(data):
+                if self._receive(frame, size):
+                    out.append(frame)
+                if isinstance(frame, Error):
+                    break  # the peer is closing: whatever follows its reason is not read
             return out
         except ProtocolError as e:
             self._close(e)
@@ -352,7 +410,7 @@ class _Connection:
             self.error = e
         self._state = State.CLOSED
 
-    def _out_of_order(self, frame: Frame, who: str, why: str = "") -> None:
+    def _out_of_order(self, frame: Frame, who: str, why: str = "") -> NoReturn:
         state = self._state.value
         fail(f"{frame.T} frame", f"out of order from the {who} in state {state}" + (f": {why}" if why else ""))
 
@@ -384,7 +442,8 @@ class _Connection:
         self.peer_error = frame
         self._state = State.CLOSED
 
-    def _receive(self, frame: Frame, size: int) -> None:
+    def _receive(self, frame: Frame, size: int) -> bool:
+        """Check and book a frame from the peer; False: drop it silently."""
         raise NotImplementedError
 
     def _check_send(self, frame: Frame) -> bytes:
@@ -427,10 +486,10 @@ class ShipConnection(_Connection):
             return False
         return len(self._books.offers) < self.limits.offers
 
-    def _receive(self, frame: Frame, size: int) -> None:
+    def _receive(self, frame: Frame, size: int) -> bool:
         if isinstance(frame, Error):
             self._peer_error(frame)
-            return
+            return True
         state = self._state
         if state is State.HANDSHAKE:
             if self.hello is None:
@@ -438,7 +497,7 @@ class ShipConnection(_Connection):
             if not isinstance(frame, Welcome):
                 self._out_of_order(frame, "receiver", "expected welcome or error")
             self._welcome(frame)
-            return
+            return True
         if type(frame) not in _RECEIVER_FRAMES and not isinstance(frame, Bye):
             self._out_of_order(frame, "receiver", "a receiver never sends it" if not isinstance(frame, Welcome)
                                else "welcome comes once")
@@ -452,14 +511,18 @@ class ShipConnection(_Connection):
             if state is not State.CLOSING:
                 self._out_of_order(frame, "receiver", "the receiver says bye only after the sender")
             self._state = State.CLOSED
-        elif state is State.CLOSING:
-            self._out_of_order(frame, "receiver", "after our bye only ping, pong, bye or error")
+        elif state is State.CLOSING and not isinstance(frame, Ack):
+            # An ACK may still come: the receiver's sync of a SEGMENT or SEAL
+            # sent just before our BYE (nothing was in flight, but the ack of
+            # the header or the seal is on its way).
+            self._out_of_order(frame, "receiver", "after our bye only ack, ping, pong, bye or error")
         elif isinstance(frame, Have):
             books.have(frame)
         elif isinstance(frame, Need):
             books.need(frame)
         elif isinstance(frame, Ack):
             books.ack(frame)
+        return True
 
     def _welcome(self, w: Welcome) -> None:
         hello = self.hello
@@ -510,7 +573,7 @@ class ShipConnection(_Connection):
         books = self._books
         assert books is not None
         if isinstance(frame, Data):
-            books.data(frame, size)
+            books.data(frame, size, receiving=False)
         elif isinstance(frame, Segment):
             books.open_segment(frame)
         elif isinstance(frame, Offer):
@@ -540,10 +603,10 @@ class ServeConnection(_Connection):
         self.hello: Hello | None = None
         self._welcomed = False
 
-    def _receive(self, frame: Frame, size: int) -> None:
+    def _receive(self, frame: Frame, size: int) -> bool:
         if isinstance(frame, Error):
             self._peer_error(frame)
-            return
+            return True
         state = self._state
         if state is State.HANDSHAKE:
             if self.hello is not None:
@@ -551,7 +614,7 @@ class ServeConnection(_Connection):
             if not isinstance(frame, Hello):
                 self._out_of_order(frame, "sender", "the first frame must be hello")
             self._hello(frame)
-            return
+            return True
         if type(frame) not in _SENDER_FRAMES:
             self._out_of_order(frame, "sender", "a sender never sends it" if not isinstance(frame, Hello)
                                else "hello comes once")
@@ -559,13 +622,13 @@ class ServeConnection(_Connection):
             self._out_of_order(frame, "sender")
         if isinstance(frame, (Ping, Pong)):
             self._ping_pong_received(frame)
-            return
+            return True
         if state is State.CLOSING:
             self._out_of_order(frame, "sender", "after its bye only ping, pong or error")
         books = self._books
         assert books is not None
         if isinstance(frame, Data):
-            books.data(frame, size)
+            return books.data(frame, size, receiving=True)
         elif isinstance(frame, Segment):
             books.open_segment(frame)
         elif isinstance(frame, Offer):
@@ -579,6 +642,7 @@ class ServeConnection(_Connection):
         elif isinstance(frame, Bye):
             books.quiet("bye frame")
             self._state = State.CLOSING
+        return True
 
     def _hello(self, h: Hello) -> None:
         lo = max(h.versions[0], self.versions[0])
@@ -622,8 +686,8 @@ class ServeConnection(_Connection):
             b = encode(frame, RECEIVER_FRAME_CAP)
             self._state = State.CLOSED
             return b
-        if state is State.CLOSING:
-            self._out_of_order(frame, "caller", "after the sender's bye only ping, pong, bye or error")
+        if state is State.CLOSING and not isinstance(frame, Ack):
+            self._out_of_order(frame, "caller", "after the sender's bye only ack, ping, pong, bye or error")
         b = encode(frame, RECEIVER_FRAME_CAP)
         if isinstance(frame, Have):
             books.have(frame)

@@ -38,7 +38,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Union
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, Union
 
 import msgpack
 
@@ -75,7 +75,7 @@ MAX_OFFERS = 64
 MAX_OFFER_IDS = 65536
 MAX_LIST = 65536  # segments or bases in a position or a prune: 4 TiB of 64 MiB segments
 MAX_OBJECTS = 1 << 19  # msgpack objects in one frame: bounds the memory a frame can expand to
-MAX_DEPTH = 8  # nested containers; the deepest frame (welcome.position.segments[i]) needs 3
+MAX_DEPTH = 8  # nested containers; the deepest frame needs 4 (welcome > position > segments > [seg, ...])
 MAX_PATH = 4096  # bytes, as PATH_MAX
 MAX_NAME = 255  # bytes of one path component, as NAME_MAX
 MAX_AGENT = 256
@@ -85,7 +85,7 @@ U63 = 1 << 63
 I64_MIN = -(1 << 63)
 U32 = 1 << 32
 
-CODECS = frozenset({"zstd", "lz4", "none"})
+CODECS = frozenset({"zstd", "zstd-ref", "lz4", "none"})  # zstd-ref: codec.py (docs/replication.md, Compression)
 KINDS = frozenset({"file", "dir", "symlink"})
 # A source name is a certificate CN; a domain name has the same rules.
 _SOURCE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -182,9 +182,10 @@ def _seq(t: str, name: str, v: object, max_len: int, min_len: int = 0) -> tuple[
 
 def _ids(t: str, name: str, v: object) -> tuple[bytes, ...]:
     ids = _seq(t, name, v, MAX_OFFER_IDS, 1)
-    for i, x in enumerate(ids):
-        if type(x) is not bytes or len(x) != 32:
-            fail(_where(t, f"{name}[{i}]"), f"expected a 32-byte bin, got {short(x)}")
+    if set(map(type, ids)) != {bytes} or set(map(len, ids)) != {32}:  # (C loops; the names come after)
+        for i, x in enumerate(ids):
+            if type(x) is not bytes or len(x) != 32:
+                fail(_where(t, f"{name}[{i}]"), f"expected a 32-byte bin, got {_tname(x)} {short(x)}")
     return ids
 
 
@@ -214,16 +215,18 @@ def check_base_name(where: str, v: object) -> str:
     return v
 
 
-def check_file_path(where: str, v: object, base_only: bool = False) -> str:
+def check_file_path(where: str, v: object, base_only: bool = False, base_root: bool = False) -> str:
     """A replicated file's path, relative to the journal directory:
     `journal.json`, `audit.log` or `base/NAME/PATH`, normalised (no empty,
     '.' or '..' component, no leading or doubled '/'), so that a receiver
-    joining it under its replica cannot leave it."""
+    joining it under its replica cannot leave it. `base_root`: `base/NAME`
+    itself is allowed too (a FILE frame giving the base directory's mode
+    and mtime)."""
     v = _path_text(where, v)
     if not base_only and v in ("journal.json", "audit.log"):
         return v
     parts = v.split("/")
-    if len(parts) < 3 or parts[0] != "base":
+    if len(parts) < (2 if base_root else 3) or parts[0] != "base":
         allowed = "base/NAME/PATH" if base_only else "journal.json, audit.log or base/NAME/PATH"
         fail(where, f"{short(v)} is not {allowed}")
     for part in parts:
@@ -267,8 +270,9 @@ class Limits:
         _int(t, "limits.frame", self.frame, MIN_FRAME, MAX_FRAME + 1)
         _int(t, "limits.body", self.body, MIN_FRAME, MAX_BODY + 1)
         _int(t, "limits.window_log", self.window_log, 10, 32)
-        # At least one frame must fit in flight, or the sender could never send.
-        _int(t, "limits.inflight", self.inflight, self.frame, U63)
+        # At least one frame of the largest size (and its length prefix) must
+        # fit in flight, or the sender could never send it.
+        _int(t, "limits.inflight", self.inflight, self.frame + PREFIX.size, U63)
         _int(t, "limits.offers", self.offers, 1, MAX_OFFERS + 1)
         _int(t, "limits.offer_ids", self.offer_ids, 1, MAX_OFFER_IDS + 1)
 
@@ -686,7 +690,8 @@ class Seal:
 class File:
     """Sender: the base entry `file` (base/NAME/PATH) is complete: its bytes
     (kind "file", `size` of them, sent as DATA before), mode, mtime; a
-    directory; or a symlink to `target`."""
+    directory (base/NAME itself included: the base's own mode and mtime);
+    or a symlink to `target`."""
 
     T: ClassVar[str] = "file"
     file: str
@@ -698,7 +703,7 @@ class File:
 
     def __post_init__(self) -> None:
         t = self.T
-        check_file_path(_where(t, "file"), self.file, base_only=True)
+        check_file_path(_where(t, "file"), self.file, base_only=True, base_root=self.kind == "dir")
         _int(t, "size", self.size)
         _int(t, "mode", self.mode, 0, 0o10000)  # permission bits; the type is `kind`
         _int(t, "mtime_us", self.mtime_us, I64_MIN)  # files older than 1970 exist
@@ -861,7 +866,7 @@ class Bye:
 
 Frame = Union[Hello, Welcome, Error, Segment, Offer, Have, Data, Need, Seal, File, Base, Prune,
               Ack, Ping, Pong, Bye]
-FRAME_TYPES: dict[str, type] = {c.T: c for c in (Hello, Welcome, Error, Segment, Offer, Have, Data, Need,
+FRAME_TYPES: dict[str, type[Frame]] = {c.T: c for c in (Hello, Welcome, Error, Segment, Offer, Have, Data, Need,
                                                   Seal, File, Base, Prune, Ack, Ping, Pong, Bye)}
 
 
@@ -882,7 +887,7 @@ def encode(frame: Frame, max_frame: int = MAX_FRAME) -> bytes:
         raise TypeError(f"not a frame: {frame!r}")
     m = frame._wire()
     m["t"] = frame.T
-    payload = msgpack.packb(m, use_bin_type=True, unicode_errors="surrogateescape")
+    payload: bytes = msgpack.packb(m, use_bin_type=True, unicode_errors="surrogateescape")
     if len(payload) > max_frame:
         fail(f"{frame.T} frame", f"{len(payload)} bytes, more than the frame limit {max_frame}", "limit")
     # One copy of a large body here (and one in packb): linear, never per byte.
@@ -930,6 +935,10 @@ def _prescan(buf: memoryview) -> None:
             count = b & 0x0F
         elif b <= 0xBF:
             pos += b & 0x1F
+        elif b == 0xC4:  # bin 8: chunk ids and headers, the common case, inline
+            if pos >= n:
+                fail("frame", "msgpack data ends inside a length")
+            pos += 1 + buf[pos]
         elif b in _FIXED:
             pos += _FIXED[b]
         elif b in _LEN_BYTES:
@@ -954,6 +963,17 @@ def _prescan(buf: memoryview) -> None:
                 fail("frame", f"a msgpack container declares {count} elements in {n - pos} bytes")
             if len(stack) > MAX_DEPTH:
                 fail("frame", f"msgpack containers nested deeper than {MAX_DEPTH}", "limit")
+            if count >= 16 and (0x90 <= b <= 0x9F or b in (0xDC, 0xDD)):
+                # An array of 32-byte bins (the ids of an OFFER or NEED):
+                # checked with two strided compares instead of one Python
+                # step per id.
+                end = pos + 34 * count
+                if end <= n and objects + count <= MAX_OBJECTS and \
+                        buf[pos:end:34].tobytes() == b"\xc4" * count and \
+                        buf[pos + 1:end:34].tobytes() == b"\x20" * count:
+                    objects += count
+                    pos = end
+                    continue
             stack.append(count)
     if pos != n:
         fail("frame", f"{n - pos} bytes after the msgpack map")
@@ -1027,18 +1047,23 @@ class FrameDecoder:
     def feed_sized(self, data: bytes | bytearray | memoryview) -> list[tuple[Frame, int]]:
         """As `feed`, with each frame's size on the wire (prefix included),
         which flow control counts."""
+        return list(self.frames(data))
+
+    def frames(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[Frame, int]]:
+        """As `feed_sized`, one frame at a time: a caller that stops
+        iterating (the peer's ERROR came) never decodes the bytes after it.
+        The decoder is then spent."""
         if self._error is not None:
             raise ProtocolError(str(self._error), self._error.code)
         try:
-            return self._feed(data)
+            yield from self._feed(data)
         except ProtocolError as e:
             self._error = e
             self._buf = bytearray()
             self._need = -1
             raise
 
-    def _feed(self, data: bytes | bytearray | memoryview) -> list[tuple[Frame, int]]:
-        frames: list[tuple[Frame, int]] = []
+    def _feed(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[Frame, int]]:
         with memoryview(data) as mv:
             mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
             pos, n = 0, len(mv)
@@ -1058,20 +1083,21 @@ class FrameDecoder:
                     self._buf += mv[pos:pos + take]
                     pos += take
                     if len(self._buf) == self._need:
-                        frames.append((decode_payload(self._buf), 4 + self._need))
+                        frame = decode_payload(self._buf), 4 + self._need
                         self._buf = bytearray()
                         self._need = -1
+                        yield frame
                     continue
                 # Nothing buffered: decode whole frames straight from `data`.
                 length = self._check_length(PREFIX.unpack_from(mv, pos)[0])
                 if n - pos - 4 >= length:
-                    frames.append((decode_payload(mv[pos + 4:pos + 4 + length]), 4 + length))
+                    frame = decode_payload(mv[pos + 4:pos + 4 + length]), 4 + length
                     pos += 4 + length
+                    yield frame
                 else:
                     self._need = length
                     self._buf += mv[pos + 4:]
                     pos = n
-        return frames
 
     def _check_length(self, length: int) -> int:
         if length == 0:

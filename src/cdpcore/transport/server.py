@@ -53,7 +53,7 @@ from typing import Any, TextIO
 
 import trio
 
-from cdpcore.codec import Decompressor
+from cdpcore.codec import Decompressor, MissingRefs
 from cdpcore.errors import AuthError, CdpError, ProtocolError, VaultError
 from cdpcore.point import format_us
 from cdpcore.protocol import ServeConnection, State
@@ -219,7 +219,7 @@ class _Connection:
         self.source = "?"
         self.replica: Any = None
         self.stats: _Stats | None = None
-        self.decompressor = Decompressor(self.cfg.limits.window_log, self.cfg.limits.body)
+        self.decompressor: Decompressor | None = None  # made with the replica's dedupe key
         self.opened: set[int] = set()  # segments opened by SEGMENT or present in the position
         # Files with DATA not yet acknowledged in full: the only files an ACK
         # may name (the books forget a complete, acknowledged base file, and
@@ -310,6 +310,8 @@ class _Connection:
             await self.refuse(VaultError(f"cannot open the replica: {e}"), "storage")
             return
         self.stats = _Stats(self.source, self.peer, self.replica.dir, self.replica.last_seq())
+        self.decompressor = Decompressor(self.cfg.limits.window_log, self.cfg.limits.body,
+                                         chunk_key=self.replica.dedupe_key)
         self.server.log(f"{self.source}@{self.peer}: connected (agent {hello.agent!r}"
                         f"{', encrypted' if hello.encrypted else ''}"
                         f"{', domain ' + hello.domain if hello.domain else ''})")
@@ -434,9 +436,17 @@ class _Connection:
         assert self.stats is not None
         if isinstance(frame, F.Data):
             target = frame.seg if frame.seg is not None else frame.file
-            body = self.decompressor.decompress(frame.codec, frame.body, frame.raw, frame.reset)
-            async with self.replica_lock:
-                missing = r.apply_data(target, frame.off, frame.end, body, frame.first_seq, frame.last_seq)
+            assert self.decompressor is not None
+            try:
+                # zstd-ref reads the referenced chunks from the store (the
+                # replica's resolver checks each against its id)
+                body = self.decompressor.decompress(frame.codec, frame.body, frame.raw, frame.reset,
+                                                    resolve=r._resolve)
+            except MissingRefs as e:
+                missing = e.ids
+            else:
+                async with self.replica_lock:
+                    missing = r.apply_data(target, frame.off, frame.end, body, frame.first_seq, frame.last_seq)
             if missing:
                 for i in range(0, len(missing), self.cfg.limits.offer_ids):
                     await self.send(F.Need(seg=frame.seg, file=frame.file, off=frame.off,

@@ -55,6 +55,7 @@ from cdpcore import packing
 from cdpcore.codec import LADDER, AdaptiveLevel, Compressor
 from cdpcore.crypto import Keys
 from cdpcore.errors import AuthError, CdpError, KeyFileError, LinkError, ProtocolError, VaultError
+from cdpcore.offers import OfferPolicy
 from cdpcore.feed import BaseItem, EntryItem, Feed, FileItem, Item, Position, PruneItem, RunItem, SealItem, SegmentItem
 from cdpcore.point import format_us
 from cdpcore.protocol import ShipConnection
@@ -103,6 +104,7 @@ class _Pending:
     pack: packing.Pack | None = None
     req: int | None = None
     offered: tuple[bytes, ...] = ()
+    keys: dict[bytes, Any] = field(default_factory=dict)  # OfferPolicy.choose's file of each chunk
     have: trio.Event | None = None
     held: set[bytes] = field(default_factory=set)
 
@@ -146,6 +148,8 @@ class Shipper:
         self.state_file = state_file
         self.feed = Feed(self.journal)
         self.level = AdaptiveLevel()
+        # which files' chunks are worth an OFFER, learned from HAVEs (kept across connections)
+        self.policy = OfferPolicy()
         self._stop = trio.Event()
         self.stats: dict[str, Any] = {
             "target": f"{host}:{port}", "source": None, "state": "starting", "acked_seq": 0,
@@ -279,6 +283,15 @@ def _describe(e: BaseException) -> str:
     return type(e).__name__
 
 
+def _codec(ladder_codec: str, encrypted: bool) -> str:
+    """The DATA codec for a ladder rung: zstd rungs use zstd-ref (the vault's
+    chunks as a dictionary); encrypted bodies are compressed per chunk
+    before sealing, so the frame's codec is none."""
+    if encrypted:
+        return "none"
+    return "zstd-ref" if ladder_codec == "zstd" else ladder_codec
+
+
 def _crc(header: bytes) -> int:
     return int.from_bytes(header[60:64], "little")
 
@@ -365,8 +378,8 @@ class _Session:
         if s.keys is None and self.key is None:
             raise _Fatal(ProtocolError("the receiver sent no dedupe key for an unencrypted source"))
         rung = s.level.rung
-        self.compressor = Compressor(rung.codec if s.keys is None else "none", max(rung.level, 1),
-                                     window_log=min(self.limits.window_log, 31))
+        self.compressor = Compressor(_codec(rung.codec, s.keys is not None), max(rung.level, 1),
+                                     window_log=min(self.limits.window_log, 31), chunk_key=self.key)
         pos = welcome.position
         s._acked = Position.parse(pos._wire())
         self.seg_crc = {p.seg: p.header_crc for p in pos.segments}
@@ -429,6 +442,9 @@ class _Session:
                     assert p.have is not None
                     p.held = {cid for i, cid in enumerate(p.offered) if f.held(i)}
                     self.known.update(p.held)
+                    assert p.pack is not None
+                    sizes = {b.id: b.end - b.start for b in p.pack.pieces if b.id in p.held}
+                    self.s.policy.learn(list(p.offered), p.held, p.keys, sizes)  # type: ignore[arg-type]
                     p.have.set()
                 elif isinstance(f, F.Need):
                     await self.on_need(f)
@@ -496,8 +512,12 @@ class _Session:
         for u in self.unacked:
             if u.target == target and u.off == f.off:
                 self.known.difference_update(f.ids)
-                body = u.pack.encode(frozenset(), resend=frozenset(f.ids))
-                await self.send_data(u.item, body, u.pack, resend=u)
+                ids = frozenset(f.ids)
+                body = u.pack.encode(frozenset(), resend=ids)
+                # the two sides' zstd-ref histories parted at the refused frame
+                assert self.compressor is not None
+                self.compressor.reset()
+                await self.send_data(u.item, body, u.pack, resend=u, prefix=self.prefix(u.pack, frozenset(), ids))
                 return
         raise ProtocolError(f"need for {target!r} at offset {f.off}, which is not an unacknowledged frame")
 
@@ -573,9 +593,14 @@ class _Session:
         records = isinstance(item, RunItem)
         key = self.key or b""
         known = self.known
-        pk = await s.sync(lambda: packing.pack(item.buf, key, known.__contains__, s.keys, records=records))
+        pk = await s.sync(lambda: packing.pack(item.buf, key, known.__contains__, s.keys, records=records,
+                                               page=getattr(item, "page", 0)))
         p = _Pending(item, pk)
-        ids = tuple(pk.ids[:self.limits.offer_ids])
+        if s.keys is None:
+            offer, p.keys = s.policy.choose(item.buf if records else b"", pk)
+        else:
+            offer = list(pk.ids)  # sealed: ids say nothing of the plaintext to the vault; always ask
+        ids = tuple(offer[:self.limits.offer_ids])
         if ids:
             p.req, p.offered, p.have = self.next_req, ids, trio.Event()
             self.next_req += 1
@@ -623,20 +648,32 @@ class _Session:
             refs = [b for b in pk.pieces if b.id is not None and (b.id in p.held or b.id in pk.known)]
             self.s.stats["dedupe_hits"] += len(refs)
             self.s.stats["dedupe_bytes"] += sum(b.end - b.start for b in refs)
-            await self.send_data(item, body, pk)
+            await self.send_data(item, body, pk, prefix=self.prefix(pk, p.held))
             if len(self.known) > KNOWN_IDS_CAP:
                 self.known.clear()
             self.known.update(pk.all_ids)  # the vault holds them once this frame is applied
 
+    def prefix(self, pk: packing.Pack, held: frozenset[bytes] | set[bytes],
+               resend: frozenset[bytes] = frozenset()) -> tuple[bytes, bytes] | None:
+        """zstd-ref's dictionary plan: the referenced chunks the vault holds."""
+        if pk.keys is not None:
+            return None  # sealed packs: nothing the vault holds is readable
+        return packing.prefix_plan(pk, held, resend)
+
     async def send_data(self, item: RunItem | FileItem, body: bytes, pk: packing.Pack,
-                        resend: _Unacked | None = None) -> None:
+                        resend: _Unacked | None = None, prefix: tuple[bytes, bytes] | None = None) -> None:
         s = self.s
         assert self.compressor is not None
         if s.keys is None:
             rung = s.level.choose()
-            self.compressor.set_level(rung.codec, max(rung.level, 1))
+            codec = _codec(rung.codec, False)
+            self.compressor.set_level(codec, max(rung.level, 1))  # (a no-op when unchanged)
         t0 = time.thread_time()
-        comp = await s.sync(self.compressor.compress, body)
+        if self.compressor.codec == "zstd-ref":
+            assert prefix is not None
+            comp = await s.sync(lambda: self.compressor.compress(body, prefix=prefix))  # type: ignore[union-attr]
+        else:
+            comp = await s.sync(self.compressor.compress, body)
         s.level.observe_compression(LADDER.index(s.level.rung) if s.keys is None else 0, comp.raw,
                                     len(comp.body), time.thread_time() - t0)
         s.stats["codec"], s.stats["level"] = comp.codec, comp.level

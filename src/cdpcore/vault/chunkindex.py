@@ -86,6 +86,29 @@ class ChunkIndex:
         self._db.execute("UPDATE OR REPLACE chunks SET target = ? WHERE source = ? AND target = ?",
                          (new, source, old))
 
+    def entries_in(self, source: str, target: str) -> list[tuple[bytes, int, int]]:
+        """(id, offset, length) of the committed entries that point into target."""
+        rows = self._db.execute("SELECT id, off, len FROM chunks WHERE source = ? AND target = ?",
+                                (source, target)).fetchall()
+        return [(bytes(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+    def move(self, moves: list[tuple[bytes, str, str, int, int]], forget: list[bytes],
+             gone_pack: tuple[str, int] | None = None) -> None:
+        """Point chunks at their new place (id, source, target, off, len),
+        forget others and the pack file they were in, in one transaction (a
+        pack compaction)."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)", moves)
+            self._db.executemany("DELETE FROM chunks WHERE id = ?", [(f,) for f in forget])
+            if gone_pack is not None:
+                self._db.execute("DELETE FROM packs WHERE source = ? AND no = ?", gone_pack)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise VaultError(f"{self.path}: chunk index write failed: {e}") from None
+
     def count(self, source: str | None = None) -> int:
         if source is None:
             return int(self._db.execute("SELECT count(*) FROM chunks").fetchone()[0])

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cdpcore._native import INT64_MIN, check, crc32c, ffi, lib
+from cdpcore._native import INT64_MIN, check, ffi, lib
 from cdpcore.crypto import chunk_id
 from cdpcore.errors import CorruptJournal, NotAJournal, ProtocolError, UnsupportedVersion, VaultError
 from cdpcore.format import (
@@ -116,13 +116,22 @@ SOURCE_META = "source.json"
 ACCESS_LOG = "access.log"
 
 
+MATERIALIZED_MARK = ".cdpcore-replica-of"
+
+
 def replica_dir_of(path: str) -> str | None:
-    """VAULT/NAME when path is a replica journal (VAULT/NAME/journal), else None."""
+    """VAULT/NAME when path is a replica journal (VAULT/NAME/journal, or a
+    scratch journal materialised from an encrypted one), else None."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     if os.path.basename(path) == JOURNAL_DIR and os.path.isfile(os.path.join(parent, SOURCE_META)):
         return parent
-    return None
+    try:
+        with open(os.path.join(path, MATERIALIZED_MARK), encoding="utf-8") as f:
+            rdir = f.read().strip()
+    except OSError:
+        return None
+    return rdir if os.path.isfile(os.path.join(rdir, SOURCE_META)) else None
 
 
 def replica_journal(path: str, readonly: bool) -> str:
@@ -145,6 +154,8 @@ def replica_journal(path: str, readonly: bool) -> str:
         top = replica_dir_of(path) or ""
     if top and not readonly and replica_dir_of(path) is not None:
         raise VaultError(f"{top} is a replica kept by the vault; it opens read-only")
+    if top and os.path.exists(os.path.join(top, PRUNE_NAME)):
+        raise VaultError(f"{top}: the vault is swapping in a prune of this replica; retry when it is done")
     return path
 
 
@@ -320,6 +331,8 @@ class Replica:
                 hdr = parse_segment_header(data, path)
             except (CorruptJournal, NotAJournal, UnsupportedVersion) as e:
                 raise VaultError(f"replica of {self.name}: {e}") from None
+            if hdr.uuid != self.uuid or hdr.seg_no != seg:
+                raise VaultError(f"replica of {self.name}: {key} belongs to another journal or segment")
             size = os.fstat(f.fileno()).st_size
             sealed = self._sealed.get(seg) if not incoming else None
             if sealed is not None and sealed[0] == size:
@@ -399,6 +412,7 @@ class Replica:
             if live_segs and seg != max(live_segs) + 1:  # type: ignore[operator]
                 raise ProtocolError(f"segment {seg:016x} out of order: the replica's last segment is "
                                     f"{max(live_segs):016x}")  # type: ignore[type-var]
+            self._check_chain(seg - 1, hdr)
         path = os.path.join(self.jdir, key)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         self._fds[key] = fd
@@ -406,6 +420,20 @@ class Replica:
         self._targets[key] = _Target(key, "seg", SEG_HDR_SIZE, 0, hdr.first_seq - 1, hdr, crc, seg)
         self._dirty.add(key)
         self._new_dirs.add(self.segdir)
+
+    def _check_chain(self, prev: int, nxt: SegmentHeader | None) -> None:
+        """Segment prev+1 must start at the seq after prev's last (later, in a
+        COMPACTED one), once prev is sealed: else the replica would not open."""
+        p = self._targets.get(os.path.join(SEGMENT_DIR, segment_name(prev)))
+        if nxt is None:
+            n = self._targets.get(os.path.join(SEGMENT_DIR, segment_name(prev + 1)))
+            nxt = n.header if n is not None else None
+        if p is None or nxt is None or prev not in self._sealed:
+            return
+        want = p.last_seq + 1
+        if nxt.first_seq != want and not (nxt.compacted and nxt.first_seq > want):
+            raise ProtocolError(f"segment {prev + 1:016x} starts at seq {nxt.first_seq}, but segment "
+                                f"{prev:016x} was sealed ending at seq {p.last_seq}")
 
     def _check_header(self, seg: int, header: bytes) -> SegmentHeader:
         if not isinstance(header, bytes) or len(header) != SEG_HDR_SIZE:
@@ -430,17 +458,18 @@ class Replica:
             if t is None:
                 raise ProtocolError(f"data for segment {target:016x}, which was not begun")
             return t
-        if target == META_NAME:
-            return self._targets.setdefault(META_NAME, _Target(META_NAME, "meta", name=META_NAME))
-        if target == AUDIT_NAME:
-            return self._targets.setdefault(AUDIT_NAME, _Target(AUDIT_NAME, "append", name=AUDIT_NAME))
+        # A file target is registered only when bytes are written (apply_data),
+        # so a refused frame leaves no trace in the position.
+        if target in (META_NAME, AUDIT_NAME):
+            return self._targets.get(target) or _Target(target, "meta" if target == META_NAME else "append",
+                                                        name=target)
         parts = _rel_parts(target)
         if parts[0] != BASE_DIR or len(parts) < 3 or not valid_name(parts[1]):
             raise ProtocolError(f"file {target!r} is not journal.json, audit.log or base/NAME/PATH")
         if os.path.lexists(os.path.join(self.jdir, BASE_DIR, parts[1])):
             raise ProtocolError(f"data for {target!r}, but base {parts[1]} is already complete")
         key = "/".join([BASE_DIR, parts[1] + INCOMING, *parts[2:]])
-        return self._targets.setdefault(key, _Target(key, "append", name=target))
+        return self._targets.get(key) or _Target(key, "append", name=target)
 
     def apply_data(self, target: int | str, off: int, end: int, body: bytes,
                    first_seq: int | None = None, last_seq: int | None = None) -> list[bytes]:
@@ -470,6 +499,7 @@ class Replica:
             raise ProtocolError(f"data for {self._describe(t)} [{off}, {end}) unpacks to {len(u.data)} bytes")
         if t.kind == "meta":
             self._replace_meta(t, u.data)
+            self._targets[t.key] = t
             return []
         fd = self._fd(t)
         overlap = min(end, t.size) - off
@@ -482,6 +512,7 @@ class Replica:
         if t.kind == "seg":
             self._check_records(t, new, first_seq if overlap <= 0 else None, last_seq)
         os.pwrite(fd, new, t.size)
+        self._targets[t.key] = t
         start = t.size
         t.size = end
         self._dirty.add(t.key)
@@ -639,7 +670,16 @@ class Replica:
             raise ProtocolError(f"seal of segment {seg:016x} at {size} bytes, the replica holds "
                                 f"{'nothing' if t is None else t.size}")
         self.sync()
+        old = self._sealed.get(seg)
         self._sealed[seg] = (size, t.last_seq)
+        try:
+            self._check_chain(seg, None)
+        except ProtocolError:
+            if old is None:
+                del self._sealed[seg]
+            else:
+                self._sealed[seg] = old
+            raise
         self._write_position()
 
     # ---- bases ------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from cdpcore.packing import open_chunk, unpack_sealed
 from cdpcore.vault.replica import (
     AUDIT_NAME,
     INCOMING,
+    MATERIALIZED_MARK,
     MAX_FRAME_OUTPUT,
     POSITION_NAME,
     PRUNE_NAME,
@@ -95,6 +96,7 @@ class SealedStore:
         self._pack_size = 0
         self._packs_touched: dict[int, int] = {}
         self._entries_dirty: set[str] = set()
+        self._read_fds: dict[str, int] = {}
         self._load()
 
     # ---- opening ---------------------------------------------------------------
@@ -178,16 +180,18 @@ class SealedStore:
         self._recipes[key] = _Recipe(key, kind, size, size, hdr, seg, name)
 
     def _held(self, cid: bytes) -> bool:
+        """The chunk is in a pack file: the index says where, and the pack
+        entry there carries the same id (an index entry is only a hint)."""
         hit = self.index.lookup(cid)
         if hit is None or hit[0] != self.r.name:
             return False
-        path = os.path.join(self.dir, hit[1])
-        try:
-            with open(path, "rb") as f:
-                f.seek(hit[2])
-                return f.read(ID_SIZE) == cid
-        except OSError:
-            return False
+        fd = self._read_fds.get(hit[1])
+        if fd is None:
+            try:
+                fd = self._read_fds[hit[1]] = os.open(os.path.join(self.dir, hit[1]), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+        return os.pread(fd, ID_SIZE, hit[2]) == cid
 
     # ---- position ----------------------------------------------------------------
 
@@ -237,16 +241,15 @@ class SealedStore:
             return t
         if target in (META_NAME, AUDIT_NAME):
             key = f"recipes/{target}"
-            return self._recipes.setdefault(key, _Recipe(key, "meta" if target == META_NAME else "append", 0, 0,
-                                                         name=target))
+            return self._recipes.get(key) or _Recipe(key, "meta" if target == META_NAME else "append", 0, 0,
+                                                     name=target)
         parts = _rel_parts(target)
         if parts[0] != "base" or len(parts) < 3 or not valid_name(parts[1]):
             raise ProtocolError(f"file {target!r} is not journal.json, audit.log or base/NAME/PATH")
         if os.path.lexists(os.path.join(self.dir, "bases", parts[1])):
             raise ProtocolError(f"data for {target!r}, but base {parts[1]} is already complete")
-        os.makedirs(os.path.join(self.dir, "bases", parts[1] + INCOMING), exist_ok=True)
         key = f"bases/{parts[1]}{INCOMING}/{_recipe_name(target)}"
-        return self._recipes.setdefault(key, _Recipe(key, "append", 0, 0, name=target))
+        return self._recipes.get(key) or _Recipe(key, "append", 0, 0, name=target)
 
     def apply_data(self, target: int | str, off: int, end: int, body: bytes,
                    first_seq: int | None, last_seq: int | None) -> list[bytes]:
@@ -264,14 +267,14 @@ class SealedStore:
         if sum(n for _, n in sp.recipe) != end - off:
             raise ProtocolError(f"sealed data for {target!r} [{off}, {end}) describes "
                                 f"{sum(n for _, n in sp.recipe)} bytes")
+        if t.kind != "meta" and end <= t.size:
+            return []  # a resend of what is held (ciphertext cannot be compared to plaintext)
         new = dict(sp.new)
         missing = [cid for cid, _ in sp.recipe if cid not in new and not self._held(cid)]
         if missing:
             return list(dict.fromkeys(missing))
         entries = sp.recipe
         if t.kind != "meta":
-            if end <= t.size:
-                return []  # a resend of what is held (ciphertext cannot be compared to plaintext)
             skip, pos = 0, off
             while pos < t.size:
                 pos += entries[skip][1]
@@ -280,11 +283,15 @@ class SealedStore:
                 raise ProtocolError(f"sealed data for {target!r} overlaps the replica's end {t.size} "
                                     "mid-chunk")
             entries = entries[skip:]
+        self._recipes[t.key] = t  # registered only once the frame passed every check
+        os.makedirs(os.path.dirname(os.path.join(self.dir, t.key)), exist_ok=True)
         for cid, _n in entries:
             if cid in new and not self._held(cid):
                 self._append_chunk(cid, new.pop(cid))
         raw = b"".join(ENTRY.pack(cid, n) for cid, n in entries)
         if t.kind == "meta":
+            if self._pack_fd >= 0:
+                os.fdatasync(self._pack_fd)  # the chunks before the recipe that names them
             write_durable(os.path.join(self.dir, t.key), raw)
             t.size = t.durable = end
             self._position_changed = True
@@ -463,6 +470,76 @@ class SealedStore:
             self._close(key)
         self._recipes = {}
         self._load()
+        self.compact()
+
+    def live_ids(self) -> set[bytes]:
+        """Every chunk some recipe (segment, file, base, incoming or not) names."""
+        live: set[bytes] = set()
+        for sub in ("recipes", "bases"):
+            for dirpath, _dirs, files in os.walk(os.path.join(self.dir, sub)):
+                for fn in files:
+                    if fn == "entries.jsonl":
+                        continue
+                    with open(os.path.join(dirpath, fn), "rb") as f:
+                        raw = f.read()
+                    pos = SEG_HDR_SIZE if parse_segment_name(fn.removesuffix(INCOMING)) is not None else 0
+                    while pos + ENTRY.size <= len(raw):
+                        live.add(raw[pos:pos + ID_SIZE])
+                        pos += ENTRY.size
+        return live
+
+    def compact(self, threshold: float = 0.5) -> int:
+        """Rewrite pack files in which less than `threshold` of the bytes are
+        chunks a recipe still names (after a prune); returns bytes reclaimed.
+        Crash-safe by order: the new pack is fsync'd, then the index points
+        at it, then the old pack is deleted; a crash leaves at worst a
+        duplicate pack, reclaimed next time."""
+        self.sync()
+        live = self.live_ids()
+        pdir = os.path.join(self.dir, "packs")
+        reclaimed = 0
+        for fn in sorted(os.listdir(pdir)):
+            if not fn.endswith(".pack"):
+                continue
+            no = int(fn[:-5], 16)
+            target = f"packs/{fn}"
+            size = os.path.getsize(os.path.join(pdir, fn))
+            entries = self.index.entries_in(self.r.name, target)
+            keep = [(cid, off, n) for cid, off, n in entries if cid in live]
+            if size and sum(n for _, _, n in keep) >= threshold * size:
+                continue
+            _step(f"compact {fn}")
+            moves: list[tuple[bytes, str, str, int, int]] = []
+            if self._pack_fd >= 0:  # appends go to a new pack from here on
+                os.close(self._pack_fd)
+                self._pack_fd = -1
+            if keep:
+                self._pack_no += 1  # a fresh number: the current pack is the highest
+                new_fn = f"{self._pack_no:08x}.pack"
+                with open(os.path.join(pdir, fn), "rb") as src, open(os.path.join(pdir, new_fn), "wb") as dst:
+                    pos = 0
+                    for cid, off, n in keep:
+                        src.seek(off)
+                        dst.write(src.read(n))
+                        moves.append((cid, self.r.name, f"packs/{new_fn}", pos, n))
+                        pos += n
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                fsync_dir(pdir)
+                self._packs_touched[self._pack_no] = pos
+                self.index.commit(self._packs_touched, self.r.name)
+            elif no == self._pack_no:
+                self._pack_no += 1  # never append to a deleted pack's number
+            self._packs_touched.pop(no, None)
+            self.index.move(moves, [cid for cid, _, _ in entries if cid not in live], (self.r.name, no))
+            _step(f"compact delete {fn}")
+            fd = self._read_fds.pop(target, None)
+            if fd is not None:
+                os.close(fd)
+            os.unlink(os.path.join(pdir, fn))
+            fsync_dir(pdir)
+            reclaimed += size - sum(n for _, _, n in keep)
+        return reclaimed
 
     def _finish_prune(self) -> None:
         mpath = os.path.join(self.r.dir, PRUNE_NAME)
@@ -491,8 +568,7 @@ class SealedStore:
                 os.replace(path, path + ".removing")
                 shutil.rmtree(path + ".removing")
         _step("done")
-        # Pack files keep the chunks of removed segments: reclaiming them needs
-        # a compaction of the packs (not built yet; docs/replication.md).
+        # Pack files still hold the chunks of removed segments: compact() follows.
         try:
             with open(os.path.join(self.r.dir, POSITION_NAME), "rb") as f:
                 doc = json.loads(f.read())
@@ -517,6 +593,9 @@ class SealedStore:
         if self._pack_fd >= 0:
             os.close(self._pack_fd)
             self._pack_fd = -1
+        for fd in self._read_fds.values():
+            os.close(fd)
+        self._read_fds.clear()
 
 
 def _recipe_name(path: str) -> str:
@@ -541,7 +620,8 @@ class _Chunks:
         row = self.db.execute("SELECT target, off, len FROM chunks WHERE id = ? AND source = ?",
                               (cid, self.name)).fetchone()
         if row is None:
-            raise VaultError(f"sealed store: chunk {cid.hex()[:16]} is missing")
+            raise VaultError(f"sealed store: chunk {cid.hex()[:16]} is missing (if the receiver is "
+                             "writing this replica now, retry)")
         with open(os.path.join(self.sdir, row[0]), "rb") as f:
             f.seek(row[1])
             raw = f.read(row[2])
@@ -634,7 +714,11 @@ def materialized(replica_dir: str | os.PathLike[str], key_file: str | os.PathLik
     os.makedirs(tmp_top, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=os.path.basename(rdir) + "-", dir=tmp_top)
     try:
-        yield materialize(rdir, keys, scratch)
+        out = materialize(rdir, keys, scratch)
+        # what is done with the scratch journal is entered in the replica's access log
+        with open(os.path.join(out, MATERIALIZED_MARK), "w", encoding="utf-8") as f:
+            f.write(rdir + "\n")
+        yield out
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
