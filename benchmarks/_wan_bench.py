@@ -63,7 +63,7 @@ from typing import Any
 import _bench
 from _bench import percentile
 
-sys.path.insert(0, os.path.join(_bench.HERE, "wan"))
+sys.path.append(os.path.join(_bench.HERE, "wan"))
 
 import baselines
 import netlink

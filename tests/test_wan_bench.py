@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from conftest import THOROUGH
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH / "wan"))
-sys.path.insert(0, str(BENCH))
+# appended, not prepended: benchmarks/conftest.py must not shadow tests/conftest.py
+# (spawned processes of other tests inherit sys.path and import `conftest`)
+sys.path += [str(BENCH / "wan"), str(BENCH)]
 
 import baselines  # noqa: E402
 import netlink  # noqa: E402
