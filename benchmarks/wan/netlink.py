@@ -9,7 +9,7 @@ CAP_SYS_ADMIN), `ip` and `tc` (iproute2).
     python benchmarks/wan/netlink.py down NAME               # idempotent
     python benchmarks/wan/netlink.py clean                   # links whose owner process is gone
 
-Topology (NAME = cdpwan-PID-XXXX, unique per link: the creator's pid and
+Topology (NAME = cdpwan-PID-XXXX, unique per link: the owner's pid and
 random hex, so concurrent runs on one machine never collide)::
 
     netns NAME-tx                               netns NAME-dr
