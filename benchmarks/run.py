@@ -10,7 +10,10 @@ not in the default set: it builds a 4 GB journal, a few minutes; run it
 with --out benchmarks/results/restore), capture (issue 4: the LD_PRELOAD
 capture against plain runs: random pwrite, pgbench; several minutes; run it
 with --out benchmarks/results/capture), chunk (issue 5: FastCDC against
-pyfastcdc; needs the `bench` extra; --out benchmarks/results/chunk). Writes benchmarks/results/results.json
+pyfastcdc; needs the `bench` extra; --out benchmarks/results/chunk), wan
+(issue 5: replication over a real tbf-shaped 10 Mbit/s link between two
+network namespaces, next to rsync -z and zstd -3; needs root; ~10 minutes;
+--out benchmarks/results/wan; knobs in benchmarks/_wan_bench.py). Writes benchmarks/results/results.json
 and results.md (or the
 --out directory) and prints the Markdown. Files go to $CDP_BENCH_DIR, else
 the system temp dir, and are deleted afterwards.
@@ -28,8 +31,9 @@ import _bench
 import _capture_bench
 import _chunk_bench
 import _restore_bench
+import _wan_bench
 
-SUITES = ("append", "c", "resolve", "checksum", "restore", "capture", "chunk")
+SUITES = ("append", "c", "resolve", "checksum", "restore", "capture", "chunk", "wan")
 DEFAULT_SUITES = ("append", "c", "resolve", "checksum")
 
 
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       else args.rounds, log=log)
     if "chunk" in suites:
         res["chunk"] = _chunk_bench.chunk_suite(rounds=args.rounds, mib=64 if args.quick else 256, log=log)
+    if "wan" in suites:
+        res["wan"] = _wan_bench.wan_suite(log=log, quick=args.quick)
     res["elapsed_s"] = round(time.perf_counter() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
     md = _bench.render_markdown(res, command)
@@ -82,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         md += "\n" + "\n".join(_capture_bench.render(res["capture"])) + "\n"
     if "chunk" in res:
         md += "\n" + "\n".join(_chunk_bench.render(res["chunk"]))
+    if "wan" in res:
+        md += "\n" + "\n".join(_wan_bench.render(res["wan"]))
     md += f"\nTotal run time: {res['elapsed_s']} s.\n"
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1, sort_keys=True)
