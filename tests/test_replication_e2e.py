@@ -161,6 +161,37 @@ async def test_appending_after_a_ship_ships_only_the_rest(fast_tmp: Path, certs:
     assert_replica_equals(src, fast_tmp / "vault")
 
 
+@pytest.mark.trio
+async def test_copies_of_chunks_in_frames_still_in_flight_are_references(fast_tmp: Path, certs: Path) -> None:
+    """A database's rollback journal copies pages that the sender shipped a
+    moment ago, in frames the vault may not have applied yet. Packing runs
+    ahead of sending, so the sender must count the chunks of every frame it
+    has packed as the vault's (the vault applies frames in order): the
+    copies go as references, not bytes. A sender that learned them only
+    once their frame was sent shipped each page twice here."""
+    root = fast_tmp / "root"
+    root.mkdir()
+    rng = random.Random(7)
+    pages = [rng.randbytes(4096) for _ in range(1500)]
+    src = fast_tmp / "j"
+    with Journal.create(src, root, base=False) as j:
+        for i, page in enumerate(pages):  # the database's page writes: new content
+            j.append_write("his.db", i * 4096, page)
+        for i, page in enumerate(pages):  # then its rollback journal copies them
+            j.append_write("his.db-journal", 8 + i * 4104, page)
+    vault = Vault(fast_tmp / "vault", create=True)
+    async with trio.open_nursery() as n:
+        port = await n.start(Server(vault, server_cfg(certs)).serve, "127.0.0.1", 0)
+        result = await run_ship(src, port, client_ctx(certs))
+        n.cancel_scope.cancel()
+    vault.close()
+    assert_replica_equals(src, fast_tmp / "vault", points=1)
+    st = replication_status(src)
+    assert st["dedupe_hits"] >= len(pages) - 10, st
+    # random pages do not compress: once, not twice
+    assert result.wire_bytes < 1.3 * len(pages) * 4096, result.wire_bytes
+
+
 # ---- cuts -------------------------------------------------------------------------------
 
 
