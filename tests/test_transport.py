@@ -245,3 +245,25 @@ def test_server_config_defaults_follow_the_design() -> None:
     cfg = ServerConfig(ssl_context=None)  # type: ignore[arg-type]
     assert (cfg.ping_after, cfg.idle_limit, cfg.commit_interval) == (10.0, 30.0, 0.05)
     assert cfg.limits == F.Limits()
+
+
+@pytest.mark.trio
+async def test_compression_cpu_is_measured_in_the_thread_that_compresses(fast_tmp: Path, certs: Path) -> None:
+    # The level is chosen from compression speed per CPU second. Measured
+    # around the await in the trio thread, the worker thread's CPU was
+    # invisible: speeds came out absurd (TB/s) and the level climbed to
+    # zstd-19 on a slow link, costing far more than the CPU budget.
+    src = fast_tmp / "j"
+    make_journal(src, scale(60, 400))
+    vault = Vault(fast_tmp / "vault", create=True)
+    shipper = Shipper(src, "127.0.0.1", 0, client_ctx(certs), backoff=fast_backoff())
+    async with trio.open_nursery() as n:
+        shipper.port = await n.start(Server(vault, server_cfg(certs)).serve, "127.0.0.1", 0)
+        await shipper.run()
+        n.cancel_scope.cancel()
+    vault.close()
+    speeds = [a.value for a in shipper.level.speed.values() if a.value is not None]
+    assert speeds, "no compression was measured"
+    # no zstd level compresses 10 GB per CPU second; a CPU clock that saw
+    # none of the work gives that or more
+    assert max(speeds) < 10e9

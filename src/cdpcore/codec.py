@@ -153,15 +153,19 @@ class Compressor:
             self.level, window_log=self.window_log, write_checksum=True, write_content_size=False,
             write_dict_id=False)
 
-    def compress(self, body: bytes, prefix: tuple[bytes, bytes] | None = None) -> Compressed:
+    def compress(self, body: bytes, prefix: tuple[bytes, bytes] | None = None,
+                 new_ids: list[bytes] | None = None) -> Compressed:
         """One DATA body. prefix (zstd-ref only): (bitmap, bytes) from
-        packing.prefix_plan for this body."""
+        packing.prefix_plan for this body. new_ids (zstd-ref with a
+        chunk_key, optional): the ids of the chunks the body carries as
+        bytes, in order (Pack.new_ids), which saves hashing them again;
+        they must be what new_chunk_ids(body) gives."""
         reset = self._reset
         self._reset = False
         if self.codec == "zstd-ref":
             if prefix is None:
                 raise ValueError("codec zstd-ref needs the body's prefix (packing.prefix_plan)")
-            return Compressed(self.codec, self.level, reset, len(body), self._ref_body(body, *prefix))
+            return Compressed(self.codec, self.level, reset, len(body), self._ref_body(body, *prefix, new_ids))
         if self.codec == "none":
             out = bytes(body)
         elif self.codec == "lz4":
@@ -172,13 +176,14 @@ class Compressor:
             out = self._ctx.compress(body) + self._ctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
         return Compressed(self.codec, self.level, reset, len(body), out)
 
-    def _ref_body(self, body: bytes, bits: bytes, refs: bytes) -> bytes:
+    def _ref_body(self, body: bytes, bits: bytes, refs: bytes, new_ids: list[bytes] | None = None) -> bytes:
         split = packing.head_size(body)
         if self._ctx is None:
             self._ctx = self._context()
         h = body[:split]
         if self.chunk_key is not None:
-            new_ids = new_chunk_ids(body, self.chunk_key)
+            if new_ids is None:
+                new_ids = new_chunk_ids(body, self.chunk_key)
             h = self._recent.shorten(h, new_ids)
             self._recent.add(new_ids)
         head = self._ctx.compress(h) + self._ctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)

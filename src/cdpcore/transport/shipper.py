@@ -52,7 +52,7 @@ from typing import Any
 import trio
 
 from cdpcore import packing
-from cdpcore.codec import LADDER, AdaptiveLevel, Compressor
+from cdpcore.codec import LADDER, AdaptiveLevel, Compressed, Compressor
 from cdpcore.crypto import Keys
 from cdpcore.errors import AuthError, CdpError, KeyFileError, LinkError, ProtocolError, VaultError
 from cdpcore.offers import OfferPolicy
@@ -295,6 +295,23 @@ def _codec(ladder_codec: str, encrypted: bool) -> str:
     return "zstd-ref" if ladder_codec == "zstd" else ladder_codec
 
 
+def _timed_compress(compressor: Compressor, body: bytes, prefix: tuple[bytes, bytes] | None,
+                    new_ids: list[bytes] | None) -> tuple[Compressed, float]:
+    """Compress one body and measure the CPU it cost, in the thread that
+    does the work: the compression runs in a worker thread, and the trio
+    thread's own CPU clock, read around the await, sees almost none of it.
+    AdaptiveLevel fed that near-zero would take every rung for nearly free
+    and climb to zstd-19 on a slow link (measured: 0.27 CPU-s per MB, 40 %
+    of a core, for 6 % fewer wire bytes than zstd-3 on the PACS tree)."""
+    t0 = time.thread_time()
+    if compressor.codec == "zstd-ref":
+        assert prefix is not None
+        comp = compressor.compress(body, prefix=prefix, new_ids=new_ids)
+    else:
+        comp = compressor.compress(body)
+    return comp, time.thread_time() - t0
+
+
 def _crc(header: bytes) -> int:
     return int.from_bytes(header[60:64], "little")
 
@@ -517,10 +534,12 @@ class _Session:
                 self.known.difference_update(f.ids)
                 ids = frozenset(f.ids)
                 body = u.pack.encode(frozenset(), resend=ids)
+                nids = u.pack.new_ids(frozenset(), ids) if u.pack.keys is None else None
                 # the two sides' zstd-ref histories parted at the refused frame
                 assert self.compressor is not None
                 self.compressor.reset()
-                await self.send_data(u.item, body, u.pack, resend=u, prefix=self.prefix(u.pack, frozenset(), ids))
+                await self.send_data(u.item, body, u.pack, resend=u, prefix=self.prefix(u.pack, frozenset(), ids),
+                                     new_ids=nids)
                 return
         raise ProtocolError(f"need for {target!r} at offset {f.off}, which is not an unacknowledged frame")
 
@@ -645,13 +664,14 @@ class _Session:
         else:
             assert p.pack is not None and isinstance(item, (RunItem, FileItem))
             pk = p.pack
-            body = await self.s.sync(pk.encode, p.held)
+            held = p.held
+            body, nids = await self.s.sync(lambda: (pk.encode(held), pk.new_ids(held) if pk.keys is None else None))
             # dedupe: pieces sent as a reference (the vault holds them, or
             # this connection sent them before) instead of as bytes
             refs = [b for b in pk.pieces if b.id is not None and (b.id in p.held or b.id in pk.known)]
             self.s.stats["dedupe_hits"] += len(refs)
             self.s.stats["dedupe_bytes"] += sum(b.end - b.start for b in refs)
-            await self.send_data(item, body, pk, prefix=self.prefix(pk, p.held))
+            await self.send_data(item, body, pk, prefix=self.prefix(pk, p.held), new_ids=nids)
             if len(self.known) > KNOWN_IDS_CAP:
                 self.known.clear()
             self.known.update(pk.all_ids)  # the vault holds them once this frame is applied
@@ -664,21 +684,17 @@ class _Session:
         return packing.prefix_plan(pk, held, resend)
 
     async def send_data(self, item: RunItem | FileItem, body: bytes, pk: packing.Pack,
-                        resend: _Unacked | None = None, prefix: tuple[bytes, bytes] | None = None) -> None:
+                        resend: _Unacked | None = None, prefix: tuple[bytes, bytes] | None = None,
+                        new_ids: list[bytes] | None = None) -> None:
         s = self.s
         assert self.compressor is not None
         if s.keys is None:
             rung = s.level.choose()
             codec = _codec(rung.codec, False)
             self.compressor.set_level(codec, max(rung.level, 1))  # (a no-op when unchanged)
-        t0 = time.thread_time()
-        if self.compressor.codec == "zstd-ref":
-            assert prefix is not None
-            comp = await s.sync(lambda: self.compressor.compress(body, prefix=prefix))  # type: ignore[union-attr]
-        else:
-            comp = await s.sync(self.compressor.compress, body)
+        comp, cpu = await s.sync(_timed_compress, self.compressor, body, prefix, new_ids)
         s.level.observe_compression(LADDER.index(s.level.rung) if s.keys is None else 0, comp.raw,
-                                    len(comp.body), time.thread_time() - t0)
+                                    len(comp.body), cpu)
         s.stats["codec"], s.stats["level"] = comp.codec, comp.level
         if isinstance(item, RunItem):
             frame = F.Data(seg=item.seg, off=item.off, end=item.end, first_seq=item.first_seq,
