@@ -347,6 +347,17 @@ class _Session:
         # read as a slow link and pick stronger, slower levels, a spiral.
         self.blocked = 0.0
         self.wire_acked = 0
+        # process CPU time at the end of the last frame's compression: what
+        # the sender spends besides compressing, per byte, is part of the
+        # CPU budget the level must respect (AdaptiveLevel.observe_overhead)
+        self.cpu_mark: float | None = None
+        # The DATA frame handed to the background sender (send_data) and not
+        # yet on the wire: set once it is. Compressing the next frame
+        # overlaps with this one's wait for the window, the token bucket
+        # and the socket; every other send waits for it first (flush), so
+        # frames still go out in the order they were made.
+        self.on_wire: trio.Event | None = None
+        self.nursery: trio.Nursery | None = None
 
     # ---- I/O ------------------------------------------------------------------------------
 
@@ -410,6 +421,7 @@ class _Session:
         try:
             try:
                 async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
                     nursery.start_soon(self.reader)
                     nursery.start_soon(self.watchdog)
                     finished = await self.writer(items)
@@ -580,6 +592,7 @@ class _Session:
 
     async def finish(self, grace: float | None) -> bool:
         """Wait for every DATA frame's ACK, then BYE both ways."""
+        await self.flush()
         with trio.move_on_after(grace if grace is not None else float("inf")):
             while self.unacked:
                 # ACKs that stop coming while the link is alive (PONGs keep
@@ -630,9 +643,18 @@ class _Session:
             await self.send(F.Offer(req=p.req, ids=ids))
         return p
 
+    async def flush(self) -> None:
+        """Wait until the DATA frame handed to the background sender is on
+        the wire (a failure there ends the session through the nursery)."""
+        # (left in place once set: the reader's NEED resend flushes too, and
+        # clearing here could drop an event the writer just made)
+        if self.on_wire is not None:
+            await self.on_wire.wait()
+
     async def drain(self) -> None:
         """Wait until every DATA frame sent is acknowledged (PRUNE, and
         reopening a segment to replace it, need an empty window)."""
+        await self.flush()
         while self.unacked:
             await self.acked_changed.wait()
 
@@ -642,6 +664,8 @@ class _Session:
             await p.have.wait()
         if isinstance(item, PruneItem) or (isinstance(item, SegmentItem) and item.replace):
             await self.drain()
+        if not isinstance(item, (RunItem, FileItem)):
+            await self.flush()  # a SEGMENT, SEAL, FILE ... goes after the DATA made before it
         if isinstance(item, SegmentItem):
             self.seg_crc[item.seg] = _crc(item.header)
             await self.send(F.Segment(seg=item.seg, header=item.header, replace=item.replace))
@@ -671,7 +695,7 @@ class _Session:
             refs = [b for b in pk.pieces if b.id is not None and (b.id in p.held or b.id in pk.known)]
             self.s.stats["dedupe_hits"] += len(refs)
             self.s.stats["dedupe_bytes"] += sum(b.end - b.start for b in refs)
-            await self.send_data(item, body, pk, prefix=self.prefix(pk, p.held), new_ids=nids)
+            await self.send_data(item, body, pk, prefix=self.prefix(pk, p.held), new_ids=nids, background=True)
             if len(self.known) > KNOWN_IDS_CAP:
                 self.known.clear()
             self.known.update(pk.all_ids)  # the vault holds them once this frame is applied
@@ -685,7 +709,11 @@ class _Session:
 
     async def send_data(self, item: RunItem | FileItem, body: bytes, pk: packing.Pack,
                         resend: _Unacked | None = None, prefix: tuple[bytes, bytes] | None = None,
-                        new_ids: list[bytes] | None = None) -> None:
+                        new_ids: list[bytes] | None = None, background: bool = False) -> None:
+        """Compress a body and send its DATA frame. With background, return
+        once it is compressed and the frame is queued behind the previous
+        one: the caller goes on with the next frame's CPU work while this
+        one waits for the link."""
         s = self.s
         assert self.compressor is not None
         if s.keys is None:
@@ -695,16 +723,29 @@ class _Session:
         comp, cpu = await s.sync(_timed_compress, self.compressor, body, prefix, new_ids)
         s.level.observe_compression(LADDER.index(s.level.rung) if s.keys is None else 0, comp.raw,
                                     len(comp.body), cpu)
+        now_cpu = time.process_time()
+        if self.cpu_mark is not None:
+            s.level.observe_overhead(comp.raw, max(0.0, now_cpu - self.cpu_mark - cpu))
+        self.cpu_mark = now_cpu
         s.stats["codec"], s.stats["level"] = comp.codec, comp.level
         if isinstance(item, RunItem):
             frame = F.Data(seg=item.seg, off=item.off, end=item.end, first_seq=item.first_seq,
                            last_seq=item.last_seq, last_ts=item.last_ts, codec=comp.codec, level=comp.level,
                            reset=comp.reset, raw=comp.raw, body=comp.body)
-            target: int | str = item.seg
         else:
             frame = F.Data(file=item.path, off=item.off, end=item.end, codec=comp.codec, level=comp.level,
                            reset=comp.reset, raw=comp.raw, body=comp.body)
-            target = item.path
+        await self.flush()
+        if background and self.nursery is not None:
+            self.on_wire = trio.Event()
+            self.nursery.start_soon(self._put_on_wire, item, frame, pk, resend, self.on_wire)
+        else:
+            await self._put_on_wire(item, frame, pk, resend, None)
+
+    async def _put_on_wire(self, item: RunItem | FileItem, frame: F.Data, pk: packing.Pack,
+                           resend: _Unacked | None, done: trio.Event | None) -> None:
+        s = self.s
+        target: int | str = item.seg if isinstance(item, RunItem) else item.path
         size = frame.wire_size()
         t0 = trio.current_time()
         while self.conn.inflight_bytes and not self.conn.can_send(size):
@@ -718,3 +759,5 @@ class _Session:
                                          item.last_seq if isinstance(item, RunItem) else None,
                                          item.last_ts if isinstance(item, RunItem) else None, pk, item))
             s.stats["raw_bytes"] += item.end - item.off
+        if done is not None:
+            done.set()
