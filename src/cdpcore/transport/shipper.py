@@ -19,7 +19,9 @@ A session has three tasks:
   sent, in order, once its HAVE is in. DATA bodies go through the
   connection's streamed compressor (codec.py) and the token bucket
   (``--rate``), and only while the unacknowledged DATA bytes stay within
-  the receiver's `inflight` limit.
+  the receiver's `inflight` limit. That wait runs in a background task,
+  one frame deep, so the writer packs and compresses the next frame
+  meanwhile (otherwise the link idles for every frame's CPU work).
 * the *reader* handles HAVE, ACK (the vault's durable acknowledgement:
   the acked position, lag and throughput follow from these), NEED (chunks
   the vault lost meanwhile: that frame is re-encoded with them as
