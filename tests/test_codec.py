@@ -209,6 +209,45 @@ def test_measured_rungs_override_priors():
     assert settle(a) == "zstd-15"
 
 
+def test_the_senders_other_cpu_counts_against_the_budget():
+    # HIS-like: 11x compression, so a 10 Mbit/s link carries 13.6 MB/s of
+    # bodies; 12 ms per MB outside compression already takes 16 % of a core
+    speeds = {"lz4": 400 * MB, "zstd-1": 110 * MB, "zstd-3": 70 * MB}
+    ratios = {"lz4": 0.2, "zstd-1": 0.12, "zstd-3": 0.092}
+    a = measured(1.25 * MB, speeds=speeds, ratios=ratios)
+    assert settle(a) == "zstd-3"  # compression alone: 13.6 / 70 = 19 % of a core
+    a.observe_overhead(int(MB), 0.012)
+    assert settle(a) == "zstd-1"  # 10.4 MB/s * (1/110 + 12 ms) per MB = 22 %
+    busy = measured(1.25 * MB, speeds=speeds, ratios=ratios)
+    busy.observe_overhead(int(MB), 0.05)
+    assert settle(busy) == "lz4"  # nothing fits: the cheapest rung
+
+
+def test_cpu_samples_are_summed_over_small_frames():
+    # a 250-byte frame costs a fixed overhead; alone it would read as a
+    # compressor 100x slower than it is
+    a = AdaptiveLevel()
+    a.observe_compression(2, 250, 200, 0.001)
+    assert 2 not in a.speed
+    for _ in range(64):
+        a.observe_compression(2, 64 << 10, 30 << 10, (64 << 10) / (100 * MB))
+    assert a.estimate(2)[0] == pytest.approx(100 * MB, rel=0.02)
+    a.observe_overhead(250, 0.001)
+    assert a.overhead.value is None
+
+
+@given(st.floats(0.05 * MB, 200 * MB), st.floats(0.0, 0.1), st.floats(1 * MB, 1000 * MB),
+       st.floats(0.02, 0.9))
+def test_the_chosen_rung_keeps_the_cpu_budget_when_any_rung_can(link, overhead, zstd3, ratio):
+    a = measured(link, speeds={"zstd-3": zstd3}, ratios={"zstd-3": ratio})
+    a.observe_overhead(int(MB), overhead * 1e-6 * MB)
+    settle(a)
+    speed, r = a.estimate(a.current)
+    pace = link / r
+    if any(a.fits(i) for i in range(len(LADDER))):
+        assert pace * (1 / speed + a.overhead.value) <= a.cpu_budget * 1.0000001
+
+
 def test_nothing_measured_keeps_the_default():
     a = AdaptiveLevel()
     assert str(a.choose()) == "zstd-3"

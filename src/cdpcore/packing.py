@@ -104,6 +104,23 @@ class Pack:
                 sent.add(p.id)
         return _body(MODE_PLAIN, msgpack.packb(meta), b"".join(lit), b"".join(new))
 
+    def new_ids(self, held: set[bytes] | frozenset[bytes] = frozenset(),
+                resend: set[bytes] | frozenset[bytes] = frozenset()) -> list[bytes]:
+        """The ids of the chunks encode(held, resend) carries as bytes, in
+        body order: what codec.new_chunk_ids would compute from the body by
+        hashing every new chunk again (a tenth of the sender's CPU on the
+        HIS workload), known here from the pack for free. The choice below
+        must stay encode()'s."""
+        assert self.keys is None, "sealed bodies carry no plaintext chunk ids"
+        out: list[bytes] = []
+        sent: set[bytes] = set()
+        for p in self.pieces:
+            if p.id is None or p.id in sent or ((p.id in held or p.id in self.known) and p.id not in resend):
+                continue
+            out.append(p.id)
+            sent.add(p.id)
+        return out
+
     def _encode_sealed(self, held: set[bytes] | frozenset[bytes],
                        resend: set[bytes] | frozenset[bytes]) -> bytes:
         meta: list[int | bytes] = []
