@@ -47,7 +47,6 @@
 #include <limits.h>
 #include <linux/falloc.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -141,8 +140,6 @@ static void warn(const char *fmt, ...)
     in_cap--;
 }
 
-static void sy_prepare(void), sy_parent(void), sy_child(void);
-
 __attribute__((constructor)) static void capture_init(void)
 {
     const char *j = getenv("CDPCORE_JOURNAL"), *r = getenv("CDPCORE_ROOT");
@@ -170,7 +167,6 @@ __attribute__((constructor)) static void capture_init(void)
              st == CDP_EIO ? strerror(errno) : cdp_strerror(st));
         goto out;
     }
-    pthread_atfork(sy_prepare, sy_parent, sy_child);
     /* the first lock maps the stage (if protect made one) and drains it */
     if (cdp_writer_lock(W) == CDP_OK)
         cdp_writer_unlock(W);
@@ -507,127 +503,6 @@ static void journal_sync(void)
              st == CDP_EIO ? strerror(errno) : cdp_strerror(st));
     }
     in_cap--;
-}
-
-/* ---- overlapped journal sync ------------------------------------------------- */
-
-/* A program's barrier (fsync, fdatasync, sync_file_range WAIT_AFTER) must not
- * return before the journal is durable up to it. Doing the journal's
- * fdatasync after the program's own one puts two device flushes in a row on
- * every commit of a database; pgbench measured 0.81x the uncaptured TPS.
- * Instead the FLUSH record is appended when the barrier is called (it covers
- * exactly the writes that completed before the call: those are the ones the
- * barrier makes durable), a per-process syncer thread makes the journal
- * durable while the program's own flush runs, and the wrapper returns when
- * both are done. Requests are generations: a sync that starts after request
- * g was made covers g's records, so one sync answers every request made
- * before it started (group commit inside the process; cdp_sync groups across
- * processes). The thread is started on first use, again in a forked child
- * (threads do not survive fork), with every signal blocked so that the
- * program's signals still go to its own threads. If it cannot be started,
- * the sync runs inline after the program's flush, as before. */
-static pthread_mutex_t sy_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t sy_req_cv = PTHREAD_COND_INITIALIZER;
-static pthread_cond_t sy_done_cv = PTHREAD_COND_INITIALIZER;
-static uint64_t sy_req, sy_done;
-static pid_t sy_pid;
-#define SYNC_INLINE UINT64_MAX
-
-static void *syncer_main(void *arg)
-{
-    (void)arg;
-    in_cap = 1; /* the writer's system calls go straight to libc */
-    pthread_mutex_lock(&sy_mu);
-    for (;;) {
-        while (sy_done == sy_req)
-            pthread_cond_wait(&sy_req_cv, &sy_mu);
-        uint64_t g = sy_req;
-        pthread_mutex_unlock(&sy_mu);
-        journal_sync();
-        pthread_mutex_lock(&sy_mu);
-        sy_done = g;
-        pthread_cond_broadcast(&sy_done_cv);
-    }
-    return NULL;
-}
-
-/* fork() copies sy_mu in whatever state the syncer left it: hold it across
- * the fork so that both sides get it unlocked and the counters consistent;
- * the child has no syncer thread and starts its own on first use. */
-static void sy_prepare(void) { pthread_mutex_lock(&sy_mu); }
-static void sy_parent(void) { pthread_mutex_unlock(&sy_mu); }
-static void sy_child(void)
-{
-    pthread_mutex_init(&sy_mu, NULL);
-    pthread_cond_init(&sy_req_cv, NULL);
-    pthread_cond_init(&sy_done_cv, NULL);
-    sy_req = sy_done = 0;
-    sy_pid = 0;
-}
-
-/* Called with sy_mu held. */
-static int syncer_running(void)
-{
-    pid_t me = getpid();
-    if (sy_pid == me)
-        return 1;
-    if (sy_pid == -me)
-        return 0; /* failed to start in this process: inline */
-    pthread_attr_t attr;
-    pthread_t t;
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attr, 256 << 10);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int ok = pthread_create(&t, &attr, syncer_main, NULL) == 0;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_attr_destroy(&attr);
-    sy_pid = ok ? me : -me;
-    return ok;
-}
-
-/* Ask for the journal to be made durable up to now; barrier_wait(ticket)
- * waits for it. */
-static uint64_t sync_request(void)
-{
-    pthread_mutex_lock(&sy_mu);
-    uint64_t t = SYNC_INLINE;
-    if (syncer_running()) {
-        t = ++sy_req;
-        pthread_cond_signal(&sy_req_cv);
-    }
-    pthread_mutex_unlock(&sy_mu);
-    return t;
-}
-
-/* A barrier on fd is starting: its FLUSH record, and the journal sync under
- * way. Returns the ticket for barrier_end, 0 when fd is not captured. */
-static uint64_t barrier_begin(int fd)
-{
-    struct fdent *e = classify(fd);
-    if (!e || e->state != FD_TRACK)
-        return 0;
-    int held = lock();
-    if (held)
-        flush_record();
-    unlock(held);
-    return held ? sync_request() : 0;
-}
-
-static void barrier_end(uint64_t ticket)
-{
-    if (ticket == 0)
-        return;
-    if (ticket == SYNC_INLINE) {
-        journal_sync();
-        return;
-    }
-    pthread_mutex_lock(&sy_mu);
-    while (sy_done < ticket)
-        pthread_cond_wait(&sy_done_cv, &sy_mu);
-    pthread_mutex_unlock(&sy_mu);
 }
 
 /* ---- write family ----------------------------------------------------------- */
@@ -1076,19 +951,29 @@ EXPORT ssize_t splice(int in, loff_t *in_off, int out, loff_t *out_off, size_t l
 
 /* ---- barriers --------------------------------------------------------------------- */
 
-/* A barrier: a FLUSH record (a crash-consistent point: every record before
- * it is a prefix of what the kernel saw when the program asked for the
- * barrier), and the journal durable up to it, in parallel with the
- * program's own flush, before the program hears back (see "overlapped
- * journal sync"). The FLUSH stays if the program's flush then fails: the
- * journal holds those writes all the same. */
+/* After the program's barrier succeeded: a FLUSH record (a crash-consistent
+ * point: every record before it is a prefix of what the kernel saw), and
+ * the journal durable up to it before the program hears back. */
+static void barrier(int fd)
+{
+    struct fdent *e = classify(fd);
+    if (!e || e->state != FD_TRACK)
+        return;
+    int held = lock();
+    if (held)
+        flush_record();
+    unlock(held);
+    if (held)
+        journal_sync();
+}
+
 EXPORT int fsync(int fd)
 {
     if (!capturing())
         return R(fsync)(fd);
-    uint64_t t = barrier_begin(fd);
     int r = R(fsync)(fd), err = errno;
-    barrier_end(t);
+    if (r == 0)
+        barrier(fd);
     errno = err;
     return r;
 }
@@ -1097,9 +982,9 @@ EXPORT int fdatasync(int fd)
 {
     if (!capturing())
         return R(fdatasync)(fd);
-    uint64_t t = barrier_begin(fd);
     int r = R(fdatasync)(fd), err = errno;
-    barrier_end(t);
+    if (r == 0)
+        barrier(fd);
     errno = err;
     return r;
 }
@@ -1108,9 +993,9 @@ EXPORT int sync_file_range(int fd, off64_t off, off64_t n, unsigned flags)
 {
     if (!capturing())
         return R(sync_file_range)(fd, off, n, flags);
-    uint64_t t = (flags & SYNC_FILE_RANGE_WAIT_AFTER) ? barrier_begin(fd) : 0;
     int r = R(sync_file_range)(fd, off, n, flags), err = errno;
-    barrier_end(t);
+    if (r == 0 && (flags & SYNC_FILE_RANGE_WAIT_AFTER))
+        barrier(fd);
     errno = err;
     return r;
 }
