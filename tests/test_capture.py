@@ -497,8 +497,13 @@ import os, sys, threading
 from cdpcore.format import parse_head
 HEAD = sys.argv[1]
 def head():
-    with open(HEAD, "rb") as f:
-        return parse_head(f.read(4096))
+    # the writers update the head in place: a read that races one may not
+    # parse (its checksum); read again
+    while True:
+        with open(HEAD, "rb") as f:
+            h = parse_head(f.read(4096))
+        if h is not None:
+            return h
 def barrier_loop(tag, n, how):
     fd = os.open(f"f-{tag}", os.O_RDWR | os.O_CREAT, 0o644)
     for i in range(n):
