@@ -41,6 +41,7 @@ with LinkError.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import ssl
 import time
@@ -53,8 +54,8 @@ import trio
 
 from cdpcore import packing
 from cdpcore.codec import LADDER, AdaptiveLevel, Compressor
-from cdpcore.crypto import Keys
-from cdpcore.errors import AuthError, CdpError, KeyFileError, LinkError, ProtocolError, VaultError
+from cdpcore.crypto import Keys, key_id
+from cdpcore.errors import AuthError, CdpError, KeyFileError, LinkError, ProtocolError, ShipRunning, VaultError
 from cdpcore.offers import OfferPolicy
 from cdpcore.feed import BaseItem, EntryItem, Feed, FileItem, Item, Position, PruneItem, RunItem, SealItem, SegmentItem
 from cdpcore.point import format_us
@@ -65,6 +66,7 @@ from cdpcore.transport import tls
 from cdpcore.transport.errors import first_cause
 from cdpcore.transport.rate import Backoff, TokenBucket
 
+SHIP_LOCK = "ship.lock"  # in the journal directory; never replicated (the feed names what it ships)
 DEFAULT_GIVE_UP = 300.0  # seconds without progress before `ship` (without --follow) fails
 DEFAULT_CONNECT_TIMEOUT = 15.0
 DEFAULT_PING_AFTER = 10.0
@@ -119,6 +121,7 @@ class _Unacked:
     last_ts: int | None
     pack: packing.Pack
     item: RunItem | FileItem
+    refs: bool = True  # the frame references chunks: the receiver may answer it with NEED
 
 
 class Shipper:
@@ -128,9 +131,14 @@ class Shipper:
                  open_stream: StreamOpener | None = None, backoff: Backoff | None = None,
                  ping_after: float = DEFAULT_PING_AFTER, idle_limit: float = DEFAULT_IDLE_LIMIT,
                  state_file: bool = True, log: Callable[[str], None] | None = None,
-                 inline_io: bool = False) -> None:
+                 inline_io: bool = False, server_name: str | None = None) -> None:
         self.journal = os.path.abspath(os.fspath(journal))
         self.host, self.port = host, port
+        # HOST:PORT as the operator writes it ([v6]:PORT)
+        self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        # the name the server's certificate must carry: --to's host unless
+        # --server-name (a DR site reached by an address its certificate lacks)
+        self.server_name = server_name or host
         self.ssl_context = ssl_context
         self.follow = follow
         self.keys = keys
@@ -152,7 +160,7 @@ class Shipper:
         self.policy = OfferPolicy()
         self._stop = trio.Event()
         self.stats: dict[str, Any] = {
-            "target": f"{host}:{port}", "source": None, "state": "starting", "acked_seq": 0,
+            "target": self.target, "source": None, "state": "starting", "acked_seq": 0,
             "acked_ts": None, "acked_time": None, "acked_segments": {}, "wire_bytes": 0, "raw_bytes": 0,
             "dedupe_hits": 0, "dedupe_bytes": 0, "connections": 0, "last_error": None, "level": None,
             "codec": None, "throughput": None, "lag_bytes": None, "lag_seconds": None, "pid": os.getpid()}
@@ -171,9 +179,16 @@ class Shipper:
         """Finish cleanly: no new items, wait for outstanding ACKs, BYE."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        """stop() was called."""
+        return self._stop.is_set()
+
     async def run(self) -> ShipResult:
         """Ship until caught up (or, with follow, until stop()); raises
-        AuthError, VaultError, ProtocolError, KeyFileError or LinkError."""
+        AuthError, VaultError, ProtocolError, KeyFileError, LinkError, or
+        ShipRunning when another Shipper ships this journal."""
+        lock = self._lock()
         try:
             while True:
                 try:
@@ -198,7 +213,7 @@ class Shipper:
                     return ShipResult(int(self.stats["acked_seq"]), self.stats["wire_bytes"],
                                       self.stats["raw_bytes"], self.stats["connections"], "stopped")
                 if not self.follow and time.monotonic() - self._progress > self.give_up:
-                    err = LinkError(f"no progress for {self.give_up:g} s shipping to {self.host}:{self.port}: "
+                    err = LinkError(f"no progress for {self.give_up:g} s shipping to {self.target}: "
                                     f"{self.stats['last_error']}")
                     self._set(state="failed", last_error=str(err))
                     raise err
@@ -207,8 +222,34 @@ class Shipper:
                 with trio.move_on_after(delay):
                     await self._stop.wait()
         finally:
-            self._write_state(force=True)
+            if lock is not None:
+                self._write_state(force=True)  # the state file is the lock holder's
+                os.close(lock)
             self.feed.close()
+
+    def _lock(self) -> int | None:
+        """Hold JOURNAL/ship.lock (flock) for the run, so that a second
+        sender fails at once instead of fighting the first for the vault's
+        one connection per source. None when the journal directory is
+        read-only (nothing to lock, and no state file either)."""
+        path = os.path.join(self.journal, SHIP_LOCK)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            self.state_file = False
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise ShipRunning(f"{self.journal}: another ship of this journal is running (pid {pid}, "
+                              f"holding {SHIP_LOCK})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     # ---- helpers ----------------------------------------------------------------------
 
@@ -254,7 +295,7 @@ class Shipper:
                 raw = await self._open_stream()
             else:
                 raw = await trio.open_tcp_stream(self.host, self.port)
-        stream = trio.SSLStream(raw, self.ssl_context, server_hostname=self.host)
+        stream = trio.SSLStream(raw, self.ssl_context, server_hostname=self.server_name)
         try:
             await tls.handshake(stream, tls.DEFAULT_HANDSHAKE_TIMEOUT, "the server")
         except AuthError as e:
@@ -277,8 +318,14 @@ class Shipper:
 
 
 def _describe(e: BaseException) -> str:
+    """One line for a failure: the first non-empty message along the chain;
+    a task group (a nursery's, or the cause trio chains to a failed
+    connect) is replaced by the leaf that explains it, never printed as
+    "Exceptions from Trio nursery"."""
     seen: BaseException | None = e
     while seen is not None:
+        if isinstance(seen, BaseExceptionGroup):
+            seen = first_cause(seen)
         text = str(seen)
         if text:
             return text.splitlines()[0]
@@ -357,6 +404,8 @@ class _Session:
             return AuthError(msg)
         if frame.code in ("uuid", "storage"):
             return VaultError(msg)
+        if frame.code == "key":
+            return KeyFileError(msg)
         return ProtocolError(msg, frame.code)
 
     # ---- the session --------------------------------------------------------------------
@@ -365,7 +414,8 @@ class _Session:
         s = self.s
         try:
             await self.send(F.Hello(versions=F.SUPPORTED_VERSIONS, uuid=s.feed.uuid,
-                                    encrypted=s.keys is not None, domain=s.domain, agent=AGENT))
+                                    encrypted=s.keys is not None, domain=s.domain, agent=AGENT,
+                                    key_id=None if s.keys is None else key_id(s.keys)))
             welcome = await self.welcome()
         except ProtocolError as e:
             raise _Fatal(e) from None
@@ -387,7 +437,7 @@ class _Session:
         s._acked = Position.parse(pos._wire())
         self.seg_crc = {p.seg: p.header_crc for p in pos.segments}
         s.stats["source"] = welcome.source
-        s.log(f"connected to {s.host}:{s.port} as source {welcome.source}")
+        s.log(f"connected to {s.target} as source {welcome.source}")
         s._set(state="connected", last_error=None)
         items = s.feed.plan(pos._wire())
         try:
@@ -475,10 +525,12 @@ class _Session:
             if crc is None:
                 raise ProtocolError(f"ack for segment {f.seg:016x}, which this connection never opened")
             old = s._acked.segments.get(f.seg)
+            advanced = old is None or old[0] != crc or f.size > old[1]
             s._acked.segments[f.seg] = (crc, f.size, bool(old and old[0] == crc and old[2]))
             if f.last_seq is not None and f.last_seq > s.stats["acked_seq"]:
                 s.stats["acked_seq"] = f.last_seq
         else:
+            advanced = f.size != s._acked.files.get(str(f.file))
             s._acked.files[str(f.file)] = f.size
         freed = 0
         keep: deque[_Unacked] = deque()
@@ -505,7 +557,11 @@ class _Session:
                 s.level.observe_link(db, dt)
             s.stats["throughput"] = round(db / dt, 1)
             self.ack_clock = (now, self.wire_acked, self.blocked)
-        s._progress = time.monotonic()
+        if advanced:
+            # Only new durable bytes are progress for --give-up: journal.json
+            # is acknowledged again on every connection, and a vault whose
+            # disk is full would otherwise keep a sender retrying forever.
+            s._progress = time.monotonic()
         self.acked_changed.set()
         self.acked_changed = trio.Event()
         s._write_state()
@@ -617,12 +673,26 @@ class _Session:
         while self.unacked:
             await self.acked_changed.wait()
 
+    async def settle(self, target: int | str) -> None:
+        """Wait until no frame of `target` that references chunks is in
+        flight. SEAL and FILE may not follow a NEED before its resend
+        (protocol.md), and a NEED can cross them on the wire: the receiver
+        sends it before it reads them, and would take the SEAL for a
+        protocol error. Only frames with references can draw a NEED, so a
+        run of literal frames (most small base files) costs no round trip."""
+        while any(u.target == target and u.refs for u in self.unacked):
+            await self.acked_changed.wait()
+
     async def emit(self, p: _Pending) -> None:
         item = p.item
         if p.have is not None:
             await p.have.wait()
         if isinstance(item, PruneItem) or (isinstance(item, SegmentItem) and item.replace):
             await self.drain()
+        elif isinstance(item, SealItem):
+            await self.settle(item.seg)
+        elif isinstance(item, EntryItem):
+            await self.settle(item.path)
         if isinstance(item, SegmentItem):
             self.seg_crc[item.seg] = _crc(item.header)
             await self.send(F.Segment(seg=item.seg, header=item.header, replace=item.replace))
@@ -651,7 +721,7 @@ class _Session:
             refs = [b for b in pk.pieces if b.id is not None and (b.id in p.held or b.id in pk.known)]
             self.s.stats["dedupe_hits"] += len(refs)
             self.s.stats["dedupe_bytes"] += sum(b.end - b.start for b in refs)
-            await self.send_data(item, body, pk, prefix=self.prefix(pk, p.held))
+            await self.send_data(item, body, pk, prefix=self.prefix(pk, p.held), refs=bool(refs))
             if len(self.known) > KNOWN_IDS_CAP:
                 self.known.clear()
             self.known.update(pk.all_ids)  # the vault holds them once this frame is applied
@@ -664,7 +734,8 @@ class _Session:
         return packing.prefix_plan(pk, held, resend)
 
     async def send_data(self, item: RunItem | FileItem, body: bytes, pk: packing.Pack,
-                        resend: _Unacked | None = None, prefix: tuple[bytes, bytes] | None = None) -> None:
+                        resend: _Unacked | None = None, prefix: tuple[bytes, bytes] | None = None,
+                        refs: bool = True) -> None:
         s = self.s
         assert self.compressor is not None
         if s.keys is None:
@@ -700,5 +771,5 @@ class _Session:
         else:
             self.unacked.append(_Unacked(target, item.off, item.end, n,
                                          item.last_seq if isinstance(item, RunItem) else None,
-                                         item.last_ts if isinstance(item, RunItem) else None, pk, item))
+                                         item.last_ts if isinstance(item, RunItem) else None, pk, item, refs))
             s.stats["raw_bytes"] += item.end - item.off

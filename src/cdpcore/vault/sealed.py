@@ -41,8 +41,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cdpcore.crypto import ID_SIZE, Keys
-from cdpcore.errors import ProtocolError, VaultError
+from cdpcore.crypto import ID_SIZE, Keys, key_id
+from cdpcore.errors import KeyFileError, ProtocolError, VaultError
 from cdpcore.format import META_NAME, SEG_HDR_SIZE, parse_segment_name, segment_name
 from cdpcore.packing import open_chunk, unpack_sealed
 from cdpcore.vault.replica import (
@@ -651,6 +651,7 @@ def materialize(replica_dir: str | os.PathLike[str], keys: Keys, out_dir: str | 
         raise VaultError(f"{rdir}: not an encrypted replica (no {SEALED_DIR}/)")
     if os.path.exists(out) and os.listdir(out):
         raise VaultError(f"{out} is not empty")
+    _check_key(rdir, keys)
     ch = _Chunks(sdir, keys)
     try:
         os.makedirs(os.path.join(out, "segments"), exist_ok=True)
@@ -698,6 +699,20 @@ def materialize(replica_dir: str | os.PathLike[str], keys: Keys, out_dir: str | 
     # result is a plain journal that verify finds whole.
     Journal.open(out).close()
     return out
+
+
+def _check_key(rdir: str, keys: Keys) -> None:
+    """Name a wrong key as such when the vault knows the source's key
+    fingerprint (source.json "key_id"); without it the first chunk that
+    does not open says "wrong key, or damaged"."""
+    try:
+        with open(os.path.join(rdir, "source.json"), "rb") as f:
+            held = json.loads(f.read()).get("key_id")
+    except (OSError, ValueError, AttributeError):
+        return  # the chunks' AEAD tags still catch a wrong key
+    if isinstance(held, str) and held != key_id(keys).hex():
+        raise KeyFileError(f"{rdir}: wrong key: this replica was shipped with the key of fingerprint "
+                           f"{held[:16]}, the key file given has {key_id(keys).hex()[:16]}")
 
 
 @contextmanager
