@@ -224,3 +224,17 @@ def test_full_vault_disk_ends_with_give_up(tmp_path: Path, certs: Path) -> None:
         assert code == 0 and "Traceback" not in err, err
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_server_name_overrides_the_host_checked(tmp_path: Path, certs: Path) -> None:
+    """--server-name is the name the server's certificate must carry, for a
+    DR site reached by an address its certificate does not list."""
+    src = make_journal(tmp_path / "j", 10)
+    serve = Serve(tmp_path / "vault", certs)
+    try:
+        one_line_error(cdpctl(*ship(src, serve.port, certs, "A", "--server-name", "dr.elsewhere.example")), 21,
+                       "dr.elsewhere.example")
+        r = cdpctl(*ship(src, serve.port, certs, "A", "--server-name", "localhost"))
+        assert r.returncode == 0, r.stderr
+    finally:
+        serve.stop()

@@ -734,6 +734,16 @@ class Feed:
 
     # ---- status ------------------------------------------------------------------
 
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last validated record in the newest published
+        segment the feed has read (0 before the first pass, or for a journal
+        without records): what the replica holds once the feed's items are
+        all acknowledged."""
+        if not self._published or self._published[-1] not in self._segs:
+            return 0
+        return self._segs[self._published[-1]].last_seq
+
     def backlog(self, acked: Position | dict[str, Any] | None) -> tuple[int, int | None]:
         """(journal bytes the replica has not acknowledged, timestamp of the
         oldest unacknowledged record or None) from the Feed's latest view."""

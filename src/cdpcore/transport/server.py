@@ -445,7 +445,7 @@ class _Connection:
                 # zstd-ref reads the referenced chunks from the store (the
                 # replica's resolver checks each against its id)
                 body = self.decompressor.decompress(frame.codec, frame.body, frame.raw, frame.reset,
-                                                    resolve=r._resolve)
+                                                    resolve=r.resolve)
             except MissingRefs as e:
                 missing = e.ids
             else:

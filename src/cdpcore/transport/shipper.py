@@ -184,6 +184,10 @@ class Shipper:
         """stop() was called."""
         return self._stop.is_set()
 
+    async def wait_stop(self) -> None:
+        """Return once stop() is called."""
+        await self._stop.wait()
+
     async def run(self) -> ShipResult:
         """Ship until caught up (or, with follow, until stop()); raises
         AuthError, VaultError, ProtocolError, KeyFileError, LinkError, or
@@ -592,7 +596,7 @@ class _Session:
         while True:
             # Fill the pipeline: pack ahead and offer while HAVEs are on their way.
             while not exhausted and len(queue) < 2 * self.limits.offers + 2 and \
-                    self.conn.can_offer() and not s._stop.is_set():
+                    self.conn.can_offer() and not s.stopping:
                 item = await self.next_item(items)
                 if item is None:
                     exhausted = True
@@ -604,7 +608,7 @@ class _Session:
                 await self.emit(queue.popleft())
                 continue
             # Nothing queued: caught up with what the feed had.
-            if s._stop.is_set():
+            if s.stopping:
                 return await self.finish(grace=STOP_GRACE)
             if await s.sync(s.feed.poll):
                 items, exhausted = s.feed.items(), False
@@ -613,7 +617,7 @@ class _Session:
                 return await self.finish(grace=None)
             s._write_state()
             with trio.move_on_after(POLL_INTERVAL):
-                await s._stop.wait()
+                await s.wait_stop()
 
     async def finish(self, grace: float | None) -> bool:
         """Wait for every DATA frame's ACK, then BYE both ways."""
@@ -634,15 +638,11 @@ class _Session:
     def caught_up(self) -> None:
         """Everything the feed has seen is acknowledged: the acked seq is the
         feed's last (a run that found nothing to send has no ACK to learn it
-        from). The feed keeps it in its segment books; read defensively."""
+        from)."""
         s = self.s
         nbytes, _ = s.feed.backlog(s._acked)
-        segs = getattr(s.feed, "_segs", {})
-        order = getattr(s.feed, "_published", [])
-        if nbytes == 0 and order and order[-1] in segs:
-            last = int(getattr(segs[order[-1]], "last_seq", 0) or 0)
-            if last > s.stats["acked_seq"]:
-                s.stats["acked_seq"] = last
+        if nbytes == 0 and s.feed.last_seq > s.stats["acked_seq"]:
+            s.stats["acked_seq"] = s.feed.last_seq
 
     async def prepare(self, item: Item) -> _Pending:
         """Pack a data item and send its OFFER; other items pass through."""
@@ -699,10 +699,6 @@ class _Session:
         elif isinstance(item, SealItem):
             await self.send(F.Seal(seg=item.seg, size=item.size))
         elif isinstance(item, EntryItem):
-            if item.path.count("/") < 2:
-                # base/NAME itself: the FILE frame names entries inside a base
-                # (base/NAME/PATH); the vault makes the directory, BASE completes it
-                return
             await self.send(F.File(file=item.path, size=item.size, mode=item.mode, mtime_us=item.mtime_us,
                                    kind=item.kind, target=item.target))
         elif isinstance(item, BaseItem):

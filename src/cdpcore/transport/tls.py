@@ -194,6 +194,20 @@ async def handshake(stream: trio.SSLStream[trio.abc.Stream], timeout: float, sid
         raise
 
 
+def outgoing_bio(stream: trio.SSLStream[trio.abc.Stream]) -> ssl.MemoryBIO | None:
+    """The memory BIO into which OpenSSL writes what `stream` sends.
+
+    The only place cdpcore touches a private trio attribute
+    (`SSLStream._outgoing`): trio has no public way to reach it, and
+    `_send_alert` needs it. Should trio rename it, this returns None and
+    only the better refusal message is lost (the peer sees an EOF and
+    retries); tests/test_tls.py::test_trio_still_has_the_outgoing_bio
+    fails loudly so that it is noticed at the upgrade, not in production.
+    """
+    bio = getattr(stream, "_outgoing", None)
+    return bio if isinstance(bio, ssl.MemoryBIO) else None
+
+
 async def _send_alert(stream: trio.SSLStream[trio.abc.Stream]) -> None:
     """Send the TLS alert OpenSSL queued when it refused the peer's certificate.
 
@@ -201,11 +215,9 @@ async def _send_alert(stream: trio.SSLStream[trio.abc.Stream]) -> None:
     what OpenSSL had queued, the alert included, so the peer would see a
     bare EOF and could not tell a refused certificate from a network
     fault: a sender would retry forever instead of failing with exit 21.
-    trio has no public way to reach its memory BIO, hence the getattr;
-    without it we only lose the better message.
     """
-    outgoing = getattr(stream, "_outgoing", None)
-    if not isinstance(outgoing, ssl.MemoryBIO):
+    outgoing = outgoing_bio(stream)
+    if outgoing is None:
         return
     alert = outgoing.read()
     if alert:

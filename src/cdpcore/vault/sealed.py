@@ -387,8 +387,10 @@ class SealedStore:
 
     def file_entry(self, path: str, size: int, mode: int, mtime_us: int, kind: str, target: str | None) -> None:
         parts = _rel_parts(path)
-        if parts[0] != "base" or len(parts) < 3 or not valid_name(parts[1]):
-            raise ProtocolError(f"base entry {path!r} is not base/NAME/PATH")
+        if parts[0] != "base" or len(parts) < 2 or not valid_name(parts[1]):
+            raise ProtocolError(f"base entry {path!r} is not base/NAME or base/NAME/PATH")
+        if len(parts) == 2 and kind != "dir":
+            raise ProtocolError(f"base entry {path!r}: a base is a directory, not a {kind!r}")
         if os.path.lexists(os.path.join(self.dir, "bases", parts[1])):
             return
         if kind not in ("file", "dir", "symlink") or type(mode) is not int or type(mtime_us) is not int:
@@ -670,8 +672,8 @@ def materialize(replica_dir: str | os.PathLike[str], keys: Keys, out_dir: str | 
             entries = _read_entries(os.path.join(bdir, b))
             dirs: dict[str, dict[str, Any]] = {}  # the last entry of a directory wins
             for e in entries:
-                parts = _rel_parts(e["path"])
-                dest = os.path.join(top, *parts)
+                # "" is the base's top directory itself (its mode and mtime)
+                dest = os.path.join(top, *_rel_parts(e["path"])) if e["path"] else top
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 ns = (e["mtime_us"] * 1000, e["mtime_us"] * 1000)
                 if e["kind"] == "dir":
