@@ -163,6 +163,16 @@ async def test_server_certificate_from_another_ca_is_refused_by_the_client(certs
     assert isinstance(server, (AuthError, trio.BrokenResourceError))
 
 
+def test_trio_still_has_the_outgoing_bio(certs: Path) -> None:
+    """tls.outgoing_bio() reads trio's private SSLStream._outgoing (to send
+    the alert of a refused certificate). If a trio upgrade renames it, fail
+    here, not silently in production (refusals would look like network
+    faults and senders would retry instead of exiting 21)."""
+    a, _ = trio.testing.memory_stream_pair()
+    stream = trio.SSLStream(a, _client(certs, "A"), server_hostname="localhost")
+    assert isinstance(tls.outgoing_bio(stream), ssl.MemoryBIO), f"trio {trio.__version__} changed SSLStream"
+
+
 @pytest.mark.trio
 async def test_server_name_must_match(certs: Path) -> None:
     _, client = await _pair(_server(certs), _client(certs, "A"), host="elsewhere.example")
@@ -196,7 +206,7 @@ def test_unreadable_or_mismatched_files_are_auth_errors(certs: Path, tmp_path: P
     with pytest.raises(AuthError, match="cannot load certificate"):
         tls.client_context(certs / "A.pem", certs / "B.key", certs / "ca.pem")
     (tmp_path / "garbage.pem").write_text("not a certificate\n")
-    with pytest.raises(AuthError, match="cannot load CA file"):
+    with pytest.raises(AuthError, match="CA file .*garbage.pem is not a PEM certificate"):
         tls.client_context(certs / "A.pem", certs / "A.key", tmp_path / "garbage.pem")
 
 

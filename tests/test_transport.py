@@ -4,6 +4,7 @@ and nothing is written; idle connections are closed; a new connection of a
 source replaces the old one; a journal with a base copy replicates."""
 from __future__ import annotations
 
+from collections.abc import Callable
 import os
 import random
 from pathlib import Path
@@ -220,6 +221,9 @@ async def test_journal_with_a_base_copy_replicates(fast_tmp: Path, certs: Path) 
     src = fast_tmp / "j"
     with Journal.create(src, root, segment_size=32 * 1024) as j:
         j.append_write("sub/file1", 3, b"changed after the base")
+    (base,) = (src / "base").iterdir()
+    os.chmod(base, 0o750)
+    os.utime(base, ns=(1_600_000_000_123_456_000, 1_600_000_000_123_456_000))
     vault = Vault(fast_tmp / "vault", create=True)
     async with trio.open_nursery() as n:
         port = await n.start(Server(vault, server_cfg(certs)).serve, "127.0.0.1", 0)
@@ -227,6 +231,10 @@ async def test_journal_with_a_base_copy_replicates(fast_tmp: Path, certs: Path) 
         n.cancel_scope.cancel()
     vault.close()
     assert_replica_equals(src, fast_tmp / "vault", points=1)
+    # the base's top directory itself: its mode (the vault keeps u+rwx) and mtime
+    got = (fast_tmp / "vault" / "A" / "journal" / "base" / base.name).stat()
+    assert got.st_mtime_ns // 1000 == 1_600_000_000_123_456
+    assert got.st_mode & 0o7777 == 0o750 | 0o700
 
 
 @pytest.mark.parametrize("text,want", [("0.0.0.0:7443", ("0.0.0.0", 7443)), ("[::1]:1", ("::1", 1)),
@@ -302,8 +310,9 @@ async def test_the_next_frame_is_compressed_while_the_last_one_waits_for_the_lin
         log.append("compress")
         return compress(*args)  # type: ignore[arg-type]
 
-    async def logged_send(self: shipper_mod._Session, frame: F.Frame, paced: bool = False) -> int:
-        n = await send(self, frame, paced)
+    async def logged_send(self: shipper_mod._Session, frame: F.Frame, paced: bool = False,
+                          booked: Callable[[int], None] | None = None) -> int:
+        n = await send(self, frame, paced, booked)
         if isinstance(frame, F.Data):
             log.append("sent")
         return n

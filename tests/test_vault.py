@@ -457,12 +457,12 @@ def test_references_to_lost_chunks_come_back_as_missing(fast_tmp):
     # a chunk index entry whose bytes changed on disk is not trusted
     cid = p.ids[0]
     source, key, off, n = rep.index.lookup(cid)
-    assert rep._resolve(cid) is not None
+    assert rep.resolve(cid) is not None
     path = fast_tmp / "v" / "s" / "journal" / key
     raw = bytearray(path.read_bytes())
     raw[off] ^= 1
     path.write_bytes(bytes(raw))
-    assert rep._resolve(cid) is None
+    assert rep.resolve(cid) is None
 
 
 def prune_source(tmp: Path, rnd: random.Random) -> tuple[Path, Path]:
@@ -505,6 +505,27 @@ def test_prune_swap(fast_tmp):
     rep.close()
     same_files(src, fast_tmp / "v" / "s" / "journal")
     same_restores(src, fast_tmp / "v" / "s", fast_tmp, rnd, points=2)
+
+
+def test_prune_drops_the_chunk_index_entries_of_removed_bases(fast_tmp):
+    rnd = random.Random(5)
+    src = build_source(fast_tmp, rnd, 30)
+    vault = Vault(fast_tmp / "v", create=True)
+    rep = Sender(src, rnd).ship(vault.open_source("s", uuid_of(src), False))
+    (name,) = listdir(src / "base")
+
+    def base_targets() -> set[str]:
+        return {t for t in rep.index.targets("s") if t.startswith("base/")}
+
+    assert base_targets(), "the base has no chunk in the index: the test proves nothing"
+    segs = source_segments(src)
+    # the source's live set names no base any more (a prune that dropped it)
+    rep.prune([[sg, int.from_bytes(d[60:64], "little"), len(d)] for sg, d in segs.items()], [])
+    rep.index.commit()
+    assert not (fast_tmp / "v" / "s" / "journal" / "base" / name).exists()
+    assert base_targets() == set()  # the index would otherwise only grow
+    assert rep.index.targets("s")  # the segments' entries stay
+    rep.close()
 
 
 def test_prune_swap_crash_at_every_step(fast_tmp):

@@ -61,6 +61,18 @@ class Keys:
         return "Keys(<secret>)"
 
 
+KEY_ID_SIZE = 16
+
+
+def key_id(keys: Keys) -> bytes:
+    """A 16-byte public fingerprint of an end-to-end key: the sender sends
+    it in HELLO and the vault keeps it, so that a source shipped with
+    another key is refused instead of mixing chunks sealed under two keys
+    (the replica could then be read with neither). A keyed hash under the
+    id key: it reveals nothing about the content key."""
+    return hashlib.blake2b(b"cdpcore key id v1", digest_size=KEY_ID_SIZE, key=keys.ids).digest()
+
+
 def derive_keys(master: bytes) -> Keys:
     if len(master) != KEY_FILE_BYTES:
         raise KeyFileError(f"an end-to-end key is {KEY_FILE_BYTES} bytes, got {len(master)}")

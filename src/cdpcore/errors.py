@@ -117,6 +117,14 @@ class KeyFileError(CdpError):
     exit_code = 24
 
 
+class ShipRunning(CdpError):
+    """Another `ship` of the same journal is running (it holds
+    JOURNAL/ship.lock). Two senders of one source would replace each
+    other's connection at the vault over and over."""
+
+    exit_code = 25
+
+
 class StaleNamespace(CdpError):
     """Internal: another writer changed the namespace; re-encode and retry."""
 

@@ -256,13 +256,29 @@ def _header_crc(header: bytes) -> int:
     return int(_CRC.unpack_from(header, 60)[0])
 
 
+def is_vault_replica(path: str) -> bool:
+    """True for VAULT/NAME/journal: a replica a vault keeps (vault/vault.py
+    writes VAULT/vault.json and VAULT/NAME/source.json)."""
+    src = os.path.dirname(path)
+    return (os.path.basename(path) == "journal" and os.path.isfile(os.path.join(src, "source.json"))
+            and os.path.isfile(os.path.join(os.path.dirname(src), "vault.json")))
+
+
 class Feed:
     """The sender's read-only view of a journal directory (module docstring)."""
 
     def __init__(self, journal_path: str | os.PathLike[str], run_bytes: int = DEFAULT_RUN_BYTES):
         path = os.path.abspath(os.fspath(journal_path))
-        if not os.path.isdir(path):
+        if not os.path.exists(path):
             raise JournalNotFound(f"{path}: no such journal")
+        if not os.path.isdir(path):
+            raise NotAJournal(f"{path}: not a journal (not a directory)")
+        if is_vault_replica(path):
+            # its source.json and the vault's vault.json sit right above it.
+            # Shipping it to its own vault would append the replica to
+            # itself; to another vault, a cascade nobody designed for.
+            raise VaultError(f"{path} is a vault replica (VAULT/NAME/journal); ship the source journal "
+                             "instead (restore and verify read the replica in place)")
         if run_bytes < 4096:
             raise ValueError("run_bytes must be at least 4096")
         self.path = path
@@ -717,6 +733,16 @@ class Feed:
                 f.seek(off)
 
     # ---- status ------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last validated record in the newest published
+        segment the feed has read (0 before the first pass, or for a journal
+        without records): what the replica holds once the feed's items are
+        all acknowledged."""
+        if not self._published or self._published[-1] not in self._segs:
+            return 0
+        return self._segs[self._published[-1]].last_seq
 
     def backlog(self, acked: Position | dict[str, Any] | None) -> tuple[int, int | None]:
         """(journal bytes the replica has not acknowledged, timestamp of the

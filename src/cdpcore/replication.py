@@ -120,6 +120,8 @@ def vault_status(vault_path: str | os.PathLike[str]) -> dict[str, Any]:
     path = os.fspath(vault_path)
     if not os.path.isdir(path):
         raise VaultError(f"{path}: no such vault directory")
+    if not os.path.isfile(os.path.join(path, "vault.json")):  # = vault.VAULT_META (no import: no cycle)
+        raise VaultError(f"{path}: not a vault (no vault.json)")
     sources = []
     for name in sorted(os.listdir(path)):
         d = os.path.join(path, name)

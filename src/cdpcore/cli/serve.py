@@ -14,6 +14,12 @@ def _domain(text: str) -> tuple[str, list[str]]:
     srcs = [m for m in members.split(",") if m]
     if not sep or not name or not srcs:
         raise argparse.ArgumentTypeError(f"invalid domain {text!r}: expected NAME=SOURCE,SOURCE")
+    from cdpcore.vault.replica import valid_name
+
+    for word in (name, *srcs):
+        if not valid_name(word) or word.startswith("_"):
+            raise argparse.ArgumentTypeError(f"invalid domain {text!r}: {word!r} is not a valid name "
+                                             "([A-Za-z0-9._-]{1,64}, not . or .., not starting with _)")
     return name, srcs
 
 

@@ -45,6 +45,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--cert", required=True, metavar="FILE", help="this source's certificate (its CN names the source)")
     p.add_argument("--key", required=True, metavar="FILE", help="this source's private key")
     p.add_argument("--ca", required=True, metavar="FILE", help="CA that signs the server's certificate")
+    p.add_argument("--server-name", metavar="NAME",
+                   help="the name the server's certificate must carry (default: --to's host); for a DR "
+                        "site reached by an address its certificate does not list")
     p.add_argument("--rate", type=_rate, default=None, metavar="RATE",
                    help="cap the sending rate: 10mbit, 500kbit, 1.5MB, 2MiB (per second; default unlimited)")
     p.add_argument("--follow", action="store_true", help="keep shipping new records until SIGINT/SIGTERM")
@@ -74,6 +77,10 @@ def run(args: argparse.Namespace, out: Output) -> int:
         host, port = parse_listen(args.to)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if port == 0:
+        raise UsageError(f"invalid address {args.to!r}: port 0 names no receiver")
+    if args.server_name is not None and not args.server_name.strip():
+        raise UsageError("--server-name must not be empty")
     if args.dedupe_domain is not None and args.encrypt_key is not None:
         raise UsageError("--dedupe-domain and --encrypt-key exclude each other (encrypted chunk ids "
                          "are keyed with the source's own key)")
@@ -85,7 +92,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
             print(f"ship: {message}", file=sys.stderr, flush=True)
 
     shipper = Shipper(args.journal, host, port, ctx, rate=args.rate, follow=args.follow, keys=keys,
-                      domain=args.dedupe_domain, give_up=args.give_up, log=log)
+                      domain=args.dedupe_domain, give_up=args.give_up, log=log, server_name=args.server_name)
     if args.rate is not None:
         log(f"rate capped at {format_rate(args.rate)}")
 
@@ -94,7 +101,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
             async with trio.open_nursery() as nursery:
                 async def on_signal() -> None:
                     async for signum in signals:
-                        if shipper._stop.is_set():  # a second signal: stop now
+                        if shipper.stopping:  # a second signal: stop now
                             nursery.cancel_scope.cancel()
                             return
                         log(f"{signal.Signals(signum).name}: finishing (acks outstanding, then bye)")

@@ -17,9 +17,10 @@ __all__ = ["ProtocolError", "ERROR_CODES", "LOCAL_CODES", "fail", "short"]
 
 # Codes a peer may put in an ERROR frame. Receivers accept any token of the
 # same shape (a newer peer may know more reasons), see `ERROR_CODE_RE`.
-ERROR_CODES = frozenset({"version", "auth", "uuid", "protocol", "limit", "storage", "internal"})
+ERROR_CODES = frozenset({"version", "auth", "uuid", "key", "protocol", "limit", "storage", "internal"})
 # Codes the protocol layer itself raises; the others come from the transport
-# (auth), the vault (uuid, storage) or a bug (internal).
+# (auth), the vault (uuid, key: another end-to-end key, storage) or a bug
+# (internal).
 LOCAL_CODES = frozenset({"protocol", "limit", "version"})
 ERROR_CODE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 

@@ -394,6 +394,9 @@ class Hello:
     encrypted: bool
     domain: str | None
     agent: str
+    # the end-to-end key's fingerprint (crypto.key_id), encrypted sources
+    # only; optional on the wire: an older sender does not send it
+    key_id: bytes | None = None
 
     def __post_init__(self) -> None:
         v = _seq(self.T, "versions", self.versions, 2, 2)
@@ -406,16 +409,22 @@ class Hello:
         if self.domain is not None:
             _source(self.T, "domain", self.domain)
         _text(self.T, "agent", self.agent, MAX_AGENT)
+        if self.key_id is not None:
+            object.__setattr__(self, "key_id", _bin(self.T, "key_id", self.key_id, 16))
 
     def _wire(self) -> dict[str, Any]:
-        return {"versions": list(self.versions), "uuid": self.uuid, "encrypted": self.encrypted,
-                "domain": self.domain, "agent": self.agent}
+        m = {"versions": list(self.versions), "uuid": self.uuid, "encrypted": self.encrypted,
+             "domain": self.domain, "agent": self.agent}
+        if self.key_id is not None:  # absent rather than nil: a hello without a key stays as it was
+            m["key_id"] = self.key_id
+        return m
 
     @classmethod
     def _from_wire(cls, m: dict[str, Any]) -> Hello:
         g = _getter(cls.T, m)
         return cls(versions=g("versions"), uuid=g("uuid"), encrypted=g("encrypted"),
-                   domain=g("domain", True), agent=g("agent"))
+                   domain=g("domain", True), agent=g("agent"),
+                   key_id=g("key_id", True) if "key_id" in m else None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

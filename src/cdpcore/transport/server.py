@@ -54,7 +54,7 @@ from typing import Any, TextIO
 import trio
 
 from cdpcore.codec import Decompressor, MissingRefs
-from cdpcore.errors import AuthError, CdpError, ProtocolError, VaultError
+from cdpcore.errors import AuthError, CdpError, KeyFileError, ProtocolError, VaultError
 from cdpcore.point import format_us
 from cdpcore.protocol import ServeConnection, State
 from cdpcore.protocol import frames as F
@@ -302,7 +302,11 @@ class _Connection:
 
     async def serve_source(self, hello: F.Hello) -> None:
         try:
-            self.replica = self.server.vault.open_source(self.source, hello.uuid, hello.encrypted, hello.domain)
+            self.replica = self.server.vault.open_source(self.source, hello.uuid, hello.encrypted, hello.domain,
+                                                         hello.key_id)
+        except KeyFileError as e:
+            await self.refuse(e, "key")
+            return
         except VaultError as e:
             await self.refuse(e, "uuid" if "bound to journal" in str(e) else "storage")
             return
@@ -441,7 +445,7 @@ class _Connection:
                 # zstd-ref reads the referenced chunks from the store (the
                 # replica's resolver checks each against its id)
                 body = self.decompressor.decompress(frame.codec, frame.body, frame.raw, frame.reset,
-                                                    resolve=r._resolve)
+                                                    resolve=r.resolve)
             except MissingRefs as e:
                 missing = e.ids
             else:

@@ -43,6 +43,7 @@ with LinkError.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import ssl
 import time
@@ -55,8 +56,8 @@ import trio
 
 from cdpcore import packing
 from cdpcore.codec import LADDER, AdaptiveLevel, Compressed, Compressor
-from cdpcore.crypto import Keys
-from cdpcore.errors import AuthError, CdpError, KeyFileError, LinkError, ProtocolError, VaultError
+from cdpcore.crypto import Keys, key_id
+from cdpcore.errors import AuthError, CdpError, KeyFileError, LinkError, ProtocolError, ShipRunning, VaultError
 from cdpcore.offers import OfferPolicy
 from cdpcore.feed import BaseItem, EntryItem, Feed, FileItem, Item, Position, PruneItem, RunItem, SealItem, SegmentItem
 from cdpcore.point import format_us
@@ -67,6 +68,7 @@ from cdpcore.transport import tls
 from cdpcore.transport.errors import first_cause
 from cdpcore.transport.rate import Backoff, TokenBucket
 
+SHIP_LOCK = "ship.lock"  # in the journal directory; never replicated (the feed names what it ships)
 DEFAULT_GIVE_UP = 300.0  # seconds without progress before `ship` (without --follow) fails
 DEFAULT_CONNECT_TIMEOUT = 15.0
 DEFAULT_PING_AFTER = 10.0
@@ -121,6 +123,7 @@ class _Unacked:
     last_ts: int | None
     pack: packing.Pack
     item: RunItem | FileItem
+    refs: bool = True  # the frame references chunks: the receiver may answer it with NEED
 
 
 class Shipper:
@@ -130,9 +133,14 @@ class Shipper:
                  open_stream: StreamOpener | None = None, backoff: Backoff | None = None,
                  ping_after: float = DEFAULT_PING_AFTER, idle_limit: float = DEFAULT_IDLE_LIMIT,
                  state_file: bool = True, log: Callable[[str], None] | None = None,
-                 inline_io: bool = False) -> None:
+                 inline_io: bool = False, server_name: str | None = None) -> None:
         self.journal = os.path.abspath(os.fspath(journal))
         self.host, self.port = host, port
+        # HOST:PORT as the operator writes it ([v6]:PORT)
+        self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        # the name the server's certificate must carry: --to's host unless
+        # --server-name (a DR site reached by an address its certificate lacks)
+        self.server_name = server_name or host
         self.ssl_context = ssl_context
         self.follow = follow
         self.keys = keys
@@ -154,7 +162,7 @@ class Shipper:
         self.policy = OfferPolicy()
         self._stop = trio.Event()
         self.stats: dict[str, Any] = {
-            "target": f"{host}:{port}", "source": None, "state": "starting", "acked_seq": 0,
+            "target": self.target, "source": None, "state": "starting", "acked_seq": 0,
             "acked_ts": None, "acked_time": None, "acked_segments": {}, "wire_bytes": 0, "raw_bytes": 0,
             "dedupe_hits": 0, "dedupe_bytes": 0, "connections": 0, "last_error": None, "level": None,
             "codec": None, "throughput": None, "lag_bytes": None, "lag_seconds": None, "pid": os.getpid()}
@@ -173,9 +181,20 @@ class Shipper:
         """Finish cleanly: no new items, wait for outstanding ACKs, BYE."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        """stop() was called."""
+        return self._stop.is_set()
+
+    async def wait_stop(self) -> None:
+        """Return once stop() is called."""
+        await self._stop.wait()
+
     async def run(self) -> ShipResult:
         """Ship until caught up (or, with follow, until stop()); raises
-        AuthError, VaultError, ProtocolError, KeyFileError or LinkError."""
+        AuthError, VaultError, ProtocolError, KeyFileError, LinkError, or
+        ShipRunning when another Shipper ships this journal."""
+        lock = self._lock()
         try:
             while True:
                 try:
@@ -192,7 +211,7 @@ class Shipper:
                     raise
                 else:
                     if done:
-                        self._set(state="stopped" if self.follow else "caught-up")
+                        self._set(state="stopped" if self.follow or self.stopping else "caught-up")
                         return ShipResult(int(self.stats["acked_seq"]), self.stats["wire_bytes"],
                                           self.stats["raw_bytes"], self.stats["connections"], self.stats["state"])
                 if self._stop.is_set():
@@ -200,7 +219,7 @@ class Shipper:
                     return ShipResult(int(self.stats["acked_seq"]), self.stats["wire_bytes"],
                                       self.stats["raw_bytes"], self.stats["connections"], "stopped")
                 if not self.follow and time.monotonic() - self._progress > self.give_up:
-                    err = LinkError(f"no progress for {self.give_up:g} s shipping to {self.host}:{self.port}: "
+                    err = LinkError(f"no progress for {self.give_up:g} s shipping to {self.target}: "
                                     f"{self.stats['last_error']}")
                     self._set(state="failed", last_error=str(err))
                     raise err
@@ -209,8 +228,34 @@ class Shipper:
                 with trio.move_on_after(delay):
                     await self._stop.wait()
         finally:
-            self._write_state(force=True)
+            if lock is not None:
+                self._write_state(force=True)  # the state file is the lock holder's
+                os.close(lock)
             self.feed.close()
+
+    def _lock(self) -> int | None:
+        """Hold JOURNAL/ship.lock (flock) for the run, so that a second
+        sender fails at once instead of fighting the first for the vault's
+        one connection per source. None when the journal directory is
+        read-only (nothing to lock, and no state file either)."""
+        path = os.path.join(self.journal, SHIP_LOCK)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            self.state_file = False
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise ShipRunning(f"{self.journal}: another ship of this journal is running (pid {pid}, "
+                              f"holding {SHIP_LOCK})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     # ---- helpers ----------------------------------------------------------------------
 
@@ -256,7 +301,7 @@ class Shipper:
                 raw = await self._open_stream()
             else:
                 raw = await trio.open_tcp_stream(self.host, self.port)
-        stream = trio.SSLStream(raw, self.ssl_context, server_hostname=self.host)
+        stream = trio.SSLStream(raw, self.ssl_context, server_hostname=self.server_name)
         try:
             await tls.handshake(stream, tls.DEFAULT_HANDSHAKE_TIMEOUT, "the server")
         except AuthError as e:
@@ -279,8 +324,14 @@ class Shipper:
 
 
 def _describe(e: BaseException) -> str:
+    """One line for a failure: the first non-empty message along the chain;
+    a task group (a nursery's, or the cause trio chains to a failed
+    connect) is replaced by the leaf that explains it, never printed as
+    "Exceptions from Trio nursery"."""
     seen: BaseException | None = e
     while seen is not None:
+        if isinstance(seen, BaseExceptionGroup):
+            seen = first_cause(seen)
         text = str(seen)
         if text:
             return text.splitlines()[0]
@@ -363,12 +414,18 @@ class _Session:
 
     # ---- I/O ------------------------------------------------------------------------------
 
-    async def send(self, frame: F.Frame, paced: bool = False) -> int:
+    async def send(self, frame: F.Frame, paced: bool = False,
+                   booked: Callable[[int], None] | None = None) -> int:
+        """Send one frame; booked(wire size) runs once it is encoded and
+        before its bytes go out, so the reply (an ACK or NEED the reader may
+        see before send_all returns) always finds the frame in our books."""
         if paced:
             await self.s.bucket.take(frame.wire_size() if isinstance(frame, F.Data) else 64)
         async with self.send_lock:
             # Booked in the order the bytes go out: the books must see what the peer sees.
             data = self.conn.send(frame)
+            if booked is not None:
+                booked(len(data))
             await self.stream.send_all(data)
         self.last_sent = trio.current_time()
         self.s.stats["wire_bytes"] += len(data)
@@ -387,6 +444,8 @@ class _Session:
             return AuthError(msg)
         if frame.code in ("uuid", "storage"):
             return VaultError(msg)
+        if frame.code == "key":
+            return KeyFileError(msg)
         return ProtocolError(msg, frame.code)
 
     # ---- the session --------------------------------------------------------------------
@@ -395,7 +454,8 @@ class _Session:
         s = self.s
         try:
             await self.send(F.Hello(versions=F.SUPPORTED_VERSIONS, uuid=s.feed.uuid,
-                                    encrypted=s.keys is not None, domain=s.domain, agent=AGENT))
+                                    encrypted=s.keys is not None, domain=s.domain, agent=AGENT,
+                                    key_id=None if s.keys is None else key_id(s.keys)))
             welcome = await self.welcome()
         except ProtocolError as e:
             raise _Fatal(e) from None
@@ -417,7 +477,7 @@ class _Session:
         s._acked = Position.parse(pos._wire())
         self.seg_crc = {p.seg: p.header_crc for p in pos.segments}
         s.stats["source"] = welcome.source
-        s.log(f"connected to {s.host}:{s.port} as source {welcome.source}")
+        s.log(f"connected to {s.target} as source {welcome.source}")
         s._set(state="connected", last_error=None)
         items = s.feed.plan(pos._wire())
         try:
@@ -506,10 +566,12 @@ class _Session:
             if crc is None:
                 raise ProtocolError(f"ack for segment {f.seg:016x}, which this connection never opened")
             old = s._acked.segments.get(f.seg)
+            advanced = old is None or old[0] != crc or f.size > old[1]
             s._acked.segments[f.seg] = (crc, f.size, bool(old and old[0] == crc and old[2]))
             if f.last_seq is not None and f.last_seq > s.stats["acked_seq"]:
                 s.stats["acked_seq"] = f.last_seq
         else:
+            advanced = f.size != s._acked.files.get(str(f.file))
             s._acked.files[str(f.file)] = f.size
         freed = 0
         keep: deque[_Unacked] = deque()
@@ -536,7 +598,11 @@ class _Session:
                 s.level.observe_link(db, dt)
             s.stats["throughput"] = round(db / dt, 1)
             self.ack_clock = (now, self.wire_acked, self.blocked)
-        s._progress = time.monotonic()
+        if advanced:
+            # Only new durable bytes are progress for --give-up: journal.json
+            # is acknowledged again on every connection, and a vault whose
+            # disk is full would otherwise keep a sender retrying forever.
+            s._progress = time.monotonic()
         self.acked_changed.set()
         self.acked_changed = trio.Event()
         s._write_state()
@@ -569,7 +635,7 @@ class _Session:
         while True:
             # Fill the pipeline: pack ahead and offer while HAVEs are on their way.
             while not exhausted and len(queue) < 2 * self.limits.offers + 2 and \
-                    self.conn.can_offer() and not s._stop.is_set():
+                    self.conn.can_offer() and not s.stopping:
                 item = await self.next_item(items)
                 if item is None:
                     exhausted = True
@@ -581,7 +647,7 @@ class _Session:
                 await self.emit(queue.popleft())
                 continue
             # Nothing queued: caught up with what the feed had.
-            if s._stop.is_set():
+            if s.stopping:
                 return await self.finish(grace=STOP_GRACE)
             if await s.sync(s.feed.poll):
                 items, exhausted = s.feed.items(), False
@@ -590,7 +656,7 @@ class _Session:
                 return await self.finish(grace=None)
             s._write_state()
             with trio.move_on_after(POLL_INTERVAL):
-                await s._stop.wait()
+                await s.wait_stop()
 
     async def finish(self, grace: float | None) -> bool:
         """Wait for every DATA frame's ACK, then BYE both ways."""
@@ -612,15 +678,11 @@ class _Session:
     def caught_up(self) -> None:
         """Everything the feed has seen is acknowledged: the acked seq is the
         feed's last (a run that found nothing to send has no ACK to learn it
-        from). The feed keeps it in its segment books; read defensively."""
+        from)."""
         s = self.s
         nbytes, _ = s.feed.backlog(s._acked)
-        segs = getattr(s.feed, "_segs", {})
-        order = getattr(s.feed, "_published", [])
-        if nbytes == 0 and order and order[-1] in segs:
-            last = int(getattr(segs[order[-1]], "last_seq", 0) or 0)
-            if last > s.stats["acked_seq"]:
-                s.stats["acked_seq"] = last
+        if nbytes == 0 and s.feed.last_seq > s.stats["acked_seq"]:
+            s.stats["acked_seq"] = s.feed.last_seq
 
     async def prepare(self, item: Item) -> _Pending:
         """Pack a data item and send its OFFER; other items pass through."""
@@ -671,6 +733,16 @@ class _Session:
         while self.unacked:
             await self.acked_changed.wait()
 
+    async def settle(self, target: int | str) -> None:
+        """Wait until no frame of `target` that references chunks is in
+        flight. SEAL and FILE may not follow a NEED before its resend
+        (protocol.md), and a NEED can cross them on the wire: the receiver
+        sends it before it reads them, and would take the SEAL for a
+        protocol error. Only frames with references can draw a NEED, so a
+        run of literal frames (most small base files) costs no round trip."""
+        while any(u.target == target and u.refs for u in self.unacked):
+            await self.acked_changed.wait()
+
     async def emit(self, p: _Pending) -> None:
         item = p.item
         if p.have is not None:
@@ -679,16 +751,16 @@ class _Session:
             await self.drain()
         if not isinstance(item, (RunItem, FileItem)):
             await self.flush()  # a SEGMENT, SEAL, FILE ... goes after the DATA made before it
+        if isinstance(item, SealItem):
+            await self.settle(item.seg)
+        elif isinstance(item, EntryItem):
+            await self.settle(item.path)
         if isinstance(item, SegmentItem):
             self.seg_crc[item.seg] = _crc(item.header)
             await self.send(F.Segment(seg=item.seg, header=item.header, replace=item.replace))
         elif isinstance(item, SealItem):
             await self.send(F.Seal(seg=item.seg, size=item.size))
         elif isinstance(item, EntryItem):
-            if item.path.count("/") < 2:
-                # base/NAME itself: the FILE frame names entries inside a base
-                # (base/NAME/PATH); the vault makes the directory, BASE completes it
-                return
             await self.send(F.File(file=item.path, size=item.size, mode=item.mode, mtime_us=item.mtime_us,
                                    kind=item.kind, target=item.target))
         elif isinstance(item, BaseItem):
@@ -708,7 +780,8 @@ class _Session:
             refs = [b for b in pk.pieces if b.id is not None and (b.id in p.held or b.id in pk.known)]
             self.s.stats["dedupe_hits"] += len(refs)
             self.s.stats["dedupe_bytes"] += sum(b.end - b.start for b in refs)
-            await self.send_data(item, body, pk, prefix=self.prefix(pk, p.held), new_ids=nids, background=True)
+            await self.send_data(item, body, pk, prefix=self.prefix(pk, p.held), new_ids=nids, background=True,
+                                 refs=bool(refs))
             if len(self.known) > KNOWN_IDS_CAP:
                 self.known.clear()
             self.known.update(pk.all_ids)  # the vault holds them once this frame is applied
@@ -722,11 +795,13 @@ class _Session:
 
     async def send_data(self, item: RunItem | FileItem, body: bytes, pk: packing.Pack,
                         resend: _Unacked | None = None, prefix: tuple[bytes, bytes] | None = None,
-                        new_ids: list[bytes] | None = None, background: bool = False) -> None:
+                        new_ids: list[bytes] | None = None, background: bool = False,
+                        refs: bool = True) -> None:
         """Compress a body and send its DATA frame. With background, return
         once it is compressed and the frame is queued behind the previous
         one: the caller goes on with the next frame's CPU work while this
-        one waits for the link."""
+        one waits for the link. refs: the frame references chunks (the
+        receiver may answer it with NEED)."""
         s = self.s
         assert self.compressor is not None
         if s.keys is None:
@@ -751,26 +826,29 @@ class _Session:
         await self.flush()
         if background and self.nursery is not None:
             self.on_wire = trio.Event()
-            self.nursery.start_soon(self._put_on_wire, item, frame, pk, resend, self.on_wire)
+            self.nursery.start_soon(self._put_on_wire, item, frame, pk, resend, self.on_wire, refs)
         else:
-            await self._put_on_wire(item, frame, pk, resend, None)
+            await self._put_on_wire(item, frame, pk, resend, None, refs)
 
     async def _put_on_wire(self, item: RunItem | FileItem, frame: F.Data, pk: packing.Pack,
-                           resend: _Unacked | None, done: trio.Event | None) -> None:
+                           resend: _Unacked | None, done: trio.Event | None, refs: bool = True) -> None:
         s = self.s
         target: int | str = item.seg if isinstance(item, RunItem) else item.path
         size = frame.wire_size()
         t0 = trio.current_time()
         while self.conn.inflight_bytes and not self.conn.can_send(size):
             await self.acked_changed.wait()
-        n = await self.send(frame, paced=True)
+
+        def book(n: int) -> None:
+            if resend is not None:
+                resend.wire = n
+            else:
+                self.unacked.append(_Unacked(target, item.off, item.end, n,
+                                             item.last_seq if isinstance(item, RunItem) else None,
+                                             item.last_ts if isinstance(item, RunItem) else None, pk, item, refs))
+                s.stats["raw_bytes"] += item.end - item.off
+
+        await self.send(frame, paced=True, booked=book)
         self.blocked += trio.current_time() - t0
-        if resend is not None:
-            resend.wire = n
-        else:
-            self.unacked.append(_Unacked(target, item.off, item.end, n,
-                                         item.last_seq if isinstance(item, RunItem) else None,
-                                         item.last_ts if isinstance(item, RunItem) else None, pk, item))
-            s.stats["raw_bytes"] += item.end - item.off
         if done is not None:
             done.set()

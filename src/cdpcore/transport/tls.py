@@ -18,6 +18,7 @@ can report AuthError (exit 21) instead of a network error it would retry.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import ssl
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import trio
 from cryptography import x509
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cdpcore.errors import AuthError
 from cdpcore.pki import check_source_name
@@ -50,6 +51,8 @@ def _context(purpose: ssl.Purpose, cert: str | os.PathLike[str], key: str | os.P
         if not os.access(path, os.R_OK):
             reason = "no such file" if not os.path.exists(path) else "not readable"
             raise AuthError(f"cannot read {what} file {os.fspath(path)}: {reason}")
+    _check_certificate(cert, purpose, "certificate")
+    _check_certificate(ca, None, "CA")
     try:
         ctx.load_verify_locations(cafile=os.fspath(ca))
     except (ssl.SSLError, OSError, ValueError) as e:
@@ -60,6 +63,41 @@ def _context(purpose: ssl.Purpose, cert: str | os.PathLike[str], key: str | os.P
         raise AuthError(f"cannot load certificate {os.fspath(cert)} with key {os.fspath(key)}: "
                         f"{_reason(e)}") from None
     return ctx
+
+
+def _check_certificate(path: str | os.PathLike[str], purpose: ssl.Purpose | None, what: str) -> None:
+    """Refuse at start what the handshake would refuse later with a vaguer
+    message (or, for a server, only when the first client connects): a
+    file that is no PEM certificate, a certificate outside its validity,
+    one made for the other side (a source's clientAuth certificate given
+    to serve, the server's to ship). `purpose` is the peer's purpose, as
+    ssl.Purpose names it: CLIENT_AUTH for our server certificate."""
+    where = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            pem = f.read(1 << 20)
+        c = x509.load_pem_x509_certificate(pem)
+    except OSError as e:
+        raise AuthError(f"cannot read {what} file {where}: {e.strerror}") from None
+    except ValueError:
+        raise AuthError(f"{what} file {where} is not a PEM certificate") from None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if now > c.not_valid_after_utc:
+        raise AuthError(f"{what} {where} expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+    if now < c.not_valid_before_utc:
+        raise AuthError(f"{what} {where} is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC")
+    if purpose is None:
+        return
+    want, side = ((ExtendedKeyUsageOID.SERVER_AUTH, "a server (serverAuth)") if purpose is ssl.Purpose.CLIENT_AUTH
+                  else (ExtendedKeyUsageOID.CLIENT_AUTH, "a client (clientAuth)"))
+    try:
+        eku = c.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return  # no EKU: usable for any purpose
+    if want not in eku:
+        raise AuthError(f"{what} {where} is not {side} certificate; "
+                        f"{'serve needs the server' if purpose is ssl.Purpose.CLIENT_AUTH else 'ship needs the source'}'s "
+                        "certificate from cdpctl pki")
 
 
 def server_context(cert: str | os.PathLike[str], key: str | os.PathLike[str],
@@ -156,6 +194,20 @@ async def handshake(stream: trio.SSLStream[trio.abc.Stream], timeout: float, sid
         raise
 
 
+def outgoing_bio(stream: trio.SSLStream[trio.abc.Stream]) -> ssl.MemoryBIO | None:
+    """The memory BIO into which OpenSSL writes what `stream` sends.
+
+    The only place cdpcore touches a private trio attribute
+    (`SSLStream._outgoing`): trio has no public way to reach it, and
+    `_send_alert` needs it. Should trio rename it, this returns None and
+    only the better refusal message is lost (the peer sees an EOF and
+    retries); tests/test_tls.py::test_trio_still_has_the_outgoing_bio
+    fails loudly so that it is noticed at the upgrade, not in production.
+    """
+    bio = getattr(stream, "_outgoing", None)
+    return bio if isinstance(bio, ssl.MemoryBIO) else None
+
+
 async def _send_alert(stream: trio.SSLStream[trio.abc.Stream]) -> None:
     """Send the TLS alert OpenSSL queued when it refused the peer's certificate.
 
@@ -163,11 +215,9 @@ async def _send_alert(stream: trio.SSLStream[trio.abc.Stream]) -> None:
     what OpenSSL had queued, the alert included, so the peer would see a
     bare EOF and could not tell a refused certificate from a network
     fault: a sender would retry forever instead of failing with exit 21.
-    trio has no public way to reach its memory BIO, hence the getattr;
-    without it we only lose the better message.
     """
-    outgoing = getattr(stream, "_outgoing", None)
-    if not isinstance(outgoing, ssl.MemoryBIO):
+    outgoing = outgoing_bio(stream)
+    if outgoing is None:
         return
     alert = outgoing.read()
     if alert:

@@ -80,11 +80,24 @@ class ChunkIndex:
         self._pending = {k: v for k, v in self._pending.items() if (v[0], v[1]) != (source, target)}
         self._db.execute("DELETE FROM chunks WHERE source = ? AND target = ?", (source, target))
 
+    def drop_below(self, source: str, prefix: str) -> None:
+        """Forget the chunks of every file whose target starts with prefix
+        (a removed base: "base/NAME/"). substr, not LIKE: '_' in a name is
+        no wildcard."""
+        self._pending = {k: v for k, v in self._pending.items()
+                         if not (v[0] == source and v[1].startswith(prefix))}
+        self._db.execute("DELETE FROM chunks WHERE source = ? AND substr(target, 1, ?) = ?",
+                         (source, len(prefix), prefix))
+
     def rename_target(self, source: str, old: str, new: str) -> None:
         self._pending = {k: (v[0], new if (v[0], v[1]) == (source, old) else v[1], v[2], v[3])
                          for k, v in self._pending.items()}
         self._db.execute("UPDATE OR REPLACE chunks SET target = ? WHERE source = ? AND target = ?",
                          (new, source, old))
+
+    def targets(self, source: str) -> set[str]:
+        """The files the committed entries of `source` point into."""
+        return {str(r[0]) for r in self._db.execute("SELECT DISTINCT target FROM chunks WHERE source = ?", (source,))}
 
     def entries_in(self, source: str, target: str) -> list[tuple[bytes, int, int]]:
         """(id, offset, length) of the committed entries that point into target."""

@@ -224,6 +224,9 @@ class Replica:
         self._fds: dict[str, int] = {}
         self._dirty: set[str] = set()  # targets written since the last sync
         self._new_dirs: set[str] = set()  # directories holding files created since the last sync
+        # base/NAME's own (mode, mtime ns), from its FILE entry: set again
+        # once BASE renames the tree into place
+        self._base_tops: dict[str, tuple[int, tuple[int, int]]] = {}
         self._sealed: dict[int, tuple[int, int]] = {}  # seg -> (size, last seq) when sealed
         self._position_dirty = False
         self.sealed_store: SealedStore | None = None
@@ -472,7 +475,7 @@ class Replica:
         if t.kind != "meta" and off > t.size:
             raise ProtocolError(f"data for {self._describe(t)} starts at offset {off}, past the replica's "
                                 f"end {t.size}: that would leave a hole")
-        u = unpack(body, self._resolve, self.dedupe_key, max_output=end - off)
+        u = unpack(body, self.resolve, self.dedupe_key, max_output=end - off)
         if u.missing:
             return u.missing
         if len(u.data) != end - off:
@@ -579,7 +582,7 @@ class Replica:
         finally:
             os.close(dfd)
 
-    def _resolve(self, cid: bytes) -> bytes | None:
+    def resolve(self, cid: bytes) -> bytes | None:
         """A referenced chunk's bytes, read back from the replica (or a
         domain sibling) and checked against its id; None if gone."""
         hit = self.index.lookup(cid)
@@ -671,12 +674,21 @@ class Replica:
         if self.sealed_store is not None:
             return self.sealed_store.file_entry(path, size, mode, mtime_us, kind, target)
         parts = _rel_parts(path)
-        if parts[0] != BASE_DIR or len(parts) < 3 or not valid_name(parts[1]):
-            raise ProtocolError(f"base entry {path!r} is not base/NAME/PATH")
+        if parts[0] != BASE_DIR or len(parts) < 2 or not valid_name(parts[1]):
+            raise ProtocolError(f"base entry {path!r} is not base/NAME or base/NAME/PATH")
         if os.path.lexists(os.path.join(self.jdir, BASE_DIR, parts[1])):
             return  # the base is complete already: a resend
         if type(mode) is not int or type(mtime_us) is not int or type(size) is not int or size < 0:
             raise ProtocolError(f"base entry {path!r}: bad size, mode or mtime")
+        if len(parts) == 2:  # base/NAME itself: the base's top directory
+            if kind != "dir":
+                raise ProtocolError(f"base entry {path!r}: a base is a directory, not a {kind!r}")
+            top = os.path.join(self.jdir, BASE_DIR, parts[1] + INCOMING)
+            os.makedirs(top, exist_ok=True)
+            self._base_tops[parts[1]] = (mode & 0o7777, (mtime_us * 1000, mtime_us * 1000))
+            os.chmod(top, (mode & 0o7777) | 0o700)
+            os.utime(top, ns=(mtime_us * 1000, mtime_us * 1000))
+            return
         inc = [BASE_DIR, parts[1] + INCOMING, *parts[2:]]
         key = "/".join(inc)
         ns = (mtime_us * 1000, mtime_us * 1000)
@@ -733,6 +745,14 @@ class Replica:
         self.sync()
         _fsync_tree(inc)
         os.rename(inc, final)
+        top = self._base_tops.pop(name, None)
+        if top is not None:  # the top directory's own time, after the rename (which may touch it)
+            os.utime(final, ns=top[1])
+            fd = os.open(final, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         fsync_dir(bdir)
         prefix = f"{BASE_DIR}/{name}{INCOMING}/"
         for key in [k for k in self._targets if k.startswith(prefix)]:
@@ -815,6 +835,11 @@ class Replica:
                 doomed = path + ".removing"
                 os.replace(path, doomed)  # one rename: the base is gone or whole, never half
                 shutil.rmtree(doomed)
+            # its chunks' entries (named under base/NAME.incoming/, where the
+            # files were written; resolve() looks in base/NAME/ too): without
+            # this the index only grows, and every lookup of them misses
+            for prefix in (f"{BASE_DIR}/{b}{INCOMING}/", f"{BASE_DIR}/{b}/"):
+                self.index.drop_below(self.name, prefix)
         _step("done")
         if sealed_changed:
             doc = self._read_position()

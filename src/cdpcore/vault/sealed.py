@@ -41,8 +41,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cdpcore.crypto import ID_SIZE, Keys
-from cdpcore.errors import ProtocolError, VaultError
+from cdpcore.crypto import ID_SIZE, Keys, key_id
+from cdpcore.errors import KeyFileError, ProtocolError, VaultError
 from cdpcore.format import META_NAME, SEG_HDR_SIZE, parse_segment_name, segment_name
 from cdpcore.packing import open_chunk, unpack_sealed
 from cdpcore.vault.replica import (
@@ -387,8 +387,10 @@ class SealedStore:
 
     def file_entry(self, path: str, size: int, mode: int, mtime_us: int, kind: str, target: str | None) -> None:
         parts = _rel_parts(path)
-        if parts[0] != "base" or len(parts) < 3 or not valid_name(parts[1]):
-            raise ProtocolError(f"base entry {path!r} is not base/NAME/PATH")
+        if parts[0] != "base" or len(parts) < 2 or not valid_name(parts[1]):
+            raise ProtocolError(f"base entry {path!r} is not base/NAME or base/NAME/PATH")
+        if len(parts) == 2 and kind != "dir":
+            raise ProtocolError(f"base entry {path!r}: a base is a directory, not a {kind!r}")
         if os.path.lexists(os.path.join(self.dir, "bases", parts[1])):
             return
         if kind not in ("file", "dir", "symlink") or type(mode) is not int or type(mtime_us) is not int:
@@ -651,6 +653,7 @@ def materialize(replica_dir: str | os.PathLike[str], keys: Keys, out_dir: str | 
         raise VaultError(f"{rdir}: not an encrypted replica (no {SEALED_DIR}/)")
     if os.path.exists(out) and os.listdir(out):
         raise VaultError(f"{out} is not empty")
+    _check_key(rdir, keys)
     ch = _Chunks(sdir, keys)
     try:
         os.makedirs(os.path.join(out, "segments"), exist_ok=True)
@@ -669,8 +672,8 @@ def materialize(replica_dir: str | os.PathLike[str], keys: Keys, out_dir: str | 
             entries = _read_entries(os.path.join(bdir, b))
             dirs: dict[str, dict[str, Any]] = {}  # the last entry of a directory wins
             for e in entries:
-                parts = _rel_parts(e["path"])
-                dest = os.path.join(top, *parts)
+                # "" is the base's top directory itself (its mode and mtime)
+                dest = os.path.join(top, *_rel_parts(e["path"])) if e["path"] else top
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 ns = (e["mtime_us"] * 1000, e["mtime_us"] * 1000)
                 if e["kind"] == "dir":
@@ -698,6 +701,20 @@ def materialize(replica_dir: str | os.PathLike[str], keys: Keys, out_dir: str | 
     # result is a plain journal that verify finds whole.
     Journal.open(out).close()
     return out
+
+
+def _check_key(rdir: str, keys: Keys) -> None:
+    """Name a wrong key as such when the vault knows the source's key
+    fingerprint (source.json "key_id"); without it the first chunk that
+    does not open says "wrong key, or damaged"."""
+    try:
+        with open(os.path.join(rdir, "source.json"), "rb") as f:
+            held = json.loads(f.read()).get("key_id")
+    except (OSError, ValueError, AttributeError):
+        return  # the chunks' AEAD tags still catch a wrong key
+    if isinstance(held, str) and held != key_id(keys).hex():
+        raise KeyFileError(f"{rdir}: wrong key: this replica was shipped with the key of fingerprint "
+                           f"{held[:16]}, the key file given has {key_id(keys).hex()[:16]}")
 
 
 @contextmanager

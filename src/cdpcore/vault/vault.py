@@ -16,7 +16,7 @@ from typing import Any
 
 from cdpcore._native import now_us
 from cdpcore.crypto import new_dedupe_key
-from cdpcore.errors import VaultError
+from cdpcore.errors import KeyFileError, VaultError
 from cdpcore.journal import read_json
 from cdpcore.vault.chunkindex import ChunkIndex, open_index
 from cdpcore.vault.replica import JOURNAL_DIR, Replica, valid_name, write_durable
@@ -79,10 +79,15 @@ class Vault:
             raise VaultError(f"{path}: not a source description")
         return doc
 
-    def open_source(self, name: str, journal_uuid: bytes, encrypted: bool, domain: str | None = None) -> Replica:
+    def open_source(self, name: str, journal_uuid: bytes, encrypted: bool, domain: str | None = None,
+                    key_id: bytes | None = None) -> Replica:
         """The replica of source `name` (the client certificate's CN), bound
         to journal_uuid at first use. Refuses another uuid, a change of
-        encryption, and a domain the vault does not list the source in."""
+        encryption, and a domain the vault does not list the source in.
+        An encrypted source is also bound to its key's fingerprint
+        (crypto.key_id) the first time one is sent: another key is a
+        KeyFileError, since chunks sealed under two keys make a replica no
+        key can read."""
         if not valid_name(name):
             raise VaultError(f"source name {name!r} is not valid ([A-Za-z0-9._-]{{1,64}}, not . or ..)")
         if not isinstance(journal_uuid, bytes) or len(journal_uuid) != 16:
@@ -100,6 +105,7 @@ class Vault:
         if doc is None:
             os.makedirs(sdir, exist_ok=True)
             doc = {"uuid": want, "encrypted": bool(encrypted), "domain": domain,
+                   "key_id": key_id.hex() if encrypted and key_id is not None else None,
                    "dedupe_key": None if encrypted else new_dedupe_key().hex(), "created_us": now_us()}
             write_durable(os.path.join(sdir, SOURCE_META), json.dumps(doc, sort_keys=True).encode())
         else:
@@ -109,8 +115,19 @@ class Vault:
             if bool(doc.get("encrypted")) != bool(encrypted):
                 raise VaultError(f"source {name} was replicated {'with' if doc.get('encrypted') else 'without'} "
                                  "end-to-end encryption; it cannot change")
+            held = doc.get("key_id")
+            if encrypted and key_id is not None and held is not None and held != key_id.hex():
+                raise KeyFileError(f"source {name} was shipped with another end-to-end key (fingerprint "
+                                   f"{held[:16]}, this key's is {key_id.hex()[:16]}): pass the key file it was "
+                                   "first shipped with")
+            changed = False
             if doc.get("domain") != domain:
                 doc["domain"] = domain  # joining or leaving a domain only changes where dedupe looks
+                changed = True
+            if encrypted and key_id is not None and held is None:
+                doc["key_id"] = key_id.hex()  # a vault from before fingerprints: bind it now
+                changed = True
+            if changed:
                 write_durable(os.path.join(sdir, SOURCE_META), json.dumps(doc, sort_keys=True).encode())
         if encrypted:
             key = None
