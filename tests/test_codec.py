@@ -223,6 +223,24 @@ def test_the_senders_other_cpu_counts_against_the_budget():
     assert settle(busy) == "lz4"  # nothing fits: the cheapest rung
 
 
+def test_a_backlog_that_dedupes_well_keeps_the_dictionary():
+    # HIS catching up (measured): zstd-ref takes a database's page versions
+    # 75x, lz4 without the dictionary 3x. At 12 ms/MB of packing no rung
+    # fills the link within the budget except lz4, which fills it with 25x
+    # the bytes and drains the backlog 4x slower on the same CPU.
+    speeds = {"lz4": 400 * MB, "zstd-1": 300 * MB, "zstd-3": 200 * MB}
+    ratios = {"lz4": 0.3, "zstd-1": 0.013, "zstd-3": 0.013}
+    a = measured(1.25 * MB, speeds=speeds, ratios=ratios)
+    a.observe_overhead(int(MB), 0.012)
+    assert a.fits(0) and not a.fits(1)
+    assert settle(a) in ("zstd-1", "zstd-3")  # 16.3 and 14.7 MB/s within the budget; lz4 4.2
+    # keeping up with a slow journal instead: the strongest rung that fits
+    a.observe_demand(int(0.2 * MB), 1.0)
+    for _ in range(30):
+        a.observe_demand(int(0.2 * MB), 1.0)
+    assert LADDER.index(Rung("zstd", int(settle(a, 40).split("-")[1]))) > LADDER.index(Rung("zstd", 1))
+
+
 def test_cpu_samples_are_summed_over_small_frames():
     # a 250-byte frame costs a fixed overhead; alone it would read as a
     # compressor 100x slower than it is
@@ -238,14 +256,16 @@ def test_cpu_samples_are_summed_over_small_frames():
 
 @given(st.floats(0.05 * MB, 200 * MB), st.floats(0.0, 0.1), st.floats(1 * MB, 1000 * MB),
        st.floats(0.02, 0.9))
-def test_the_chosen_rung_keeps_the_cpu_budget_when_any_rung_can(link, overhead, zstd3, ratio):
+def test_the_chosen_rung_drains_the_backlog_nearly_fastest_within_the_budget(link, overhead, zstd3, ratio):
     a = measured(link, speeds={"zstd-3": zstd3}, ratios={"zstd-3": ratio})
     a.observe_overhead(int(MB), overhead * 1e-6 * MB)
     settle(a)
-    speed, r = a.estimate(a.current)
-    pace = link / r
-    if any(a.fits(i) for i in range(len(LADDER))):
-        assert pace * (1 / speed + a.overhead.value) <= a.cpu_budget * 1.0000001
+    rates = [a.drain(i) for i in range(len(LADDER))]
+    # catching up: never much slower than the fastest rung within the budget
+    assert rates[a.current] >= 0.8 * max(rates) * 0.9999999
+    if not a.fits(a.current):
+        # over the budget only when no rung within it drains nearly as fast
+        assert not any(a.fits(i) and rates[i] >= 0.8 * max(rates) for i in range(len(LADDER)))
 
 
 def test_nothing_measured_keeps_the_default():
