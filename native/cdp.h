@@ -86,6 +86,14 @@ int cdp_scan(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_s
              uint64_t *idx_seq, int64_t *idx_ts, uint64_t *idx_off, uint64_t idx_cap,
              struct cdp_scan_result *out, int seq_gaps);
 
+/* Compute and store the checksum of every record in buf[0:len), which must
+ * hold whole records (structure checked as cdp_scan does, checksums not), and
+ * set *digest to the CRC32C of those checksums as little-endian u32s in
+ * order. A zstd-ref sender leaves record checksums out of a frame and sends
+ * this digest instead (docs/protocol.md); CDP_EINVAL if a record is malformed
+ * or runs past len. */
+int cdp_fill_crcs(uint8_t *buf, uint64_t len, uint32_t *digest);
+
 /* Search buf[start:len) at 8-byte steps for a record with a valid checksum and
  * seq > after_seq; returns its offset in *found or UINT64_MAX. */
 int cdp_find_valid(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t after_seq,

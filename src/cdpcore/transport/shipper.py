@@ -381,7 +381,7 @@ def _codec(ladder_codec: str, encrypted: bool) -> str:
 
 
 def _timed_compress(compressor: Compressor, body: bytes, prefix: tuple[bytes, bytes] | None,
-                    new_ids: list[bytes] | None) -> tuple[Compressed, float]:
+                    new_ids: list[bytes] | None, records: bool = False) -> tuple[Compressed, float]:
     """Compress one body and measure the CPU it cost, in the thread that
     does the work: the compression runs in a worker thread, and the trio
     thread's own CPU clock, read around the await, sees almost none of it.
@@ -391,7 +391,7 @@ def _timed_compress(compressor: Compressor, body: bytes, prefix: tuple[bytes, by
     t0 = time.thread_time()
     if compressor.codec == "zstd-ref":
         assert prefix is not None
-        comp = compressor.compress(body, prefix=prefix, new_ids=new_ids)
+        comp = compressor.compress(body, prefix=prefix, new_ids=new_ids, records=records)
     else:
         comp = compressor.compress(body)
     return comp, time.thread_time() - t0
@@ -840,7 +840,7 @@ class _Session:
             rung = s.level.choose()
             codec = _codec(rung.codec, False)
             self.compressor.set_level(codec, max(rung.level, 1))  # (a no-op when unchanged)
-        comp, cpu = await s.sync(_timed_compress, self.compressor, body, prefix, new_ids)
+        comp, cpu = await s.sync(_timed_compress, self.compressor, body, prefix, new_ids, isinstance(item, RunItem))
         s.level.observe_compression(LADDER.index(s.level.rung) if s.keys is None else 0, comp.raw,
                                     len(comp.body), cpu)
         now_cpu = time.process_time()
