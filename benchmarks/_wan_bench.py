@@ -54,6 +54,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,6 +118,54 @@ class ProcResult:
     def tail(self) -> str:
         lines = (self.stderr.strip() or self.stdout.strip()).splitlines()
         return lines[-1] if lines else f"exit {self.returncode}"
+
+
+class CpuSampler:
+    """The CPU (user + system, all threads) a process has used, read from
+    /proc/PID/stat every 20 ms in a thread: the sender's CPU over the span
+    the link was busy, without its start-up (imports, certificates: about a
+    second of CPU here, most of a short transfer)."""
+
+    def __init__(self, pid: int, period: float = 0.02) -> None:
+        self.pid, self.period = pid, period
+        self.samples: list[tuple[float, float]] = []
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with open(f"/proc/{self.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                # utime and stime are fields 14 and 15 (1-based), after "pid (comm)"
+                self.samples.append((time.monotonic(), (int(fields[11]) + int(fields[12])) / self.tick))
+            except (OSError, IndexError, ValueError):
+                return  # exited (or a zombie being reaped)
+            self._stop.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def share(self, start: float | None, end: float | None, total: float) -> float | None:
+        """CPU per wall second between two monotonic times; after the last
+        sample, the process's final total (from wait4) counts."""
+        if start is None or end is None or end <= start or not self.samples:
+            return None
+
+        def at(t: float) -> float:
+            last = None
+            for ts, c in self.samples:
+                if ts > t:
+                    break
+                last = c
+            if last is None:
+                return self.samples[0][1]
+            return total if t > self.samples[-1][0] else last
+
+        return (at(end) - at(start)) / (end - start)
 
 
 class Measured:
@@ -223,12 +272,15 @@ class DrSite:
         """One catch-up ship, measured: wire bytes, time, link use, CPU."""
         with Sampler(self.link) as smp:
             m = Measured(self.link.argv("tx", self.ship_argv(source, journal)), self.work, tag)
+            cpu = CpuSampler(m.proc.pid)
             r = m.wait(timeout)
+            cpu.stop()
         if r.returncode != 0:
             raise RuntimeError(f"cdpctl ship ({tag}) exited with {r.returncode}: {r.tail()}")
         res = {"elapsed_s": r.elapsed_s, "cpu_s": r.cpu_s, "cpu_share": r.cpu_share,
                "log": (r.stderr + r.stdout)[-3000:],
                **utilisation(smp.samples, self.link.rate_bit)}
+        res["backlog_cpu_share"] = cpu.share(res["backlog_start"], res["backlog_end"], r.cpu_s)
         res["replica_equal"] = replica_equal(journal, os.path.join(self.vault, source, "journal"))
         return res
 
@@ -564,7 +616,12 @@ def targets(sc: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
                 f"{w:,} vs {zw:,} ({w / zw:.2f} x; zstd output {sc['zstd']['bytes']:,} bytes)"))
     out.append((f"link use >= {TARGET_LINK_USE:.0%} while a backlog exists", ship["link_use"] >= TARGET_LINK_USE,
                 f"{ship['link_use']:.1%} over {ship['backlog_s']:.1f} s"))
-    out.append((f"sender CPU <= {TARGET_CPU:.0%} of one core", ship["cpu_share"] <= TARGET_CPU,
+    bcpu = ship.get("backlog_cpu_share")
+    if bcpu is not None:
+        out.append((f"sender CPU <= {TARGET_CPU:.0%} of one core while the link is busy", bcpu <= TARGET_CPU,
+                    f"{bcpu:.1%} over {ship['backlog_s']:.1f} s"))
+    out.append((f"sender CPU <= {TARGET_CPU:.0%} of one core, the whole process (start-up included)",
+                ship["cpu_share"] <= TARGET_CPU,
                 f"{ship['cpu_share']:.1%} ({ship['cpu_s']:.2f} s CPU in {ship['elapsed_s']:.1f} s)"))
     out.append(("replica byte-equal to the source journal", ship["replica_equal"], ""))
     return out

@@ -69,7 +69,7 @@ from cdpcore.transport.errors import first_cause
 from cdpcore.transport.rate import Backoff, TokenBucket
 
 DEFAULT_CPU_LIMIT = 0.25  # of one core: `cdpctl ship`'s default (the Python API's is none)
-CPU_BURST = 2.0  # seconds of --cpu-limit a sender may use at once after idling
+CPU_BURST = 0.5  # seconds of --cpu-limit a sender may use at once after idling
 SHIP_LOCK = "ship.lock"  # in the journal directory; never replicated (the feed names what it ships)
 DEFAULT_GIVE_UP = 300.0  # seconds without progress before `ship` (without --follow) fails
 DEFAULT_CONNECT_TIMEOUT = 15.0
