@@ -39,7 +39,8 @@ byte), counters sampled every 20 ms), sender CPU (user + system of the
 ship process from wait4's rusage, as % of one core over its run). Nothing
 asserts: each target gets a PASS/FAIL line.
 
-Knobs: CDP_WAN_RATE (10mbit), CDP_WAN_SCENARIOS (his,pacs,lag),
+Knobs: CDP_WAN_RATE (10mbit), CDP_WAN_SCENARIOS (his,pacs,lag), CDP_WAN_SHIP_ARGS
+(more `cdpctl ship` options, e.g. "--cpu-limit unlimited"),
 CDP_WAN_LAG_SECONDS (60), CDP_WAN_LAG_RATE (512000 bytes/s), CDP_WAN_BASE
 (1; 0: journals without a base, the initial state not shipped), and
 workloads.py's CDP_WL_DB_MB (16), CDP_WL_TRANSACTIONS (3000),
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -266,7 +268,8 @@ class DrSite:
         argv = [CDPCTL, "ship", journal, "--to", f"{self.link.dr_ip}:{SERVE_PORT}",
                 "--cert", os.path.join(self.pki, f"{source}.pem"), "--key", os.path.join(self.pki, f"{source}.key"),
                 "--ca", os.path.join(self.pki, "ca.pem")]
-        return argv + (["--follow"] if follow else [])
+        # CDP_WAN_SHIP_ARGS: more ship options, e.g. "--cpu-limit unlimited" to compare
+        return argv + (["--follow"] if follow else []) + shlex.split(os.environ.get("CDP_WAN_SHIP_ARGS", ""))
 
     def ship(self, source: str, journal: str, tag: str, timeout: float = 1800) -> dict[str, Any]:
         """One catch-up ship, measured: wire bytes, time, link use, CPU."""

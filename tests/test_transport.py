@@ -361,7 +361,15 @@ async def test_the_cpu_limit_paces_the_senders_work(monkeypatch: pytest.MonkeyPa
     assert s.level.cpu_budget == 0.25
     t0 = trio.current_time()
     await s.pace_cpu()  # the first call only sets the mark: start-up is not charged
-    cpu[0] += 0.125  # the burst: 0.5 s of 25 %
+    cpu[0] += 0.125  # the bucket starts empty: 0.125 CPU-s are paid for in 0.5 s
+    await s.pace_cpu()
+    assert trio.current_time() == t0
+    await s.pace_cpu()
+    assert trio.current_time() - t0 == pytest.approx(0.5)
+    t0 = trio.current_time()
+    await trio.sleep(100)  # idle: the bucket fills up to its burst, 2 s of 25 %
+    t0 = trio.current_time()
+    cpu[0] += 0.5
     await s.pace_cpu()
     assert trio.current_time() == t0
     cpu[0] += 2.0  # the bucket is 2.0 CPU-s in debt now...

@@ -69,7 +69,7 @@ from cdpcore.transport.errors import first_cause
 from cdpcore.transport.rate import Backoff, TokenBucket
 
 DEFAULT_CPU_LIMIT = 0.25  # of one core: `cdpctl ship`'s default (the Python API's is none)
-CPU_BURST = 0.5  # seconds of --cpu-limit a sender may use at once after idling
+CPU_BURST = 2.0  # seconds of --cpu-limit a sender may use at once after idling
 SHIP_LOCK = "ship.lock"  # in the journal directory; never replicated (the feed names what it ships)
 DEFAULT_GIVE_UP = 300.0  # seconds without progress before `ship` (without --follow) fails
 DEFAULT_CONNECT_TIMEOUT = 15.0
@@ -169,7 +169,9 @@ class Shipper:
             if not 0 < cpu_limit <= 64:
                 raise ValueError(f"cpu limit {cpu_limit!r} outside (0, 64] cores")
             self.level.cpu_budget = cpu_limit
-        self.cpu = TokenBucket(cpu_limit, burst=None if cpu_limit is None else CPU_BURST * cpu_limit)
+        # empty at the start: a catch-up from the start stays at the limit;
+        # the burst is for work after idling (a --follow sender's next batch)
+        self.cpu = TokenBucket(cpu_limit, burst=None if cpu_limit is None else CPU_BURST * cpu_limit, full=False)
         self._cpu_mark: float | None = None
         # which files' chunks are worth an OFFER, learned from HAVEs (kept across connections)
         self.policy = OfferPolicy()
