@@ -239,3 +239,35 @@ def test_prune_discards_checkpoints(fast_tmp: Path) -> None:
             assert state(j, f"seq:{k}", fast_tmp / f"b{k}") == want
         assert state(j, "latest", fast_tmp / "latest-b") == latest
         assert j.verify().ok
+
+
+def test_prefetched_sources_are_the_files_and_errors_surface_at_use(tmp_path: Path) -> None:
+    """Sources.prefetch maps on a thread while a restore lays out its plan
+    from a checkpoint: what view() then returns must be each file's bytes
+    (not another index's mapping), a source that could not be mapped must
+    fail where it is used, with the OS's error, and close() must not race
+    the thread."""
+    from cdpcore.plan import Sources
+
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"{i}.seg"
+        p.write_bytes(bytes([i]) * (4096 * (i + 1)))
+        paths.append(str(p))
+    src = Sources()
+    idx = [src.add(p) for p in paths]
+    gone = src.add(str(tmp_path / "missing.seg"))
+    src.prefetch([*idx[1:], gone])
+    late = src.add(str(tmp_path / "0.seg"))  # added while the thread runs: already known
+    assert late == idx[0]
+    for i in idx:
+        assert bytes(src.view(i)) == bytes([i]) * (4096 * (i + 1))
+    with pytest.raises(FileNotFoundError):
+        src.view(gone)
+    src.close()
+    again = Sources()
+    for p in paths:
+        again.add(p)
+    again.prefetch(range(len(paths)))
+    again.close()  # with the thread perhaps still mapping: it is joined, its maps closed
+    assert again._fetched == {} and again._prefetch is None

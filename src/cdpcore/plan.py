@@ -35,7 +35,7 @@ import os
 import queue
 import threading
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -525,6 +525,10 @@ def _begin(j: Journal, seq: int, progress: Progress | None, validator: Validator
         if ck is not None:
             _load_checkpoint(ck, plan, tree, rows, pieces)
             start_seq = ck.start_seq
+            if pieces:
+                # the sources the checkpoint's pieces come from, mapped
+                # while the records after it are read and the rows laid out
+                sources.prefetch(set(ck.pieces[3]))
         start_seq = _forward(j, seq, plan, tree, rows, progress, validator, first, start_seq)
         plan.records = max(0, seq - start_seq + 1)
     except BaseException:
@@ -896,6 +900,46 @@ class Sources:
         self._bufs: list[Any] = []
         self._ptrs: Any = None
         self._lens: Any = None
+        self._prefetch: threading.Thread | None = None
+        self._pending: set[int] = set()  # what the prefetch thread maps
+        self._fetched: dict[int, mmap.mmap | None] = {}
+
+    def prefetch(self, indices: Iterable[int]) -> None:
+        """Map these sources on a thread of its own while the caller goes on
+        (laying out the plan): a restore's 4 GB of segments take 0.12-0.3 s
+        of page-table work with MAP_POPULATE, as long as the plan itself,
+        and the mmap call releases the GIL. _map() waits for the thread and
+        adopts its mappings; one that failed is simply mapped again there,
+        so that its error is raised where it is used."""
+        todo = [(i, self.paths[i]) for i in sorted(set(indices)) if self._bufs[i] is None]
+        if not todo or not self.populate or self._prefetch is not None:
+            return
+
+        def run() -> None:
+            for i, path in todo:
+                try:
+                    self._fetched[i] = self._open_map(path)
+                except (OSError, ValueError):
+                    continue
+
+        self._pending = {i for i, _p in todo}
+        self._prefetch = threading.Thread(target=run, name="cdpcore-map", daemon=True)
+        self._prefetch.start()
+
+    def _join_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.join()
+            self._prefetch = None
+            self._pending = set()
+
+    def _open_map(self, path: str) -> mmap.mmap | None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if self.populate else 0)
+            return mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=flags) if size else None
+        finally:
+            os.close(fd)
 
     def add(self, path: str) -> int:
         """The index of source `path`, added if it is new."""
@@ -915,13 +959,12 @@ class Sources:
 
     def _map(self, i: int) -> mmap.mmap | None:
         if self._bufs[i] is None:
-            fd = os.open(self.paths[i], os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                size = os.fstat(fd).st_size
-                flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if self.populate else 0)
-                m = mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=flags) if size else None
-            finally:
-                os.close(fd)
+            if i in self._pending:  # (the records after a checkpoint: not waited for)
+                self._join_prefetch()
+            if i in self._fetched:
+                m = self._fetched.pop(i)
+            else:
+                m = self._open_map(self.paths[i])
             self._maps[i] = m
             self._bufs[i] = ffi.from_buffer(m) if m is not None else ffi.NULL
             self._ptrs = None
@@ -948,6 +991,11 @@ class Sources:
         return int(written[0])
 
     def close(self) -> None:
+        self._join_prefetch()
+        for m in self._fetched.values():
+            if m is not None:
+                m.close()
+        self._fetched.clear()
         self._ptrs = self._lens = None
         for b in self._bufs:
             if b is not None and b != ffi.NULL:
