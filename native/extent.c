@@ -334,3 +334,97 @@ int cdp_check_records(const uint8_t *const *maps, const uint64_t *map_len, uint6
     }
     return CDP_OK;
 }
+
+/* pread or pwrite all of len bytes (pread: fewer at the end of the file);
+ * the count, or -1 with errno. */
+static int64_t io_all(int fd, uint8_t *buf, uint64_t len, uint64_t at, int write)
+{
+    uint64_t got = 0;
+    while (got < len) {
+        ssize_t r = write ? pwrite(fd, buf + got, len - got, (off_t)(at + got))
+                          : pread(fd, buf + got, len - got, (off_t)(at + got));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (r == 0) {
+            if (write) {
+                errno = EIO;  /* no progress: do not spin */
+                return -1;
+            }
+            break;  /* end of file */
+        }
+        got += (uint64_t)r;
+    }
+    return (int64_t)got;
+}
+
+int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_len,
+                 uint64_t n_pieces, const uint64_t *p_start, const uint64_t *p_len,
+                 const uint64_t *p_file, const uint64_t *p_src, const uint8_t *const *maps,
+                 const uint64_t *map_len, uint64_t n_maps, uint8_t *want, uint8_t *scratch,
+                 uint8_t *differs, uint64_t *done)
+{
+    if (!done)
+        return CDP_EINVAL;
+    *done = 0;
+    uint64_t k = 0;  /* the first piece that may meet the current range */
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t a = r_start[i], len = r_len[i], b = a + len;
+        if (b < a || (i && r_start[i - 1] + r_len[i - 1] > a))
+            return CDP_EINVAL;  /* overflow, or not sorted and disjoint */
+        while (k < n_pieces && p_start[k] + p_len[k] <= a)
+            k++;
+        memset(want, 0, len);  /* holes read as zeros */
+        for (uint64_t j = k; j < n_pieces && p_start[j] < b; j++) {
+            uint64_t f = p_file[j];
+            if (f >= n_maps || !maps[f] || p_src[j] > map_len[f] || p_len[j] > map_len[f] - p_src[j])
+                return CDP_EINVAL;
+            uint64_t lo = p_start[j] > a ? p_start[j] : a;
+            uint64_t hi = p_start[j] + p_len[j] < b ? p_start[j] + p_len[j] : b;
+            if (lo < hi)
+                memcpy(want + (lo - a), maps[f] + p_src[j] + (lo - p_start[j]), hi - lo);
+        }
+        int64_t got = io_all(fd, scratch, len, a, 0);
+        if (got < 0)
+            return CDP_EIO;
+        differs[i] = (uint64_t)got != len || memcmp(want, scratch, len) != 0;
+        if (differs[i] && io_all(fd, want, len, a, 1) != (int64_t)len)
+            return CDP_EIO;
+        want += len;
+        *done = i + 1;
+    }
+    return CDP_OK;
+}
+
+int cdp_touched_ranges(uint64_t n, const uint64_t *key, const uint64_t *start, const uint64_t *end,
+                       uint64_t *o_key, uint64_t *o_start, uint64_t *o_end, uint64_t *n_out)
+{
+    if (!n_out)
+        return CDP_EINVAL;
+    *n_out = 0;
+    if (n == 0)
+        return CDP_OK;
+    struct span *buf = malloc(2 * n * sizeof *buf);
+    if (!buf)
+        return CDP_ENOMEM;
+    for (uint64_t i = 0; i < n; i++)
+        buf[i] = (struct span){ key[i], start[i], end[i] < start[i] ? start[i] : end[i], i, 0, 0 };
+    struct span *ord = sort_spans(buf, buf + n, n);
+    uint64_t m = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (m && o_key[m - 1] == ord[i].key && ord[i].start <= o_end[m - 1]) {
+            if (ord[i].end > o_end[m - 1])
+                o_end[m - 1] = ord[i].end;
+            continue;
+        }
+        o_key[m] = ord[i].key;
+        o_start[m] = ord[i].start;
+        o_end[m] = ord[i].end;
+        m++;
+    }
+    free(buf);
+    *n_out = m;
+    return CDP_OK;
+}

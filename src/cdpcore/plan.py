@@ -360,6 +360,37 @@ class Plan:
             i += 1
         return bytes(out)
 
+    def put_back(self, ino: Inode, fd: int, ranges: list[tuple[int, int]]) -> tuple[bytearray, bytearray]:
+        """Make fd hold this file's bytes in each range (sorted, disjoint,
+        below its size), writing only the ranges whose bytes differ (one C
+        call: native/extent.c cdp_put_back). Returns the wanted bytes of
+        all ranges one after another, and a flag per range: 1 if written.
+        On a failed write the ranges before it are done, and OSError says
+        why: nothing is journaled for them, and a rerun of the rollback
+        finds them equal and goes on."""
+        n = len(ranges)
+        r_start = array("Q", (a for a, _b in ranges))
+        r_len = array("Q", (b - a for a, b in ranges))
+        want = bytearray(sum(r_len))
+        scratch = bytearray(max(r_len, default=0))
+        differs = bytearray(n)
+        lo, hi = self.piece_range(ino)
+        _k, start, length, file, src, _r = (ffi.from_buffer("uint64_t[]", c) for c in self.pieces)
+        ptrs, lens = self.sources.pointers(self.pieces[3][lo:hi])
+        done = ffi.new("uint64_t *")
+        u64 = "uint64_t[]"
+        status = lib.cdp_put_back(fd, n, ffi.from_buffer(u64, r_start or array("Q", [0])),
+                                  ffi.from_buffer(u64, r_len or array("Q", [0])), hi - lo,
+                                  start + lo, length + lo, file + lo, src + lo, ptrs, lens, len(self.sources.paths),
+                                  ffi.from_buffer(want or bytearray(1)), ffi.from_buffer(scratch or bytearray(1)),
+                                  ffi.from_buffer(differs or bytearray(1)), done)
+        if status == lib.CDP_EIO:
+            err = ffi.errno
+            raise OSError(err, f"rollback: putting back bytes: {os.strerror(err)}")
+        if status != lib.CDP_OK:
+            raise CorruptJournal("rollback plan names bytes outside its source files")
+        return want, differs
+
     def layout(self, ino: Inode | None) -> tuple[list[tuple[int, int, tuple[str, int]]], int]:
         """(start, end, identity) of each data piece, and the size. Two
         pieces hold the same bytes when their identity (source file, source
@@ -729,24 +760,49 @@ def continue_plan(j: Journal, plan: Plan, seq: int) -> After:
     later = Plan(seq, None, tree, Sources())
     try:
         _forward(j, seq, later, tree, rows, None, None, first=plan.seq + 1)
-        key, start, end, file = (rows.cols[i] for i in range(4))
-        sizes: dict[int, int] = {}
-        touched: dict[int, list[tuple[int, int]]] = {}
-        for i in range(rows.n):
-            k, a, b = key[i], start[i], end[i]
-            size = sizes.get(k, plan.sizes[k] if k < len(plan.sizes) else 0)
-            if file[i] == HOLE and b == HOLE:  # a truncate: all past it may change
-                sizes[k] = a
-            elif b > a:
-                sizes[k] = max(size, b)
-            else:
-                sizes.setdefault(k, size)
-            touched.setdefault(k, []).append((a, b))
-        ranges = {k: merge_ranges(v) for k, v in touched.items()}
+        ranges = _touched(rows)
+        # the sizes then: each touched file from its size at the plan (a
+        # cut row to it), changed by its rows in order
+        keys = list(ranges)
+        cut = _Rows(len(keys) + rows.n)
+        before = plan.sizes
+        for k in keys:
+            cut.add(k, before[k] if k < len(before) else 0, HOLE, HOLE, 0, 0, 0, 0)
+        for c in range(8):
+            cut.cols[c][cut.n : cut.n + rows.n] = rows.cols[c][: rows.n]
+        cut.n += rows.n
+        try:
+            after = _row_sizes(cut, tree.next_key + 1)[0]
+        finally:
+            cut.close()
+        sizes = {k: after[k] for k in keys}
     finally:
         rows.close()
         later.close()
     return After(seq, tree, sizes, ranges, plan.sizes)
+
+
+def _touched(rows: _Rows) -> dict[int, list[tuple[int, int]]]:
+    """Per key, the merged byte ranges the rows wrote or cut (C: sorting
+    and joining the rows of the records after a rollback's point took
+    Python 4 us a row)."""
+    out = _Columns("QQQ", max(rows.n, 1))
+    n_out = ffi.new("uint64_t *")
+    try:
+        key, start, end = rows.pointers(0)[:3]
+        status = lib.cdp_touched_ranges(rows.n, key, start, end, *out.pointers(0), n_out)
+        if status == lib.CDP_ENOMEM:
+            raise MemoryError("rollback plan: cannot sort the changed ranges")
+        if status != lib.CDP_OK:
+            raise CorruptJournal(f"rollback plan: bad rows (status {status})")
+        m = int(n_out[0])
+        ks, starts, ends = (c[:m].tolist() for c in out.cols)
+    finally:
+        out.close()
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for k, a, b in zip(ks, starts, ends):
+        ranges.setdefault(k, []).append((a, b))
+    return ranges
 
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -970,19 +1026,25 @@ class Sources:
             self._ptrs = None
         return self._maps[i]
 
-    def copy(self, fd: int, plan: Plan, lo: int, hi: int) -> int:
-        """Write pieces [lo, hi) of plan into fd; returns the bytes written."""
-        if hi <= lo:
-            return 0
-        for f in set(plan.pieces[3][lo:hi]):
+    def pointers(self, files: Iterable[int]) -> tuple[Any, Any]:
+        """The C view of the sources (base pointers and lengths, by index),
+        with these files mapped; valid until the next add() or close()."""
+        for f in set(files):
             self._map(f)
         if self._ptrs is None:
             self._ptrs = ffi.new("const uint8_t *[]", [ffi.NULL if b is None else b for b in self._bufs] or [ffi.NULL])
             self._lens = ffi.new("uint64_t[]", [len(m) if m is not None else 0 for m in self._maps] or [0])
+        return self._ptrs, self._lens
+
+    def copy(self, fd: int, plan: Plan, lo: int, hi: int) -> int:
+        """Write pieces [lo, hi) of plan into fd; returns the bytes written."""
+        if hi <= lo:
+            return 0
+        ptrs, lens = self.pointers(plan.pieces[3][lo:hi])
         _k, start, length, file, src, _r = (ffi.from_buffer("uint64_t[]", c) for c in plan.pieces)
         written = ffi.new("uint64_t *")
         status = lib.cdp_copy_out(fd, hi - lo, start + lo, length + lo, file + lo, src + lo,
-                                  self._ptrs, self._lens, len(self.paths), written)
+                                  ptrs, lens, len(self.paths), written)
         if status == lib.CDP_EIO:
             err = ffi.errno
             raise OSError(err, os.strerror(err))
