@@ -306,11 +306,12 @@ class _Ops:
         for i in range(0, len(ranges), step):
             part = ranges[i : i + step]
             data, differs = want.put_back(ino, self._fd(rel), part)
+            view = memoryview(data)
             at = 0
             for (a, b), d in zip(part, differs):
                 if d:
                     self.dirty_fds.append(rel)
-                    self._done("append_write", (rel, a, bytes(data[at : at + b - a])))
+                    self._done("append_write", (rel, a, bytes(view[at : at + b - a])))
                     total += b - a
                 at += b - a
         return total
