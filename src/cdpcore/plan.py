@@ -432,19 +432,28 @@ class Validator:
         pos of a segment (gaps: a COMPACTED one, whose seqs may skip)."""
         self._jobs.put((path, seg_no, pos, end, expect, count, gaps))
 
-    def submit_pieces(self, paths: list[str], file: array, rec: array) -> None:
+    def submit_pieces(self, sources: Sources, file: array, rec: array) -> None:
         """Check the record that each piece of a plan comes from, where its
         source is a segment (a plan from a checkpoint: the records before
         it are not read, and only those whose bytes are copied are
-        checked). The arrays must not change until finish()."""
-        self._jobs.put((paths, file, rec))  # type: ignore[arg-type]
+        checked), on the thread, through the plan's own mappings: the
+        restore's copy reads the same pages, which were mapped once
+        (populated) instead of faulted in a second mapping of the thread's
+        (half a million faults for a 1 GiB restore, on a core the copy may
+        need). The mappings are made here, on the caller's thread; the
+        sources join this validator before they unmap (Sources.close). The
+        arrays must not change until finish()."""
+        ptrs = sources.segment_pointers(file)
+        lens = sources.pointers(())[1]
+        sources.close_after(self.error)
+        self._jobs.put((list(sources.paths), file, rec, ptrs, lens))  # type: ignore[arg-type]
 
     def check_pieces_now(self, sources: Sources, file: array, rec: array) -> None:
-        """submit_pieces' check, on the calling thread through the plan's own
-        mappings, for a plan of few pieces (a rollback's): the pages it
-        faults in are those the rollback then reads, instead of each being
-        faulted twice (here and in a mapping of the thread's own, 7 us a
-        piece). Damage is raised by finish(), as the thread's is."""
+        """submit_pieces' check on the calling thread, for a plan of few
+        pieces whose caller waits for the check at once (a rollback's: no
+        handoff to the thread). The pages it faults in are those the
+        rollback then reads. Damage is raised by finish(), as the
+        thread's is."""
         if self._error is not None or not len(file):
             return
         ptrs = sources.segment_pointers(file)
@@ -458,50 +467,22 @@ class Validator:
             self._error = CorruptJournal("a record that the restore copies from is damaged",
                                          int(os.path.basename(path).split(".")[0], 16), rec[i] - 48)
 
-    def _run_pieces(self, paths: list[str], file: array, rec: array) -> None:
-        maps: list[mmap.mmap | None] = []
-        bufs: list[Any] = []
-        try:
-            used = set(file)
-            # page tables in one call pay when most of each segment is read
-            # (a restore); a rollback's few pieces take a fault each instead
-            populate = mmap.MAP_POPULATE if len(file) > 16 * len(used) * 1024 else 0
-            for i, p in enumerate(paths):
-                m = None
-                if i in used and p.endswith(".seg"):
-                    with open(p, "rb") as f:
-                        size = os.fstat(f.fileno()).st_size
-                        if size:
-                            m = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ,
-                                          flags=mmap.MAP_SHARED | populate)
-                maps.append(m)
-                bufs.append(ffi.from_buffer(m) if m is not None else ffi.NULL)
-            ptrs = ffi.new("const uint8_t *[]", bufs or [ffi.NULL])
-            lens = ffi.new("uint64_t[]", [len(m) if m is not None else 0 for m in maps] or [0])
-            bad = ffi.new("uint64_t *")
-            status = lib.cdp_check_records(ptrs, lens, len(paths), ffi.from_buffer("uint64_t[]", file),
-                                           ffi.from_buffer("uint64_t[]", rec), len(file), bad)
-            if status != lib.CDP_OK:
-                i = bad[0]
-                path = paths[file[i]]
-                self._error = CorruptJournal("a record that the restore copies from is damaged",
-                                             int(os.path.basename(path).split(".")[0], 16), rec[i] - 48)
-        except (OSError, ValueError) as e:
-            self._error = CorruptJournal(f"cannot read segment: {e}")
-        finally:
-            for b in bufs:
-                if b is not None and b != ffi.NULL:
-                    ffi.release(b)
-            for m in maps:
-                if m is not None:
-                    m.close()
+    def _run_pieces(self, paths: list[str], file: array, rec: array, ptrs: Any, lens: Any) -> None:
+        bad = ffi.new("uint64_t *")
+        status = lib.cdp_check_records(ptrs, lens, len(paths), ffi.from_buffer("uint64_t[]", file),
+                                       ffi.from_buffer("uint64_t[]", rec), len(file), bad)
+        if status != lib.CDP_OK:
+            i = bad[0]
+            path = paths[file[i]]
+            self._error = CorruptJournal("a record that the restore copies from is damaged",
+                                         int(os.path.basename(path).split(".")[0], 16), rec[i] - 48)
 
     def _run(self) -> None:
         out = ffi.new("struct cdp_scan_result *")
         while (job := self._jobs.get()) is not None:
             if self._error is not None:
                 continue
-            if len(job) == 3:
+            if len(job) == 5:
                 self._run_pieces(*job)  # type: ignore[misc]
                 continue
             path, seg_no, pos, end, expect, count, gaps = job
@@ -546,7 +527,7 @@ def build_plan(j: Journal, seq: int, progress: Progress | None = None,
     try:
         _cover(plan, rows)
         if validator is not None and rows.n_rec:
-            validator.submit_pieces(list(plan.sources.paths), plan.pieces[3], plan.pieces[5])
+            validator.submit_pieces(plan.sources, plan.pieces[3], plan.pieces[5])
     except BaseException:
         plan.close()
         raise
@@ -578,7 +559,7 @@ def _begin(j: Journal, seq: int, progress: Progress | None, validator: Validator
             if pieces:
                 # the sources the checkpoint's pieces come from, mapped
                 # while the records after it are read and the rows laid out
-                sources.prefetch(set(ck.pieces[3]))
+                sources.prefetch(ck.pieces[3])
         start_seq = _forward(j, seq, plan, tree, rows, progress, validator, first, start_seq)
         plan.records = max(0, seq - start_seq + 1)
     except BaseException:
@@ -980,26 +961,39 @@ class Sources:
         self._prefetch: threading.Thread | None = None
         self._pending: set[int] = set()  # what the prefetch thread maps
         self._fetched: dict[int, mmap.mmap | None] = {}
+        self._readers: list[Callable[[], object]] = []
 
-    def prefetch(self, indices: Iterable[int]) -> None:
+    def close_after(self, wait: Callable[[], object]) -> None:
+        """Call wait() first when closing: another thread reads the mappings
+        (a Validator), and unmapping under it would crash the process."""
+        self._readers.append(wait)
+
+    def prefetch(self, indices: Iterable[int], among: Iterable[int] | None = None) -> None:
         """Map these sources on a thread of its own while the caller goes on
         (laying out the plan): a restore's 4 GB of segments take 0.12-0.3 s
         of page-table work with MAP_POPULATE, as long as the plan itself,
-        and the mmap call releases the GIL. _map() waits for the thread and
-        adopts its mappings; one that failed is simply mapped again there,
-        so that its error is raised where it is used."""
-        todo = [(i, self.paths[i]) for i in sorted(set(indices)) if self._bufs[i] is None]
-        if not todo or not self.populate or self._prefetch is not None:
+        and the mmap call releases the GIL. `indices` may be a large array
+        (a checkpoint's source column: its distinct values are taken on the
+        thread, 8 ms for 256,000 pieces); `among` bounds them (the sources
+        known now). _map() waits for the thread only for those, and adopts
+        its mappings; one that failed is simply mapped again there, so that
+        its error is raised where it is used."""
+        if not self.populate or self._prefetch is not None:
             return
+        known = set(range(len(self.paths)) if among is None else among)
+        known = {i for i in known if self._bufs[i] is None}
+        if not known:
+            return
+        paths = list(self.paths)
 
         def run() -> None:
-            for i, path in todo:
+            for i in sorted(known.intersection(indices)):
                 try:
-                    self._fetched[i] = self._open_map(path)
+                    self._fetched[i] = self._open_map(paths[i])
                 except (OSError, ValueError):
                     continue
 
-        self._pending = {i for i, _p in todo}
+        self._pending = known
         self._prefetch = threading.Thread(target=run, name="cdpcore-map", daemon=True)
         self._prefetch.start()
 
@@ -1082,6 +1076,9 @@ class Sources:
         return int(written[0])
 
     def close(self) -> None:
+        readers, self._readers = self._readers, []
+        for wait in readers:
+            wait()
         self._join_prefetch()
         for m in self._fetched.values():
             if m is not None:
