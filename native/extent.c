@@ -136,20 +136,20 @@ int cdp_row_sizes(uint64_t n, const uint64_t *key, const uint64_t *start, const 
     return CDP_OK;
 }
 
-/* Does [a, b) meet one of the windows [w_start[i], w_end[i]) for i in
- * [lo, hi) (sorted, disjoint)? */
-static int meets(uint64_t a, uint64_t b, const uint64_t *w_start, const uint64_t *w_end,
-                 uint64_t lo, uint64_t hi)
+/* The first of the windows [w_start[i], w_end[i]) for i in [lo, hi)
+ * (sorted, disjoint) that ends after a: [a, b) meets one of them iff that
+ * one starts before b. */
+static uint64_t first_after(uint64_t a, const uint64_t *w_end, uint64_t lo, uint64_t hi)
 {
     uint64_t l = lo, h = hi;
-    while (l < h) {  /* the first window that ends after a */
+    while (l < h) {
         uint64_t mid = l + (h - l) / 2;
         if (w_end[mid] <= a)
             l = mid + 1;
         else
             h = mid;
     }
-    return l < hi && w_start[l] < b;
+    return l;
 }
 
 int cdp_compact_rows(uint64_t n, uint64_t *const *cols, uint64_t n_cols, uint64_t n_rec,
@@ -159,14 +159,26 @@ int cdp_compact_rows(uint64_t n, uint64_t *const *cols, uint64_t n_cols, uint64_
     if (n_cols < 3)
         return CDP_EINVAL;
     const uint64_t *key = cols[0], *start = cols[1], *end = cols[2];
-    uint64_t out = 0, out_rec = 0;
+    uint64_t out = 0, out_rec = 0, hint = 0, hint_key = UINT64_MAX, hint_at = 0;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t k = key[i];
         if (k >= n_keys)
             return CDP_EINVAL;
-        int keep = mode[k] == 1 ||
-                   (mode[k] == 2 && end[i] > start[i] && w_lo[k] < w_hi[k] &&
-                    meets(start[i], end[i], w_start, w_end, w_lo[k], w_hi[k]));
+        int keep = mode[k] == 1;
+        if (mode[k] == 2 && end[i] > start[i] && w_lo[k] < w_hi[k]) {
+            if (hint_key == k && hint_at <= start[i]) {
+                /* rows in order (a checkpoint's pieces, most of them): walk
+                 * on from the window found for the last row of this key
+                 * that started no later, not a binary search per row */
+                while (hint < w_hi[k] && w_end[hint] <= start[i])
+                    hint++;
+            } else {
+                hint = first_after(start[i], w_end, w_lo[k], w_hi[k]);
+            }
+            hint_key = k;
+            hint_at = start[i];
+            keep = hint < w_hi[k] && w_start[hint] < end[i];
+        }
         if (!keep)
             continue;
         if (out != i)

@@ -308,9 +308,10 @@ class _Ops:
             data, differs = want.put_back(ino, self._fd(rel), part)
             view = memoryview(data)
             at = 0
+            if any(differs):
+                self.dirty_fds.append(rel)
             for (a, b), d in zip(part, differs):
                 if d:
-                    self.dirty_fds.append(rel)
                     self._done("append_write", (rel, a, bytes(view[at : at + b - a])))
                     total += b - a
                 at += b - a
