@@ -290,7 +290,7 @@ def test_rollback_refuses_to_put_back_damaged_bytes(journal_dirs: tuple[Path, Pa
         shutil.rmtree(root)
         restore(j, root)
         last = j.last_seq
-    seg = sorted((jpath / "segments").glob("*.seg"))[0]
+    seg = min((jpath / "segments").glob("*.seg"))
     raw = bytearray(seg.read_bytes())
     off = 64
     while REC_HDR.unpack_from(raw, off)[6] != Kind.WRITE:  # the FILEMAP that binds "db" comes first
