@@ -307,3 +307,45 @@ def test_put_back_writes_only_the_ranges_that_differ(tmp_path: Path) -> None:
     finally:
         os.close(fd)
         sources.close()
+
+
+def test_killed_between_ranges_of_one_file_then_rerun(fast_tmp: Path) -> None:
+    """A file with several ranges to put back, killed after each write: a
+    rerun finds the ranges the killed run wrote already equal to the point,
+    and must still journal them (the journal's latest state has the
+    damaged bytes there, and nothing else says they changed), or the
+    journal and the root diverge silently."""
+    base = fast_tmp / "base"
+    base.mkdir()
+    root = base / "root"
+    root.mkdir()
+    with Journal.create(base / "j", root) as j:
+        j.append_write("db", 0, b"a" * 40_000)
+        to = j.append_flush()
+        for off in (0, 10_000, 20_000, 30_000):
+            j.append_write("db", off, b"X" * 1000)  # four separate ranges of damage
+        make_live(j)
+        from_seq = j.last_seq
+    env = {**os.environ}
+    killed = 0
+    for n in range(1, 40):
+        work = fast_tmp / f"n{n}"
+        shutil.copytree(base, work, symlinks=True)
+        jp = work / "j"
+        _retarget(jp, work / "root")
+        env[KILL_ENV] = str(n)
+        p = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(jp), f"seq:{to}"], env=env,
+                           capture_output=True, text=True, check=False)
+        if p.returncode == 0:
+            shutil.rmtree(work)
+            break
+        assert p.returncode == -9, p.stderr
+        killed += 1
+        env.pop(KILL_ENV)
+        done = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(jp), f"seq:{to}"], env=env,
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        with Journal.open(jp) as j:
+            check_rolled_back(j, work, to, from_seq, 0, f"k{n}")
+        shutil.rmtree(work)
+    assert killed >= 4  # at least one kill after each of the four writes

@@ -968,20 +968,20 @@ class Sources:
         (a Validator), and unmapping under it would crash the process."""
         self._readers.append(wait)
 
-    def prefetch(self, indices: Iterable[int], among: Iterable[int] | None = None) -> None:
+    def prefetch(self, indices: Iterable[int]) -> None:
         """Map these sources on a thread of its own while the caller goes on
         (laying out the plan): a restore's 4 GB of segments take 0.12-0.3 s
         of page-table work with MAP_POPULATE, as long as the plan itself,
         and the mmap call releases the GIL. `indices` may be a large array
         (a checkpoint's source column: its distinct values are taken on the
-        thread, 8 ms for 256,000 pieces); `among` bounds them (the sources
-        known now). _map() waits for the thread only for those, and adopts
-        its mappings; one that failed is simply mapped again there, so that
-        its error is raised where it is used."""
+        thread, 8 ms for 256,000 pieces). _map() waits for the thread only
+        for sources known now (not for those added later, the segments
+        after a checkpoint), and adopts its mappings; one that failed is
+        simply mapped again there, so that its error is raised where it is
+        used."""
         if not self.populate or self._prefetch is not None:
             return
-        known = set(range(len(self.paths)) if among is None else among)
-        known = {i for i in known if self._bufs[i] is None}
+        known = {i for i in range(len(self.paths)) if self._bufs[i] is None}
         if not known:
             return
         paths = list(self.paths)
