@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from test_restore_basic import Runner, Tree
 from test_restore_plan import big_op, tree_of
 
-from cdpcore import Kind, Journal, restore
+from cdpcore import Journal, Kind, restore
 from cdpcore.errors import CaptureRunning, RestoreError
 from cdpcore.rollback import CAPTURE_LOCK, INTENT, KILL_ENV, rollback
 
