@@ -54,6 +54,9 @@ class ScanResult:
         return STOP_REASONS.get(self.stop, "ok")
 
 
+_ZEROS = bytes(1 << 20)
+
+
 class Segment:
     """One segment file, mapped read-only. The mapping covers the file as it
     was when mapped; remap() follows growth of the active segment."""
@@ -142,6 +145,20 @@ class Segment:
         del buf
         return ScanResult(out.end, out.count, out.last_seq, out.ts_min, out.ts_max,
                           out.file_id_max, out.stop, index)
+
+    def zeros_from(self, start: int) -> bool:
+        """Whether the file holds only zero bytes from start to its end (and
+        holds some): the preallocated tail of an active segment
+        (journal-format.md, "Preallocation"), which is not a torn tail. No
+        record is all zeros (its marker is not), so nothing is lost by
+        reading zeros as the end."""
+        if self._map is None or start >= self.size:
+            return False
+        for p in range(start, self.size, len(_ZEROS)):
+            n = min(len(_ZEROS), self.size - p)
+            if self._map[p : p + n] != _ZEROS[:n]:
+                return False
+        return True
 
     def find_valid_after(self, start: int, after_seq: int) -> int | None:
         """Offset of a valid record with seq > after_seq past start, if any:
