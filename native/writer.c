@@ -1062,10 +1062,12 @@ int cdp_prealloc(cdp_writer *w, uint64_t low, uint64_t ahead)
         cdp_writer_unlock(w);
         return CDP_OK;
     }
-    /* At most PRE_STEP bytes per lock hold: appenders wait meanwhile (the
-     * first touch of a fresh page-cache page is the cost, which the
-     * appenders writing those pages would otherwise pay). */
-    uint64_t to = want < size + PRE_STEP ? want : size + PRE_STEP;
+    /* Up to the next PRE_STEP boundary (at most PRE_STEP bytes per lock
+     * hold: appenders wait meanwhile), or the segment size: readers take a
+     * zero tail that ends there for this tail, any other for a torn one. */
+    uint64_t to = (size / PRE_STEP + 1) * PRE_STEP;
+    if (to > seg_size)
+        to = seg_size > size ? seg_size : size;
     struct iovec iov[PRE_STEP / sizeof zero_block];
     int n = 0;
     for (uint64_t p = size; p < to; p += sizeof zero_block) {

@@ -711,7 +711,7 @@ class Journal:
                 assert r.index is not None
                 data = IndexData(n, seg.header.first_seq, r.count, r.end, r.ts_min, r.ts_max,
                                  r.file_id_max, *r.index)
-                ends = r.clean and r.end == seg.size or seg.zeros_from(r.end)
+                ends = (r.clean and r.end == seg.size) or seg.preallocated_from(r.end, self.meta.segment_size)
                 if (not ends or (committed is not None and committed > r.end)
                         or (head is not None and r.last_seq < head.synced_seq)):
                     self._tail(seg, r, head, recover)
@@ -769,7 +769,7 @@ class Journal:
                 f"records past seq {r.last_seq} that were appended but not synced are lost: "
                 f"{where} ends the journal, the head counted up to offset {committed}")
         cut = seg.size - r.end
-        if cut <= 0 or seg.zeros_from(r.end):
+        if cut <= 0 or seg.preallocated_from(r.end, self.meta.segment_size):
             return  # the end, or the preallocated tail: nothing torn
         reason = STOP_REASONS.get(r.stop, "bytes past the committed end")
         if recover:
@@ -1360,7 +1360,8 @@ class Journal:
                 expect = r.last_seq + 1
                 rep.last_seq = r.last_seq  # also right when damage below returns early
                 committed = head.seg_off if head is not None and head.seg_no == n else None
-                if (not r.clean or r.end != seg.size) and not (last and seg.zeros_from(r.end)):
+                zero_tail = last and seg.preallocated_from(r.end, self.meta.segment_size)
+                if (not r.clean or r.end != seg.size) and not zero_tail:
                     follow = seg.find_valid_after(r.end, r.last_seq) if not r.clean else None
                     # a tail past the last record is torn (not damage) when no
                     # valid record follows and sync() never covered it

@@ -55,6 +55,7 @@ class ScanResult:
 
 
 _ZEROS = bytes(1 << 20)
+PREALLOC_ALIGN = 1 << 20  # native/writer.c PRE_STEP: where a preallocated tail ends
 
 
 class Segment:
@@ -146,13 +147,16 @@ class Segment:
         return ScanResult(out.end, out.count, out.last_seq, out.ts_min, out.ts_max,
                           out.file_id_max, out.stop, index)
 
-    def zeros_from(self, start: int) -> bool:
-        """Whether the file holds only zero bytes from start to its end (and
-        holds some): the preallocated tail of an active segment
-        (journal-format.md, "Preallocation"), which is not a torn tail. No
-        record is all zeros (its marker is not), so nothing is lost by
-        reading zeros as the end."""
+    def preallocated_from(self, start: int, segment_size: int) -> bool:
+        """Whether the bytes from start to the end of the file are the
+        active segment's preallocated tail (journal-format.md,
+        "Preallocation"): zeros, ending on a PREALLOC_ALIGN boundary or at
+        the segment size. No record is all zeros (its marker is not), so
+        nothing is lost by reading them as the end; zeros ending elsewhere
+        are a torn tail."""
         if self._map is None or start >= self.size:
+            return False
+        if self.size % PREALLOC_ALIGN and self.size != segment_size:
             return False
         for p in range(start, self.size, len(_ZEROS)):
             n = min(len(_ZEROS), self.size - p)
