@@ -67,6 +67,7 @@ enum {
 };
 #define EXT4_SUPER_MAGIC_ 0xEF53 /* linux/magic.h */
 #define PRE_STEP (1 << 20) /* zeros written per lock hold (cdp_prealloc) */
+#define PRE_MAX_STEPS 8    /* steps per cdp_prealloc call (one fdatasync) */
 #define GROUP 128 /* records per pwritev: 3 iovecs each stays under IOV_MAX */
 
 struct cdp_writer {
@@ -941,8 +942,11 @@ int cdp_sync(cdp_writer *w, uint64_t *synced)
 
 /* ---- riding on the program's flush ------------------------------------------ */
 
-/* Whether the active segment lives on ext4 on device dev (cached per segment). */
-static int seg_rides_on(cdp_writer *w, uint64_t dev)
+/* Whether the active segment (w->seg_fd) lives on ext4, the file system
+ * whose fsync is known to flush the device after the writes that completed
+ * before it (ext4_sync_file: a journal commit or an explicit flush, issued
+ * after the call began); *dev: its device. Cached per segment. */
+static int seg_on_ext4(cdp_writer *w, uint64_t *dev)
 {
     if (w->fs_seg != w->seg_no) {
         struct stat st;
@@ -953,7 +957,14 @@ static int seg_rides_on(cdp_writer *w, uint64_t dev)
         w->fs_dev = (uint64_t)st.st_dev;
         w->fs_ext4 = sf.f_type == EXT4_SUPER_MAGIC_;
     }
-    return w->fs_ext4 && w->fs_dev == dev;
+    *dev = w->fs_dev;
+    return w->fs_ext4;
+}
+
+static int seg_rides_on(cdp_writer *w, uint64_t dev)
+{
+    uint64_t d;
+    return seg_on_ext4(w, &d) && d == dev;
 }
 
 int cdp_sync_ride(cdp_writer *w, uint64_t dev, uint64_t *cover)
@@ -1058,33 +1069,52 @@ int cdp_prealloc(cdp_writer *w, uint64_t low, uint64_t ahead)
         return r;
     }
     size = (uint64_t)st.st_size;
-    if (size < off) { /* the head is ahead of the file: not ours to fix here */
+    uint64_t dev;
+    if (size < off || !seg_on_ext4(w, &dev)) {
+        /* the head is ahead of the file (not ours to fix here), or no ride
+         * could use the tail: writing it would be a waste */
         cdp_writer_unlock(w);
         return CDP_OK;
     }
-    /* Up to the next PRE_STEP boundary (at most PRE_STEP bytes per lock
-     * hold: appenders wait meanwhile), or the segment size: readers take a
-     * zero tail that ends there for this tail, any other for a torn one. */
-    uint64_t to = (size / PRE_STEP + 1) * PRE_STEP;
-    if (to > seg_size)
-        to = seg_size > size ? seg_size : size;
+    /* Steps up to the next PRE_STEP boundary (or the segment size: readers
+     * take a zero tail that ends there for this tail, any other for a torn
+     * one), releasing the lock between steps: appenders wait only for one
+     * step's zeros (the first touch of fresh page-cache pages, which the
+     * appenders writing those pages would otherwise pay). */
+    uint64_t to = size;
     struct iovec iov[PRE_STEP / sizeof zero_block];
-    int n = 0;
-    for (uint64_t p = size; p < to; p += sizeof zero_block) {
-        iov[n].iov_base = (void *)zero_block;
-        iov[n++].iov_len = to - p < sizeof zero_block ? to - p : sizeof zero_block;
-    }
-    if (n && (r = write_all(w->seg_fd, iov, n, size)) != CDP_OK) {
-        int e = errno;
-        if (ftruncate(w->seg_fd, (off_t)size) < 0) { /* leave no partial zeros past the records */ }
+    for (int step = 0;; step++) {
+        uint64_t next = (size / PRE_STEP + 1) * PRE_STEP;
+        if (next > seg_size)
+            next = seg_size > size ? seg_size : size;
+        int n = 0;
+        for (uint64_t p = size; p < next; p += sizeof zero_block) {
+            iov[n].iov_base = (void *)zero_block;
+            iov[n++].iov_len = next - p < sizeof zero_block ? next - p : sizeof zero_block;
+        }
+        if (n && (r = write_all(w->seg_fd, iov, n, size)) != CDP_OK) {
+            int e = errno;
+            if (ftruncate(w->seg_fd, (off_t)size) < 0) { /* leave no partial zeros past the records */ }
+            cdp_writer_unlock(w);
+            errno = e;
+            return r;
+        }
+        to = next > size ? next : size;
+        pre_set(w, end, to);
+        if (to >= want || step + 1 >= PRE_MAX_STEPS || !n)
+            break;
         cdp_writer_unlock(w);
-        errno = e;
-        return r;
+        if ((r = take_append_lock(w)) != CDP_OK)
+            return r;
+        pre_get(w, &end, &pending);
+        /* a rotation, a cut or another preallocator came in between */
+        if (!head_valid(w) || hget(w, H_PENDING) || hget(w, H_SEG_NO) != seg_no || pending != to ||
+            fstat(w->seg_fd, &st) < 0 || (uint64_t)st.st_size != to) {
+            cdp_writer_unlock(w);
+            return CDP_OK;
+        }
+        size = to;
     }
-    if (to < size)
-        to = size;
-    pre_set(w, end, to);
-    head_seal(w);
     uint64_t cover = hget(w, H_NEXT_SEQ) - 1;
     int fd = dup(w->seg_fd);
     int e = errno;

@@ -42,6 +42,13 @@ def active_segment(jpath: Path) -> Path:
     return sorted((jpath / "segments").glob("*.seg"))[-1]
 
 
+def tail_end(off: int, ahead: int) -> int:
+    """Where cdp_prealloc leaves the tail when called with the committed end
+    at off (and a file no longer than the next MiB): 1 MiB steps, the first
+    boundary at or past off + ahead."""
+    return -(-(off + ahead) // MIB) * MIB
+
+
 def append_some(j: Journal, n: int, size: int = 1000) -> None:
     for i in range(n):
         j.append_write("f", i * size, bytes([i % 251 + 1]) * size)
@@ -60,12 +67,12 @@ def test_prealloc_writes_a_durable_zero_tail(ext4_journal):
         append_some(j, 10)
         committed = j._need_writer().get_state().seg_off
         w = Writer(str(jpath))
-        w.prealloc(4 * MIB, 8 * MIB)
+        w.prealloc(MIB, MIB)
         w.close()
     seg = active_segment(jpath)
     size = seg.stat().st_size
-    # one step: up to the next MiB boundary past the records
-    assert size == MIB and size > committed
+    # in MiB steps, to the first boundary at least 1 MiB past the records
+    assert size == tail_end(committed, MIB) == 2 * MIB
     data = seg.read_bytes()
     assert data[committed:] == bytes(size - committed)
     head = head_bytes(jpath)
@@ -94,11 +101,14 @@ def test_prealloc_keeps_ahead_in_steps(ext4_journal):
         for _ in range(5):
             w.prealloc(2 * MIB, 3 * MIB)
         # 3 MiB ahead of the records, in 1 MiB steps; then nothing more to do
-        assert active_segment(jpath).stat().st_size == 3 * MIB
-        assert head_prealloc(head_bytes(jpath))[0] == 3 * MIB
-        append_some(j, 1500)  # 1.5 MB of records: under 2 MiB of tail left
-        w.prealloc(2 * MIB, 3 * MIB)
         assert active_segment(jpath).stat().st_size == 4 * MIB
+        assert head_prealloc(head_bytes(jpath)) == (4 * MIB, 0)
+        append_some(j, 2500)  # 2.5 MB of records: under 2 MiB of tail left
+        off = j._need_writer().get_state().seg_off
+        assert 4 * MIB - off < 2 * MIB
+        w.prealloc(2 * MIB, 3 * MIB)
+        assert active_segment(jpath).stat().st_size == tail_end(off, 3 * MIB) == 6 * MIB
+        assert head_prealloc(head_bytes(jpath)) == (6 * MIB, 0)
         w.close()
 
 
@@ -179,7 +189,7 @@ def test_cutting_a_torn_tail_forgets_the_durable_tail(ext4_journal):
         w = Writer(str(jpath))
         w.prealloc(MIB, MIB)
         w.close()
-    assert head_prealloc(head_bytes(jpath))[0] == MIB
+    assert head_prealloc(head_bytes(jpath))[0] == 2 * MIB
     with open(active_segment(jpath), "r+b") as f:
         f.seek(committed)
         f.write(b"\xde\xad" * 50)  # garbage inside the tail
@@ -202,7 +212,7 @@ def test_dead_writers_cut_forgets_the_durable_tail(ext4_journal, tmp_path):
         committed = j._need_writer().get_state().seg_off
     w = Writer(str(jpath))
     w.prealloc(MIB, MIB)
-    assert head_prealloc(head_bytes(jpath))[0] == MIB
+    assert head_prealloc(head_bytes(jpath))[0] == 2 * MIB
     script = tmp_path / "die.py"
     script.write_text(r"""
 import mmap, os, struct, sys
