@@ -983,7 +983,9 @@ static int flush_call(int fd, int (*call)(int))
     int rode = 0;
     if (e && e->state == FD_TRACK && fstat(fd, &st) == 0) {
         /* Start the program's own writeback now (its call would, a little
-         * later): the device takes its data and the journal's together. */
+         * later): the device takes its data and the journal's together.
+         * WRITE alone waits for nothing and takes no writeback error: the
+         * program's call still reports any. */
         R(sync_file_range)(fd, 0, 0, SYNC_FILE_RANGE_WRITE);
         int held = lock();
         if (held)
