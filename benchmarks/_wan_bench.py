@@ -39,7 +39,8 @@ byte), counters sampled every 20 ms), sender CPU (user + system of the
 ship process from wait4's rusage, as % of one core over its run). Nothing
 asserts: each target gets a PASS/FAIL line.
 
-Knobs: CDP_WAN_RATE (10mbit), CDP_WAN_SCENARIOS (his,pacs,lag),
+Knobs: CDP_WAN_RATE (10mbit), CDP_WAN_SCENARIOS (his,pacs,lag), CDP_WAN_SHIP_ARGS
+(more `cdpctl ship` options, e.g. "--cpu-limit unlimited"),
 CDP_WAN_LAG_SECONDS (60), CDP_WAN_LAG_RATE (512000 bytes/s), CDP_WAN_BASE
 (1; 0: journals without a base, the initial state not shipped), and
 workloads.py's CDP_WL_DB_MB (16), CDP_WL_TRANSACTIONS (3000),
@@ -50,10 +51,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,6 +120,54 @@ class ProcResult:
     def tail(self) -> str:
         lines = (self.stderr.strip() or self.stdout.strip()).splitlines()
         return lines[-1] if lines else f"exit {self.returncode}"
+
+
+class CpuSampler:
+    """The CPU (user + system, all threads) a process has used, read from
+    /proc/PID/stat every 20 ms in a thread: the sender's CPU over the span
+    the link was busy, without its start-up (imports, certificates: about a
+    second of CPU here, most of a short transfer)."""
+
+    def __init__(self, pid: int, period: float = 0.02) -> None:
+        self.pid, self.period = pid, period
+        self.samples: list[tuple[float, float]] = []
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with open(f"/proc/{self.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                # utime and stime are fields 14 and 15 (1-based), after "pid (comm)"
+                self.samples.append((time.monotonic(), (int(fields[11]) + int(fields[12])) / self.tick))
+            except (OSError, IndexError, ValueError):
+                return  # exited (or a zombie being reaped)
+            self._stop.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def share(self, start: float | None, end: float | None, total: float) -> float | None:
+        """CPU per wall second between two monotonic times; after the last
+        sample, the process's final total (from wait4) counts."""
+        if start is None or end is None or end <= start or not self.samples:
+            return None
+
+        def at(t: float) -> float:
+            last = None
+            for ts, c in self.samples:
+                if ts > t:
+                    break
+                last = c
+            if last is None:
+                return self.samples[0][1]
+            return total if t > self.samples[-1][0] else last
+
+        return (at(end) - at(start)) / (end - start)
 
 
 class Measured:
@@ -217,18 +268,22 @@ class DrSite:
         argv = [CDPCTL, "ship", journal, "--to", f"{self.link.dr_ip}:{SERVE_PORT}",
                 "--cert", os.path.join(self.pki, f"{source}.pem"), "--key", os.path.join(self.pki, f"{source}.key"),
                 "--ca", os.path.join(self.pki, "ca.pem")]
-        return argv + (["--follow"] if follow else [])
+        # CDP_WAN_SHIP_ARGS: more ship options, e.g. "--cpu-limit unlimited" to compare
+        return argv + (["--follow"] if follow else []) + shlex.split(os.environ.get("CDP_WAN_SHIP_ARGS", ""))
 
     def ship(self, source: str, journal: str, tag: str, timeout: float = 1800) -> dict[str, Any]:
         """One catch-up ship, measured: wire bytes, time, link use, CPU."""
         with Sampler(self.link) as smp:
             m = Measured(self.link.argv("tx", self.ship_argv(source, journal)), self.work, tag)
+            cpu = CpuSampler(m.proc.pid)
             r = m.wait(timeout)
+            cpu.stop()
         if r.returncode != 0:
             raise RuntimeError(f"cdpctl ship ({tag}) exited with {r.returncode}: {r.tail()}")
         res = {"elapsed_s": r.elapsed_s, "cpu_s": r.cpu_s, "cpu_share": r.cpu_share,
                "log": (r.stderr + r.stdout)[-3000:],
                **utilisation(smp.samples, self.link.rate_bit)}
+        res["backlog_cpu_share"] = cpu.share(res["backlog_start"], res["backlog_end"], r.cpu_s)
         res["replica_equal"] = replica_equal(journal, os.path.join(self.vault, source, "journal"))
         return res
 
@@ -564,7 +619,12 @@ def targets(sc: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
                 f"{w:,} vs {zw:,} ({w / zw:.2f} x; zstd output {sc['zstd']['bytes']:,} bytes)"))
     out.append((f"link use >= {TARGET_LINK_USE:.0%} while a backlog exists", ship["link_use"] >= TARGET_LINK_USE,
                 f"{ship['link_use']:.1%} over {ship['backlog_s']:.1f} s"))
-    out.append((f"sender CPU <= {TARGET_CPU:.0%} of one core", ship["cpu_share"] <= TARGET_CPU,
+    bcpu = ship.get("backlog_cpu_share")
+    if bcpu is not None:
+        out.append((f"sender CPU <= {TARGET_CPU:.0%} of one core while the link is busy", bcpu <= TARGET_CPU,
+                    f"{bcpu:.1%} over {ship['backlog_s']:.1f} s"))
+    out.append((f"sender CPU <= {TARGET_CPU:.0%} of one core, the whole process (start-up included)",
+                ship["cpu_share"] <= TARGET_CPU,
                 f"{ship['cpu_share']:.1%} ({ship['cpu_s']:.2f} s CPU in {ship['elapsed_s']:.1f} s)"))
     out.append(("replica byte-equal to the source journal", ship["replica_equal"], ""))
     return out

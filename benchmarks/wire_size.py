@@ -145,7 +145,7 @@ def ship(journal: Path, label: str, codec: str, level: int, window_log: int = 25
                 t2 = time.thread_time()
                 body = p.encode(held=held, resend=resend)
                 c = comp.compress(body, prefix=packing.prefix_plan(p, held, resend)
-                                  if codec == "zstd-ref" else None)
+                                  if codec == "zstd-ref" else None, records=isinstance(item, RunItem))
                 out.cpu += (t1 - t0) + (time.thread_time() - t2)
                 # where each chunk sent as bytes now lies in the stream (approximately:
                 # the new-chunk column ends the body)

@@ -86,6 +86,14 @@ int cdp_scan(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_s
              uint64_t *idx_seq, int64_t *idx_ts, uint64_t *idx_off, uint64_t idx_cap,
              struct cdp_scan_result *out, int seq_gaps);
 
+/* Compute and store the checksum of every record in buf[0:len), which must
+ * hold whole records (structure checked as cdp_scan does, checksums not), and
+ * set *digest to the CRC32C of those checksums as little-endian u32s in
+ * order. A zstd-ref sender leaves record checksums out of a frame and sends
+ * this digest instead (docs/protocol.md); CDP_EINVAL if a record is malformed
+ * or runs past len. */
+int cdp_fill_crcs(uint8_t *buf, uint64_t len, uint32_t *digest);
+
 /* Search buf[start:len) at 8-byte steps for a record with a valid checksum and
  * seq > after_seq; returns its offset in *found or UINT64_MAX. */
 int cdp_find_valid(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t after_seq,
@@ -187,6 +195,34 @@ int cdp_check_records(const uint8_t *const *maps, const uint64_t *map_len, uint6
 int cdp_copy_out(int fd, uint64_t n, const uint64_t *dst, const uint64_t *len,
                  const uint64_t *file, const uint64_t *src, const uint8_t *const *maps,
                  const uint64_t *map_len, uint64_t n_maps, uint64_t *written);
+
+/* The byte ranges that rows touched, per key (a rollback: only there can
+ * the file differ from the point): every row's [start, end) (a truncate
+ * row's end is UINT64_MAX: all past it may change; an empty write gives an
+ * empty range, which still marks the key as touched), sorted by key then
+ * start, overlapping and touching ranges of a key joined. Outputs hold up
+ * to n ranges; *n_out receives their number. CDP_ENOMEM if the sort's
+ * buffer cannot be had. */
+int cdp_touched_ranges(uint64_t n, const uint64_t *key, const uint64_t *start, const uint64_t *end,
+                       uint64_t *o_key, uint64_t *o_start, uint64_t *o_end, uint64_t *n_out);
+
+/* Put back a file's bytes where a rollback may have to (one call per file,
+ * instead of a read, a compare and a write per range in Python). Ranges
+ * [r_start[i], r_start[i] + r_len[i]) for i < n are sorted and disjoint;
+ * pieces (p_start, p_len, p_file, p_src: the file's pieces of a plan, sorted
+ * by start) say what the file holds at the point, zeros where none covers.
+ * For each range the wanted bytes are laid into want (the ranges one after
+ * another: sum of r_len bytes), fd's bytes there are read into scratch
+ * (max r_len bytes), and if they differ (a short read differs) the wanted
+ * bytes are written and differs[i] = 1, else 0. *done receives the ranges
+ * finished, so that after CDP_EIO (errno set) the caller knows which
+ * writes happened. A piece outside its map is CDP_EINVAL, before that
+ * range is written. */
+int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_len,
+                 uint64_t n_pieces, const uint64_t *p_start, const uint64_t *p_len,
+                 const uint64_t *p_file, const uint64_t *p_src, const uint8_t *const *maps,
+                 const uint64_t *map_len, uint64_t n_maps, uint8_t *want, uint8_t *scratch,
+                 uint8_t *differs, uint64_t *done);
 
 /* ---- content-defined chunking (native/chunker.c) ------------------------ */
 

@@ -77,6 +77,26 @@ static int check_record(const uint8_t *p, uint64_t avail, uint64_t *size)
     return check_record_crc(p, avail, size, 1);
 }
 
+int cdp_fill_crcs(uint8_t *buf, uint64_t len, uint32_t *digest)
+{
+    uint32_t d = 0;
+    uint64_t pos = 0;
+    if (!digest)
+        return CDP_EINVAL;
+    while (pos < len) {
+        uint64_t size;
+        /* structure only: the checksums are what is being filled in */
+        if (check_record_crc(buf + pos, len - pos, &size, 0) != CDP_STOP_END)
+            return CDP_EINVAL;
+        uint32_t crc = cdp_crc32c(0, buf + pos + 4, (uint64_t)CDP_REC_HDR_SIZE - 4 + rd32(buf + pos + 4));
+        wr32(buf + pos, crc);
+        d = cdp_crc32c(d, buf + pos, 4);
+        pos += size;
+    }
+    *digest = d;
+    return CDP_OK;
+}
+
 /* The sequence rule: each record's seq is expect (the previous + 1); in a
  * COMPACTED segment (seq_gaps) any larger seq is allowed too, since a prune
  * leaves gaps where folded records were. */

@@ -239,3 +239,67 @@ def test_prune_discards_checkpoints(fast_tmp: Path) -> None:
             assert state(j, f"seq:{k}", fast_tmp / f"b{k}") == want
         assert state(j, "latest", fast_tmp / "latest-b") == latest
         assert j.verify().ok
+
+
+def test_prefetched_sources_are_the_files_and_errors_surface_at_use(tmp_path: Path) -> None:
+    """Sources.prefetch maps on a thread while a restore lays out its plan
+    from a checkpoint: what view() then returns must be each file's bytes
+    (not another index's mapping), a source that could not be mapped must
+    fail where it is used, with the OS's error, and close() must not race
+    the thread."""
+    from cdpcore.plan import Sources
+
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"{i}.seg"
+        p.write_bytes(bytes([i]) * (4096 * (i + 1)))
+        paths.append(str(p))
+    src = Sources()
+    idx = [src.add(p) for p in paths]
+    gone = src.add(str(tmp_path / "missing.seg"))
+    src.prefetch([*idx[1:], gone])
+    late = src.add(str(tmp_path / "0.seg"))  # added while the thread runs: already known
+    assert late == idx[0]
+    for i in idx:
+        assert bytes(src.view(i)) == bytes([i]) * (4096 * (i + 1))
+    with pytest.raises(FileNotFoundError):
+        src.view(gone)
+    src.close()
+    again = Sources()
+    for p in paths:
+        again.add(p)
+    again.prefetch(range(len(paths)))
+    again.close()  # with the thread perhaps still mapping: it is joined, its maps closed
+    assert again._fetched == {} and again._prefetch is None
+
+
+def test_rollback_refuses_to_put_back_damaged_bytes(journal_dirs: tuple[Path, Path]) -> None:
+    """A rollback checks the records whose bytes it puts back (those before
+    the checkpoint too, on the calling thread): damage there fails it
+    before the root is touched, with nothing journaled and no intent left."""
+    jpath, root = journal_dirs
+    with Journal.create(jpath, root, segment_size=1 << 14) as j:
+        j.append_write("db", 0, b"A" * 3000)  # what the rollback must put back
+        for i in range(30):
+            j.append_write("other", 0, bytes([i]) * 3000)  # seals segments
+        j.sync()
+        assert checkpoint.update(j, spacing=0).kept
+        point = j.last_seq
+        j.append_write("db", 0, b"B" * 3000)  # the damage to undo
+        j.sync()
+        shutil.rmtree(root)
+        restore(j, root)
+        last = j.last_seq
+    seg = min((jpath / "segments").glob("*.seg"))
+    raw = bytearray(seg.read_bytes())
+    off = 64
+    while REC_HDR.unpack_from(raw, off)[6] != Kind.WRITE:  # the FILEMAP that binds "db" comes first
+        off += (48 + REC_HDR.unpack_from(raw, off)[1] + 7) & ~7
+    raw[off + 48 + 7] ^= 0xFF
+    seg.write_bytes(bytes(raw))
+    with Journal.open(jpath) as j:
+        with pytest.raises(CorruptJournal, match="damaged"):
+            rollback(j, f"seq:{point}")
+        assert j.last_seq == last + 1  # only the audit log's anchor of the failure
+    assert (root / "db").read_bytes() == b"B" * 3000
+    assert not (jpath / "rollback.json").exists()

@@ -249,7 +249,8 @@ def test_restore(built: Path, tmp_path: Path) -> None:
     assert r.code == 0, r.err
     expect = restore(built, tmp_path / "api-old", at="bookmark:before-upgrade")
     assert r.doc == {"journal": str(built), "dest": str(tmp_path / "old"),
-                     "at": "bookmark:before-upgrade", "consistent": False, **expect.to_json()}
+                     "at": "bookmark:before-upgrade", "consistent": False, "synced": False,
+                     **expect.to_json()}
     assert tree(tmp_path / "old") == tree(tmp_path / "api-old")
     assert (tmp_path / "old/docs/notes.txt").read_bytes() == b"v1"
     assert (tmp_path / "old/a.txt").exists()

@@ -175,4 +175,5 @@ def test_cli_defaults_match_the_modules() -> None:
     from cdpcore.transport import shipper
 
     assert ship_cli.DEFAULT_GIVE_UP == shipper.DEFAULT_GIVE_UP
+    assert ship_cli.DEFAULT_CPU_LIMIT == shipper.DEFAULT_CPU_LIMIT
     assert (pki_cli.DEFAULT_DAYS, pki_cli.CA_DAYS_FACTOR) == (pki_module.DEFAULT_DAYS, pki_module.CA_DAYS_FACTOR)

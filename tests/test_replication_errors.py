@@ -92,10 +92,13 @@ def test_bad_addresses_and_names_are_usage_errors(tmp_path: Path, certs: Path,
     for to in ("127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "[::1]", "host:port"):
         assert main([*args[:3], to, *args[4:]]) == 2, to
     assert main([*args, "--server-name", " "]) == 2
+    for cpu in ("0", "-5", "abc", "25 percent", "nan", "7000%"):
+        assert main([*args, "--cpu-limit", cpu]) == 2, cpu
     for domain in ("D", "D=", "a/b=A", "D=A,../x", "_x=A"):
         assert main([*serve_args(tmp_path / "v", certs), "--domain", domain]) == 2, domain
     err = capsys.readouterr().err
     assert "Traceback" not in err and "port 0 names no receiver" in err
+    assert "expected a percentage of one core" in err
 
 
 def test_wrong_inputs_against_a_running_vault(tmp_path: Path, certs: Path) -> None:

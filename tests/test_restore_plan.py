@@ -180,3 +180,66 @@ def test_damaged_payload_fails_and_leaves_dest_empty(journal_dirs: tuple[Path, P
         with pytest.raises(CorruptJournal, match="checksum"):
             restore(j, dest, at=f"seq:{last}")
     assert os.listdir(dest) == []
+
+
+def test_cover_merges_long_sorted_runs_as_a_sort_would() -> None:
+    """cdp_cover merges long runs of rows already in (key, start) order (a
+    checkpoint's pieces, thousands of them) with the other rows instead of
+    sorting them all again. Whatever the mix (overlaps, equal starts in
+    and across runs, empty rows, truncates, two runs), the pieces must be
+    those of laying the rows over each other in row order: checked byte by
+    byte against painting them. (The journals of the other tests are too
+    small to have such runs.)"""
+    from cdpcore.plan import HOLE, Plan, Sources, Tree, _cover, _Rows
+
+    rnd = random.Random(11)
+    rows: list[tuple[int, int, int, int, int]] = []
+
+    def sorted_run(keys: tuple[int, ...], count: int) -> None:
+        for k in keys:
+            pos = 0
+            for _ in range(count):
+                n = rnd.randrange(0, 40)  # some empty
+                rows.append((k, pos, pos + n, 0, rnd.randrange(1 << 20)))
+                pos += rnd.randrange(0, 40)  # overlapping, sometimes the same start
+
+    sorted_run((1, 2), 2500)
+    for _ in range(700):
+        k, a = rnd.choice((1, 2, 3)), rnd.randrange(0, 60_000)
+        if rnd.random() < 0.08:
+            rows.append((k, a, HOLE, HOLE, 0))  # a truncate
+        else:
+            rows.append((k, a, a + rnd.randrange(0, 3000), 1, rnd.randrange(1 << 20)))
+    sorted_run((3,), 4500)
+    rows += [(rows[i][0], rows[i][1], rows[i][2] + 7, 1, 5) for i in rnd.sample(range(len(rows)), 50)]
+
+    # the reference: paint each key's bytes in row order; a cell is file << 32 | source offset
+    cells: dict[int, list[int | None]] = {}
+    sizes: dict[int, int] = {}
+    for k, a, b, f, src in rows:
+        c = cells.setdefault(k, [])
+        if f == HOLE:
+            del c[a:]
+            sizes[k] = a
+            continue
+        if b > len(c):
+            c.extend([None] * (b - len(c)))
+        c[a:b] = range((f << 32) | src, ((f << 32) | src) + b - a)
+        sizes[k] = max(sizes.get(k, 0), b)
+    want = {(k, x): v for k, c in cells.items() for x, v in enumerate(c[: sizes[k]]) if v is not None}
+
+    r = _Rows(len(rows))
+    for i, (k, a, b, f, src) in enumerate(rows):
+        r.add(k, a, b, f, src, i + 1, i + 1, 0)
+    plan = Plan(len(rows), None, Tree(), Sources())
+    plan.tree.next_key = 3
+    try:
+        _cover(plan, r)
+    finally:
+        r.close()
+    got = {}
+    for k, a, n, f, src, _rec in zip(*plan.pieces, strict=True):
+        for x in range(n):
+            got[(k, a + x)] = (f << 32) | (src + x)
+    assert got == want
+    assert [plan.sizes[k] for k in (1, 2, 3)] == [sizes[k] for k in (1, 2, 3)]

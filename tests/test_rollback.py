@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from test_restore_basic import Runner, Tree
 from test_restore_plan import big_op, tree_of
 
-from cdpcore import Kind, Journal, restore
+from cdpcore import Journal, Kind, restore
 from cdpcore.errors import CaptureRunning, RestoreError
 from cdpcore.rollback import CAPTURE_LOCK, INTENT, KILL_ENV, rollback
 
@@ -240,3 +240,112 @@ def test_names_removed_with_a_directory_are_bound_afresh(journal_dirs: tuple[Pat
         assert [r.path for r in j.records(kinds=[Kind.WRITE])][-1] == "d/c"
         rollback(j, f"seq:{point}")
         assert sorted(p.name for p in root.iterdir()) == ["b"] and (root / "b").read_bytes() == b"b"
+
+
+@given(rows=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5000), st.integers(0, 3000),
+                               st.booleans()), max_size=60))
+def test_touched_ranges_in_c_match_the_python_merge(rows: list[tuple[int, int, int, bool]]) -> None:
+    """cdp_touched_ranges (the rollback's "where can the root differ") is
+    the plain merge of every row's range per key: writes [a, a + n), empty
+    ones included (they still mark the file as touched), truncates [a, inf)."""
+    from cdpcore.plan import HOLE, _Rows, _touched, merge_ranges
+
+    r = _Rows(len(rows) + 1)
+    want: dict[int, list[tuple[int, int]]] = {}
+    for k, a, n, cut in rows:
+        b = HOLE if cut else a + n
+        r.add(k, a, b, HOLE if cut else 0, 0, 0, 0, 0)
+        want.setdefault(k, []).append((a, b))
+    try:
+        assert _touched(r) == {k: merge_ranges(v) for k, v in sorted(want.items())}
+    finally:
+        r.close()
+
+
+def test_put_back_writes_only_the_ranges_that_differ(tmp_path: Path) -> None:
+    """Plan.put_back (C: read back, compare, write) against what the file
+    holds: equal ranges are not written, differing and short ones are, a
+    hole reads as zeros, and a write that fails raises the OS error."""
+    from array import array
+
+    from cdpcore.plan import Inode, Plan, Sources, Tree
+
+    src_path = tmp_path / "src.seg"
+    src_path.write_bytes(bytes(range(256)) * 64)  # 16 KiB of source
+    sources = Sources(populate=False)
+    f = sources.add(str(src_path))
+    # the file at the point: [0, 4096) from src 100, a hole [4096, 8192), [8192, 12000) from src 5000
+    plan = Plan(1, None, Tree(), sources)
+    plan.pieces = (array("Q", [1, 1]), array("Q", [0, 8192]), array("Q", [4096, 3808]),
+                   array("Q", [f, f]), array("Q", [100, 5000]), array("Q", [0, 0]))
+    ino = Inode(1)
+    point = bytearray(12000)
+    point[0:4096] = src_path.read_bytes()[100:4196]
+    point[8192:12000] = src_path.read_bytes()[5000:8808]
+    live = tmp_path / "live"
+    now = bytearray(point)
+    now[10:20] = b"x" * 10  # differs in range 0
+    now[5000:5001] = b"y"  # differs in the hole (range 1)
+    live.write_bytes(bytes(now[:11000]))  # range 3 is short: the file lost its end
+    ranges = [(0, 100), (4096, 8192), (8192, 9000), (10000, 12000)]
+    fd = os.open(live, os.O_RDWR)
+    try:
+        data, differs = plan.put_back(ino, fd, ranges)
+    finally:
+        os.close(fd)
+    assert list(differs) == [1, 1, 0, 1]
+    assert bytes(data) == b"".join(bytes(point[a:b]) for a, b in ranges)
+    assert live.read_bytes() == bytes(point)
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        assert list(plan.put_back(ino, fd, ranges)[1]) == [0, 0, 0, 0]  # nothing to write: no error
+        with open(live, "r+b") as w:
+            w.seek(1)
+            w.write(b"z")
+        with pytest.raises(OSError, match="putting back"):
+            plan.put_back(ino, fd, ranges)
+    finally:
+        os.close(fd)
+        sources.close()
+
+
+def test_killed_between_ranges_of_one_file_then_rerun(fast_tmp: Path) -> None:
+    """A file with several ranges to put back, killed after each write: a
+    rerun finds the ranges the killed run wrote already equal to the point,
+    and must still journal them (the journal's latest state has the
+    damaged bytes there, and nothing else says they changed), or the
+    journal and the root diverge silently."""
+    base = fast_tmp / "base"
+    base.mkdir()
+    root = base / "root"
+    root.mkdir()
+    with Journal.create(base / "j", root) as j:
+        j.append_write("db", 0, b"a" * 40_000)
+        to = j.append_flush()
+        for off in (0, 10_000, 20_000, 30_000):
+            j.append_write("db", off, b"X" * 1000)  # four separate ranges of damage
+        make_live(j)
+        from_seq = j.last_seq
+    env = {**os.environ}
+    killed = 0
+    for n in range(1, 40):
+        work = fast_tmp / f"n{n}"
+        shutil.copytree(base, work, symlinks=True)
+        jp = work / "j"
+        _retarget(jp, work / "root")
+        env[KILL_ENV] = str(n)
+        p = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(jp), f"seq:{to}"], env=env,
+                           capture_output=True, text=True, check=False)
+        if p.returncode == 0:
+            shutil.rmtree(work)
+            break
+        assert p.returncode == -9, p.stderr
+        killed += 1
+        env.pop(KILL_ENV)
+        done = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(jp), f"seq:{to}"], env=env,
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        with Journal.open(jp) as j:
+            check_rolled_back(j, work, to, from_seq, 0, f"k{n}")
+        shutil.rmtree(work)
+    assert killed >= 4  # at least one kill after each of the four writes

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 import os
 import random
+import ssl
 from pathlib import Path
 
 import lz4.frame
@@ -342,3 +343,66 @@ async def test_the_next_frame_is_compressed_while_the_last_one_waits_for_the_lin
         ahead = max(ahead, depth)
     assert ahead == 2
     assert_replica_equals(src, fast_tmp / "vault")
+
+
+@pytest.mark.trio
+async def test_the_cpu_limit_paces_the_senders_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                    autojump_clock: trio.testing.MockClock) -> None:
+    """--cpu-limit is a bucket of CPU seconds like --rate's of bytes: CPU the
+    process used (any thread) is charged at the next piece of work, which
+    waits while the bucket is in debt. Process CPU is scripted here, so the
+    waits are exact (MockClock time)."""
+    from cdpcore.transport import shipper as shipper_mod
+
+    cpu = [100.0]
+    monkeypatch.setattr(shipper_mod.time, "process_time", lambda: cpu[0])
+    src = make_journal(tmp_path / "j", 5)
+    s = Shipper(src, "localhost", 1, ssl.create_default_context(), cpu_limit=0.25, state_file=False)
+    assert s.level.cpu_budget == 0.25
+    t0 = trio.current_time()
+    await s.pace_cpu()  # the first call only sets the mark: start-up is not charged
+    cpu[0] += 0.125  # the bucket starts empty: 0.125 CPU-s are paid for in 0.5 s
+    await s.pace_cpu()
+    assert trio.current_time() == t0
+    await s.pace_cpu()
+    assert trio.current_time() - t0 == pytest.approx(0.5)
+    t0 = trio.current_time()
+    await trio.sleep(100)  # idle: the bucket fills up to its burst, 2 s of 25 %
+    t0 = trio.current_time()
+    cpu[0] += 0.5
+    await s.pace_cpu()
+    assert trio.current_time() == t0
+    cpu[0] += 2.0  # the bucket is 2.0 CPU-s in debt now...
+    await s.pace_cpu()
+    assert trio.current_time() == t0
+    await s.pace_cpu()  # ... so the next piece of work waits 2.0 / 0.25 = 8 s
+    assert trio.current_time() - t0 == pytest.approx(8.0)
+    # two tasks charging at once pay for each CPU second once
+    cpu[0] += 1.0
+    async with trio.open_nursery() as n:
+        n.start_soon(s.pace_cpu)
+        n.start_soon(s.pace_cpu)
+    await s.pace_cpu()
+    assert trio.current_time() - t0 == pytest.approx(12.0)
+    unlimited = Shipper(src, "localhost", 1, ssl.create_default_context(), state_file=False)
+    cpu[0] += 100.0
+    await unlimited.pace_cpu()
+    await unlimited.pace_cpu()
+    assert trio.current_time() - t0 == pytest.approx(12.0)
+    with pytest.raises(ValueError):
+        Shipper(src, "localhost", 1, ssl.create_default_context(), cpu_limit=0.0)
+
+
+def test_a_failure_whose_context_cycles_is_still_described() -> None:
+    """trio can chain a nursery's leaf to its own group (leaf.__context__ is
+    the group): describing it must end (it looped forever: a sender stuck
+    at 100 % CPU between reconnects) and name the leaf."""
+    from cdpcore.transport.shipper import _describe
+
+    leaf = trio.BrokenResourceError()
+    group = BaseExceptionGroup("x", [leaf])
+    leaf.__context__ = group
+    assert _describe(group) == "BrokenResourceError"
+    quiet = trio.ClosedResourceError()
+    quiet.__context__ = OSError(104, "Connection reset by peer")
+    assert _describe(BaseExceptionGroup("y", [quiet])) == "[Errno 104] Connection reset by peer"

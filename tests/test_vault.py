@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import scale, scratch
+from cdpcore._native import fill_crcs
 from cdpcore import Journal, Policy, crypto, packing, prune, restore
 from cdpcore.errors import KeyFileError, PointError, ProtocolError, VaultError
 from cdpcore.format import SEG_HDR_SIZE, parse_segment_name
@@ -349,14 +350,28 @@ def test_bad_frames_write_nothing(fast_tmp):
         rep.apply_data(1, 0, ends[0], body(data[64:ends[0]]))
     with pytest.raises(ProtocolError, match="not begun"):
         rep.apply_data(2, 64, ends[0], body(data[64:ends[0]]))
+    # records whose CRCs were left out (zstd-ref layout 2): zero CRCs and a digest
+    zeroed = bytearray(data[64:ends[1]])
+    for o in (0, ends[0] - 64):
+        zeroed[o:o + 4] = bytes(4)
+    digest = fill_crcs(bytearray(zeroed))
+    with pytest.raises(ProtocolError, match="differ from what the sender checksummed"):
+        rep.apply_data(1, 64, ends[1], body(bytes(zeroed)), crcs=digest ^ 1)
+    flipped = bytearray(zeroed)
+    flipped[100] ^= 1  # a payload byte changed on the way: the sender's CRCs no longer match
+    with pytest.raises(ProtocolError, match="differ from what the sender checksummed"):
+        rep.apply_data(1, 64, ends[1], packing.pack(bytes(flipped), key, records=False).encode(), crcs=digest)
+    with pytest.raises(ProtocolError, match="not a segment"):
+        rep.apply_data("journal.json", 0, 3, packing.pack(b"abc", key, records=False).encode(), crcs=0)
     for bad_target in ["../x", "/etc/passwd", "base/../../x", "base/a", "segments/x", "base/n/./x", "", 3.5]:
         with pytest.raises(ProtocolError):
             rep.apply_data(bad_target, 0, 3, packing.pack(b"abc", key, records=False).encode())
     assert rep.position()["files"] == {}  # refused frames leave no trace
     rep.sync()
     assert seg.read_bytes() == data[:64]
-    # now the right frame goes in, and a resend with other bytes is refused
-    rep.apply_data(1, 64, ends[1], body(data[64:ends[1]]))
+    # now the right frame goes in (here without its CRCs, rebuilt by the vault),
+    # and a resend with other bytes is refused
+    assert rep.apply_data(1, 64, ends[1], body(bytes(zeroed)), crcs=digest) == []
     other = bytearray(data[64:ends[1]])
     other[100] ^= 1
     with pytest.raises(ProtocolError, match="differ"):

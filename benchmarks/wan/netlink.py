@@ -445,7 +445,7 @@ def utilisation(samples: Sequence[tuple[float, dict[str, int]]], rate_bit: int) 
     use = wire_fwd * 8 / (rate_bit * span) if span > 0 and rate_bit else float("nan")
     return {"wire_bytes": wire_fwd, "wire_bytes_back": wire_back,
             "packets": last["tx_tx_packets"] - first["tx_tx_packets"],
-            "backlog_s": span, "link_use": use}
+            "backlog_s": span, "link_use": use, "backlog_start": start, "backlog_end": end}
 
 
 # ---- CLI ---------------------------------------------------------------------------

@@ -40,6 +40,16 @@ def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
     return int(lib.cdp_crc32c(crc, ffi.from_buffer(data), len(data)))
 
 
+def fill_crcs(buf: bytearray) -> int:
+    """Fill in the checksum of every record in buf (whole records) and
+    return the CRC32C of the checksums (cdp_fill_crcs); ValueError if buf
+    does not hold whole, well-formed records."""
+    digest = ffi.new("uint32_t *")
+    if lib.cdp_fill_crcs(ffi.from_buffer(buf), len(buf), digest) != lib.CDP_OK:
+        raise ValueError("not a run of whole records")
+    return int(digest[0])
+
+
 def crc32c_hw() -> bool:
     return bool(lib.cdp_crc32c_hw())
 

@@ -35,7 +35,7 @@ import os
 import queue
 import threading
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -360,6 +360,37 @@ class Plan:
             i += 1
         return bytes(out)
 
+    def put_back(self, ino: Inode, fd: int, ranges: list[tuple[int, int]]) -> tuple[bytearray, bytearray]:
+        """Make fd hold this file's bytes in each range (sorted, disjoint,
+        below its size), writing only the ranges whose bytes differ (one C
+        call: native/extent.c cdp_put_back). Returns the wanted bytes of
+        all ranges one after another, and a flag per range: 1 if written.
+        On a failed write the ranges before it are done, and OSError says
+        why: nothing is journaled for them, and a rerun of the rollback
+        finds them equal and goes on."""
+        n = len(ranges)
+        r_start = array("Q", (a for a, _b in ranges))
+        r_len = array("Q", (b - a for a, b in ranges))
+        want = bytearray(sum(r_len))
+        scratch = bytearray(max(r_len, default=0))
+        differs = bytearray(n)
+        lo, hi = self.piece_range(ino)
+        _k, start, length, file, src, _r = (ffi.from_buffer("uint64_t[]", c) for c in self.pieces)
+        ptrs, lens = self.sources.pointers(self.pieces[3][lo:hi])
+        done = ffi.new("uint64_t *")
+        u64 = "uint64_t[]"
+        status = lib.cdp_put_back(fd, n, ffi.from_buffer(u64, r_start or array("Q", [0])),
+                                  ffi.from_buffer(u64, r_len or array("Q", [0])), hi - lo,
+                                  start + lo, length + lo, file + lo, src + lo, ptrs, lens, len(self.sources.paths),
+                                  ffi.from_buffer(want or bytearray(1)), ffi.from_buffer(scratch or bytearray(1)),
+                                  ffi.from_buffer(differs or bytearray(1)), done)
+        if status == lib.CDP_EIO:
+            err = ffi.errno
+            raise OSError(err, f"rollback: putting back bytes: {os.strerror(err)}")
+        if status != lib.CDP_OK:
+            raise CorruptJournal("rollback plan names bytes outside its source files")
+        return want, differs
+
     def layout(self, ino: Inode | None) -> tuple[list[tuple[int, int, tuple[str, int]]], int]:
         """(start, end, identity) of each data piece, and the size. Two
         pieces hold the same bytes when their identity (source file, source
@@ -401,57 +432,57 @@ class Validator:
         pos of a segment (gaps: a COMPACTED one, whose seqs may skip)."""
         self._jobs.put((path, seg_no, pos, end, expect, count, gaps))
 
-    def submit_pieces(self, paths: list[str], file: array, rec: array) -> None:
+    def submit_pieces(self, sources: Sources, file: array, rec: array) -> None:
         """Check the record that each piece of a plan comes from, where its
         source is a segment (a plan from a checkpoint: the records before
         it are not read, and only those whose bytes are copied are
-        checked). The arrays must not change until finish()."""
-        self._jobs.put((paths, file, rec))  # type: ignore[arg-type]
+        checked), on the thread, through the plan's own mappings: the
+        restore's copy reads the same pages, which were mapped once
+        (populated) instead of faulted in a second mapping of the thread's
+        (half a million faults for a 1 GiB restore, on a core the copy may
+        need). The mappings are made here, on the caller's thread; the
+        sources join this validator before they unmap (Sources.close). The
+        arrays must not change until finish()."""
+        ptrs = sources.segment_pointers(file)
+        lens = sources.pointers(())[1]
+        sources.close_after(self.error)
+        self._jobs.put((list(sources.paths), file, rec, ptrs, lens))  # type: ignore[arg-type]
 
-    def _run_pieces(self, paths: list[str], file: array, rec: array) -> None:
-        maps: list[mmap.mmap | None] = []
-        bufs: list[Any] = []
-        try:
-            used = set(file)
-            # page tables in one call pay when most of each segment is read
-            # (a restore); a rollback's few pieces take a fault each instead
-            populate = mmap.MAP_POPULATE if len(file) > 16 * len(used) * 1024 else 0
-            for i, p in enumerate(paths):
-                m = None
-                if i in used and p.endswith(".seg"):
-                    with open(p, "rb") as f:
-                        size = os.fstat(f.fileno()).st_size
-                        if size:
-                            m = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ,
-                                          flags=mmap.MAP_SHARED | populate)
-                maps.append(m)
-                bufs.append(ffi.from_buffer(m) if m is not None else ffi.NULL)
-            ptrs = ffi.new("const uint8_t *[]", bufs or [ffi.NULL])
-            lens = ffi.new("uint64_t[]", [len(m) if m is not None else 0 for m in maps] or [0])
-            bad = ffi.new("uint64_t *")
-            status = lib.cdp_check_records(ptrs, lens, len(paths), ffi.from_buffer("uint64_t[]", file),
-                                           ffi.from_buffer("uint64_t[]", rec), len(file), bad)
-            if status != lib.CDP_OK:
-                i = bad[0]
-                path = paths[file[i]]
-                self._error = CorruptJournal("a record that the restore copies from is damaged",
-                                             int(os.path.basename(path).split(".")[0], 16), rec[i] - 48)
-        except (OSError, ValueError) as e:
-            self._error = CorruptJournal(f"cannot read segment: {e}")
-        finally:
-            for b in bufs:
-                if b is not None and b != ffi.NULL:
-                    ffi.release(b)
-            for m in maps:
-                if m is not None:
-                    m.close()
+    def check_pieces_now(self, sources: Sources, file: array, rec: array) -> None:
+        """submit_pieces' check on the calling thread, for a plan of few
+        pieces whose caller waits for the check at once (a rollback's: no
+        handoff to the thread). The pages it faults in are those the
+        rollback then reads. Damage is raised by finish(), as the
+        thread's is."""
+        if self._error is not None or not len(file):
+            return
+        ptrs = sources.segment_pointers(file)
+        lens = sources.pointers(())[1]
+        bad = ffi.new("uint64_t *")
+        status = lib.cdp_check_records(ptrs, lens, len(sources.paths), ffi.from_buffer("uint64_t[]", file),
+                                       ffi.from_buffer("uint64_t[]", rec), len(file), bad)
+        if status != lib.CDP_OK:
+            i = bad[0]
+            path = sources.paths[file[i]]
+            self._error = CorruptJournal("a record that the restore copies from is damaged",
+                                         int(os.path.basename(path).split(".")[0], 16), rec[i] - 48)
+
+    def _run_pieces(self, paths: list[str], file: array, rec: array, ptrs: Any, lens: Any) -> None:
+        bad = ffi.new("uint64_t *")
+        status = lib.cdp_check_records(ptrs, lens, len(paths), ffi.from_buffer("uint64_t[]", file),
+                                       ffi.from_buffer("uint64_t[]", rec), len(file), bad)
+        if status != lib.CDP_OK:
+            i = bad[0]
+            path = paths[file[i]]
+            self._error = CorruptJournal("a record that the restore copies from is damaged",
+                                         int(os.path.basename(path).split(".")[0], 16), rec[i] - 48)
 
     def _run(self) -> None:
         out = ffi.new("struct cdp_scan_result *")
         while (job := self._jobs.get()) is not None:
             if self._error is not None:
                 continue
-            if len(job) == 3:
+            if len(job) == 5:
                 self._run_pieces(*job)  # type: ignore[misc]
                 continue
             path, seg_no, pos, end, expect, count, gaps = job
@@ -496,7 +527,7 @@ def build_plan(j: Journal, seq: int, progress: Progress | None = None,
     try:
         _cover(plan, rows)
         if validator is not None and rows.n_rec:
-            validator.submit_pieces(list(plan.sources.paths), plan.pieces[3], plan.pieces[5])
+            validator.submit_pieces(plan.sources, plan.pieces[3], plan.pieces[5])
     except BaseException:
         plan.close()
         raise
@@ -525,6 +556,10 @@ def _begin(j: Journal, seq: int, progress: Progress | None, validator: Validator
         if ck is not None:
             _load_checkpoint(ck, plan, tree, rows, pieces)
             start_seq = ck.start_seq
+            if pieces:
+                # the sources the checkpoint's pieces come from, mapped
+                # while the records after it are read and the rows laid out
+                sources.prefetch(ck.pieces[3])
         start_seq = _forward(j, seq, plan, tree, rows, progress, validator, first, start_seq)
         plan.records = max(0, seq - start_seq + 1)
     except BaseException:
@@ -547,7 +582,7 @@ def build_rollback_plan(j: Journal, seq: int, later: int, validator: Validator) 
         full = _row_sizes(rows, n_keys)
         plan.sizes = full[0]
         _stamp(plan.tree, full[1], full[2])  # before the tree is copied for the later state
-        now = continue_plan(j, plan, later)
+        now = continue_plan(j, plan, later, validator)
         named_now = {n.key for n in now.tree.nodes.values() if isinstance(n, Inode)}
         mode = bytearray(n_keys)
         for node in plan.tree.nodes.values():
@@ -592,7 +627,7 @@ def build_rollback_plan(j: Journal, seq: int, later: int, validator: Validator) 
         rows = laid
         _cover(plan, rows, full)
         if plan.pieces[0]:
-            validator.submit_pieces(list(plan.sources.paths), plan.pieces[3], plan.pieces[5])
+            validator.check_pieces_now(plan.sources, plan.pieces[3], plan.pieces[5])
     except BaseException:
         plan.close()
         raise
@@ -714,9 +749,11 @@ class After:
         return self.sizes[k] if k in self.sizes else (self.before[k] if k < len(self.before) else 0)
 
 
-def continue_plan(j: Journal, plan: Plan, seq: int) -> After:
+def continue_plan(j: Journal, plan: Plan, seq: int, validator: Validator | None = None) -> After:
     """The state after record `seq` > plan.seq, as far as the records in
-    between changed it. Every one of them is checked (CRC)."""
+    between changed it. Every one of them is checked (CRC): here, or with a
+    validator on its thread (then nothing may be done with the result
+    before validator.finish())."""
     import copy
 
     tree = copy.deepcopy(plan.tree)
@@ -724,25 +761,50 @@ def continue_plan(j: Journal, plan: Plan, seq: int) -> After:
     rows = _Rows(seq - plan.seq + 64)
     later = Plan(seq, None, tree, Sources())
     try:
-        _forward(j, seq, later, tree, rows, None, None, first=plan.seq + 1)
-        key, start, end, file = (rows.cols[i] for i in range(4))
-        sizes: dict[int, int] = {}
-        touched: dict[int, list[tuple[int, int]]] = {}
-        for i in range(rows.n):
-            k, a, b = key[i], start[i], end[i]
-            size = sizes.get(k, plan.sizes[k] if k < len(plan.sizes) else 0)
-            if file[i] == HOLE and b == HOLE:  # a truncate: all past it may change
-                sizes[k] = a
-            elif b > a:
-                sizes[k] = max(size, b)
-            else:
-                sizes.setdefault(k, size)
-            touched.setdefault(k, []).append((a, b))
-        ranges = {k: merge_ranges(v) for k, v in touched.items()}
+        _forward(j, seq, later, tree, rows, None, validator, first=plan.seq + 1)
+        ranges = _touched(rows)
+        # the sizes then: each touched file from its size at the plan (a
+        # cut row to it), changed by its rows in order
+        keys = list(ranges)
+        cut = _Rows(len(keys) + rows.n)
+        before = plan.sizes
+        for k in keys:
+            cut.add(k, before[k] if k < len(before) else 0, HOLE, HOLE, 0, 0, 0, 0)
+        for c in range(8):
+            cut.cols[c][cut.n : cut.n + rows.n] = rows.cols[c][: rows.n]
+        cut.n += rows.n
+        try:
+            after = _row_sizes(cut, tree.next_key + 1)[0]
+        finally:
+            cut.close()
+        sizes = {k: after[k] for k in keys}
     finally:
         rows.close()
         later.close()
     return After(seq, tree, sizes, ranges, plan.sizes)
+
+
+def _touched(rows: _Rows) -> dict[int, list[tuple[int, int]]]:
+    """Per key, the merged byte ranges the rows wrote or cut (C: sorting
+    and joining the rows of the records after a rollback's point took
+    Python 4 us a row)."""
+    out = _Columns("QQQ", max(rows.n, 1))
+    n_out = ffi.new("uint64_t *")
+    try:
+        key, start, end = rows.pointers(0)[:3]
+        status = lib.cdp_touched_ranges(rows.n, key, start, end, *out.pointers(0), n_out)
+        if status == lib.CDP_ENOMEM:
+            raise MemoryError("rollback plan: cannot sort the changed ranges")
+        if status != lib.CDP_OK:
+            raise CorruptJournal(f"rollback plan: bad rows (status {status})")
+        m = int(n_out[0])
+        ks, starts, ends = (c[:m].tolist() for c in out.cols)
+    finally:
+        out.close()
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for k, a, b in zip(ks, starts, ends):
+        ranges.setdefault(k, []).append((a, b))
+    return ranges
 
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -896,6 +958,59 @@ class Sources:
         self._bufs: list[Any] = []
         self._ptrs: Any = None
         self._lens: Any = None
+        self._prefetch: threading.Thread | None = None
+        self._pending: set[int] = set()  # what the prefetch thread maps
+        self._fetched: dict[int, mmap.mmap | None] = {}
+        self._readers: list[Callable[[], object]] = []
+
+    def close_after(self, wait: Callable[[], object]) -> None:
+        """Call wait() first when closing: another thread reads the mappings
+        (a Validator), and unmapping under it would crash the process."""
+        self._readers.append(wait)
+
+    def prefetch(self, indices: Iterable[int]) -> None:
+        """Map these sources on a thread of its own while the caller goes on
+        (laying out the plan): a restore's 4 GB of segments take 0.12-0.3 s
+        of page-table work with MAP_POPULATE, as long as the plan itself,
+        and the mmap call releases the GIL. `indices` may be a large array
+        (a checkpoint's source column: its distinct values are taken on the
+        thread, 8 ms for 256,000 pieces). _map() waits for the thread only
+        for sources known now (not for those added later, the segments
+        after a checkpoint), and adopts its mappings; one that failed is
+        simply mapped again there, so that its error is raised where it is
+        used."""
+        if not self.populate or self._prefetch is not None:
+            return
+        known = {i for i in range(len(self.paths)) if self._bufs[i] is None}
+        if not known:
+            return
+        paths = list(self.paths)
+
+        def run() -> None:
+            for i in sorted(known.intersection(indices)):
+                try:
+                    self._fetched[i] = self._open_map(paths[i])
+                except (OSError, ValueError):
+                    continue
+
+        self._pending = known
+        self._prefetch = threading.Thread(target=run, name="cdpcore-map", daemon=True)
+        self._prefetch.start()
+
+    def _join_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.join()
+            self._prefetch = None
+            self._pending = set()
+
+    def _open_map(self, path: str) -> mmap.mmap | None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if self.populate else 0)
+            return mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=flags) if size else None
+        finally:
+            os.close(fd)
 
     def add(self, path: str) -> int:
         """The index of source `path`, added if it is new."""
@@ -915,31 +1030,44 @@ class Sources:
 
     def _map(self, i: int) -> mmap.mmap | None:
         if self._bufs[i] is None:
-            fd = os.open(self.paths[i], os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                size = os.fstat(fd).st_size
-                flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if self.populate else 0)
-                m = mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=flags) if size else None
-            finally:
-                os.close(fd)
+            if i in self._pending:  # (the records after a checkpoint: not waited for)
+                self._join_prefetch()
+            if i in self._fetched:
+                m = self._fetched.pop(i)
+            else:
+                m = self._open_map(self.paths[i])
             self._maps[i] = m
             self._bufs[i] = ffi.from_buffer(m) if m is not None else ffi.NULL
             self._ptrs = None
         return self._maps[i]
 
-    def copy(self, fd: int, plan: Plan, lo: int, hi: int) -> int:
-        """Write pieces [lo, hi) of plan into fd; returns the bytes written."""
-        if hi <= lo:
-            return 0
-        for f in set(plan.pieces[3][lo:hi]):
+    def pointers(self, files: Iterable[int]) -> tuple[Any, Any]:
+        """The C view of the sources (base pointers and lengths, by index),
+        with these files mapped; valid until the next add() or close()."""
+        for f in set(files):
             self._map(f)
         if self._ptrs is None:
             self._ptrs = ffi.new("const uint8_t *[]", [ffi.NULL if b is None else b for b in self._bufs] or [ffi.NULL])
             self._lens = ffi.new("uint64_t[]", [len(m) if m is not None else 0 for m in self._maps] or [0])
+        return self._ptrs, self._lens
+
+    def segment_pointers(self, files: Iterable[int]) -> Any:
+        """Base pointers (by index) with these files mapped, NULL for every
+        source that is not a segment (a base copy's file has no records to
+        check: cdp_check_records skips NULL); valid while the sources are."""
+        ptrs, _lens = self.pointers(files)
+        return ffi.new("const uint8_t *[]", [ptrs[i] if p.endswith(".seg") else ffi.NULL
+                                             for i, p in enumerate(self.paths)] or [ffi.NULL])
+
+    def copy(self, fd: int, plan: Plan, lo: int, hi: int) -> int:
+        """Write pieces [lo, hi) of plan into fd; returns the bytes written."""
+        if hi <= lo:
+            return 0
+        ptrs, lens = self.pointers(plan.pieces[3][lo:hi])
         _k, start, length, file, src, _r = (ffi.from_buffer("uint64_t[]", c) for c in plan.pieces)
         written = ffi.new("uint64_t *")
         status = lib.cdp_copy_out(fd, hi - lo, start + lo, length + lo, file + lo, src + lo,
-                                  self._ptrs, self._lens, len(self.paths), written)
+                                  ptrs, lens, len(self.paths), written)
         if status == lib.CDP_EIO:
             err = ffi.errno
             raise OSError(err, os.strerror(err))
@@ -948,6 +1076,14 @@ class Sources:
         return int(written[0])
 
     def close(self) -> None:
+        readers, self._readers = self._readers, []
+        for wait in readers:
+            wait()
+        self._join_prefetch()
+        for m in self._fetched.values():
+            if m is not None:
+                m.close()
+        self._fetched.clear()
         self._ptrs = self._lens = None
         for b in self._bufs:
             if b is not None and b != ffi.NULL:

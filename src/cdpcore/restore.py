@@ -138,7 +138,7 @@ Method = Literal["plan", "replay"]
 
 def restore(journal: Journal | str | os.PathLike[str], dest: str | os.PathLike[str],
             at: PointLike | None = "latest", consistent: bool = False, method: Method = "plan",
-            progress: Progress | None = None, audit: bool = True) -> RestoreResult:
+            progress: Progress | None = None, audit: bool = True, sync: bool = False) -> RestoreResult:
     """Materialise the protected root as it was at point `at` into `dest`,
     which must be absent or an empty directory. With consistent=True, the
     last FLUSH of all files at or before `at` is restored instead.
@@ -147,26 +147,54 @@ def restore(journal: Journal | str | os.PathLike[str], dest: str | os.PathLike[s
     (records) or "copy" (bytes). Every restore (and every failed one) is
     entered in the journal's audit log unless audit=False (for callers that
     audit the larger action themselves); an unwritable log only warns, so
-    that restoring from read-only media works."""
+    that restoring from read-only media works. With sync=True every file
+    and directory written (and DEST's entry in its parent) is on disk when
+    restore returns: what an operator needs before starting a database on
+    the result, since a power cut would otherwise lose what the page cache
+    held."""
     if method not in ("plan", "replay"):
         raise ValueError(f"unknown restore method {method!r}")
     target = os.path.abspath(os.fspath(dest))
 
     def run(j: Journal) -> RestoreResult:
-        return _restore(j, target, at, consistent, method, progress)
+        return _restore(j, target, at, consistent, method, progress, sync)
 
     def audited_run(j: Journal) -> RestoreResult:
         if not audit:
             return run(j)
         from cdpcore import audit as log
 
-        args = {"at": str(at), "dest": target, "consistent": consistent}
+        args = {"at": str(at), "dest": target, "consistent": consistent, **({"sync": True} if sync else {})}
         return log.audited(j, "restore", args, lambda: run(j), anchor=False, required=False)
 
     if isinstance(journal, Journal):
         return audited_run(journal)
     with Journal.open(journal, readonly=True) as j:
         return audited_run(j)
+
+
+def sync_tree(dest: str) -> None:
+    """fsync every regular file and directory under dest, dest itself and
+    its parent (whose entry for dest may be new). Files first: a directory's
+    fsync makes its entries durable, not the data they name."""
+    dirs = []
+    for top, _dirs, files in os.walk(dest):
+        dirs.append(top)
+        for name in files:
+            p = os.path.join(top, name)
+            if os.path.islink(p):
+                continue  # a symlink is its directory's entry
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in [*reversed(dirs), os.path.dirname(dest) or "."]:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def resolve_point(j: Journal, at: PointLike | None, consistent: bool) -> int:
@@ -183,7 +211,7 @@ def resolve_point(j: Journal, at: PointLike | None, consistent: bool) -> int:
 
 
 def _restore(j: Journal, dest: str, at: PointLike | None, consistent: bool, method: Method,
-             progress: Progress | None) -> RestoreResult:
+             progress: Progress | None, sync: bool = False) -> RestoreResult:
     seq = resolve_point(j, at, consistent)
     if os.path.exists(dest):
         if not os.path.isdir(dest):
@@ -196,7 +224,10 @@ def _restore(j: Journal, dest: str, at: PointLike | None, consistent: bool, meth
         created = True
     try:
         if method == "replay":
-            return _replay(j, dest, seq)
+            result = _replay(j, dest, seq)
+            if sync:
+                sync_tree(dest)
+            return result
         validator = Validator()
         try:
             with build_plan(j, seq, progress, validator) as plan:
@@ -209,6 +240,8 @@ def _restore(j: Journal, dest: str, at: PointLike | None, consistent: bool, meth
                 raise damage from None
             raise
         validator.finish()
+        if sync:  # (a failure here empties DEST too: nothing half-durable is left)
+            sync_tree(dest)
         return result
     except BaseException:
         # leave DEST as it was found: an operator must not mistake a

@@ -28,6 +28,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="the point to restore (default: latest); see docs/cli.md")
     p.add_argument("--consistent", action="store_true",
                    help="restore the last FLUSH of all files at or before POINT instead")
+    p.add_argument("--sync", action="store_true",
+                   help="fsync every file and directory written before returning (before a "
+                        "database is started on DEST)")
     return p
 
 
@@ -79,12 +82,13 @@ def run(args: argparse.Namespace, out: Output) -> int:
     bars = ProgressBars() if ProgressBars.wanted(out) else None
     with open_journal(args.journal, out, encrypt_key=args.encrypt_key) as j:
         try:
-            result = restore(j, args.dest, at=args.at, consistent=args.consistent, progress=bars)
+            result = restore(j, args.dest, at=args.at, consistent=args.consistent, progress=bars,
+                             sync=args.sync)
         finally:
             if bars is not None:
                 bars.close()
         doc = {"journal": j.path, "dest": os.path.abspath(args.dest), "at": args.at,
-               "consistent": args.consistent, **result.to_json()}
+               "consistent": args.consistent, "synced": args.sync, **result.to_json()}
     if result.dirty:
         # Capture missed writes to these files: their restored content may be wrong.
         out.warn(f"{len(result.dirty)} file(s) were marked dirty; their restored content may be "

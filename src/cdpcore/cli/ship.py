@@ -11,6 +11,7 @@ from cdpcore.cli.output import Output, UsageError, text
 
 # trio, cryptography and the transport are imported by run(): every other
 # cdpctl command would otherwise pay for them at start.
+DEFAULT_CPU_LIMIT = 0.25  # = transport.shipper.DEFAULT_CPU_LIMIT (tests/test_replication_cli.py checks)
 DEFAULT_GIVE_UP = 300.0  # = transport.shipper.DEFAULT_GIVE_UP (tests/test_replication_cli.py checks)
 
 
@@ -21,6 +22,22 @@ def _rate(s: str) -> float | None:
         return parse_rate(s)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _cpu(s: str) -> float | None:
+    """--cpu-limit: percent of one core (25, 25%, 150% for 1.5 cores) or
+    unlimited; the fraction of a core, None for unlimited."""
+    t = s.strip().lower()
+    if t in ("unlimited", "none"):
+        return None
+    try:
+        v = float(t[:-1] if t.endswith("%") else t)
+    except ValueError:
+        v = -1
+    if not 0 < v <= 6400:
+        raise argparse.ArgumentTypeError(f"expected a percentage of one core (e.g. 25, 150%) or 'unlimited', "
+                                         f"got {s!r}")
+    return v / 100
 
 
 def _seconds(s: str) -> float:
@@ -50,6 +67,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "site reached by an address its certificate does not list")
     p.add_argument("--rate", type=_rate, default=None, metavar="RATE",
                    help="cap the sending rate: 10mbit, 500kbit, 1.5MB, 2MiB (per second; default unlimited)")
+    p.add_argument("--cpu-limit", type=_cpu, default=DEFAULT_CPU_LIMIT, metavar="PERCENT",
+                   help=f"cap the sender's CPU at this percentage of one core, and choose the compression "
+                        f"level within it (default {DEFAULT_CPU_LIMIT * 100:g}; 'unlimited' to catch up as "
+                        f"fast as the CPU allows)")
     p.add_argument("--follow", action="store_true", help="keep shipping new records until SIGINT/SIGTERM")
     p.add_argument("--encrypt-key", metavar="FILE",
                    help="end-to-end encryption key file (cdpctl pki key): the vault stores ciphertext only")
@@ -92,7 +113,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
             print(f"ship: {message}", file=sys.stderr, flush=True)
 
     shipper = Shipper(args.journal, host, port, ctx, rate=args.rate, follow=args.follow, keys=keys,
-                      domain=args.dedupe_domain, give_up=args.give_up, log=log, server_name=args.server_name)
+                      domain=args.dedupe_domain, give_up=args.give_up, log=log, server_name=args.server_name,
+                      cpu_limit=args.cpu_limit)
     if args.rate is not None:
         log(f"rate capped at {format_rate(args.rate)}")
 

@@ -79,11 +79,11 @@ class TokenBucket:
     once (up to `burst` saved tokens).
     """
 
-    def __init__(self, rate: float | None, burst: int | None = None) -> None:
+    def __init__(self, rate: float | None, burst: float | None = None, full: bool = True) -> None:
         self.rate = rate
         self.burst = float(burst if burst is not None else
                            max(MIN_BURST, int((rate or 0) * DEFAULT_BURST_SECONDS)))
-        self._tokens = self.burst
+        self._tokens = self.burst if full else 0.0  # full: the first write goes at once
         self._stamp: float | None = None
 
     def _refill(self, now: float) -> None:
@@ -92,7 +92,7 @@ class TokenBucket:
             self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
-    async def take(self, n: int) -> None:
+    async def take(self, n: float) -> None:
         """Wait until the bucket is out of debt, then take n bytes' tokens."""
         if self.rate is None:
             return

@@ -450,7 +450,8 @@ class _Connection:
                 missing = e.ids
             else:
                 async with self.replica_lock:
-                    missing = r.apply_data(target, frame.off, frame.end, body, frame.first_seq, frame.last_seq)
+                    missing = r.apply_data(target, frame.off, frame.end, body, frame.first_seq, frame.last_seq,
+                                           crcs=self.decompressor.crcs)
             if missing:
                 for i in range(0, len(missing), self.cfg.limits.offer_ids):
                     await self.send(F.Need(seg=frame.seg, file=frame.file, off=frame.off,

@@ -68,6 +68,8 @@ from cdpcore.transport import tls
 from cdpcore.transport.errors import first_cause
 from cdpcore.transport.rate import Backoff, TokenBucket
 
+DEFAULT_CPU_LIMIT = 0.25  # of one core: `cdpctl ship`'s default (the Python API's is none)
+CPU_BURST = 2.0  # seconds of --cpu-limit a sender may use at once after idling
 SHIP_LOCK = "ship.lock"  # in the journal directory; never replicated (the feed names what it ships)
 DEFAULT_GIVE_UP = 300.0  # seconds without progress before `ship` (without --follow) fails
 DEFAULT_CONNECT_TIMEOUT = 15.0
@@ -133,7 +135,8 @@ class Shipper:
                  open_stream: StreamOpener | None = None, backoff: Backoff | None = None,
                  ping_after: float = DEFAULT_PING_AFTER, idle_limit: float = DEFAULT_IDLE_LIMIT,
                  state_file: bool = True, log: Callable[[str], None] | None = None,
-                 inline_io: bool = False, server_name: str | None = None) -> None:
+                 inline_io: bool = False, server_name: str | None = None,
+                 cpu_limit: float | None = None) -> None:
         self.journal = os.path.abspath(os.fspath(journal))
         self.host, self.port = host, port
         # HOST:PORT as the operator writes it ([v6]:PORT)
@@ -158,6 +161,18 @@ class Shipper:
         self.state_file = state_file
         self.feed = Feed(self.journal)
         self.level = AdaptiveLevel()
+        # cpu_limit (of one core, None: none): the sender's CPU is paced to
+        # it like its bytes to --rate, and the level is chosen within it. On
+        # a hospital's database server the sender must not take the CPU the
+        # database needs, even while it catches up after an outage.
+        if cpu_limit is not None:
+            if not 0 < cpu_limit <= 64:
+                raise ValueError(f"cpu limit {cpu_limit!r} outside (0, 64] cores")
+            self.level.cpu_budget = cpu_limit
+        # empty at the start: a catch-up from the start stays at the limit;
+        # the burst is for work after idling (a --follow sender's next batch)
+        self.cpu = TokenBucket(cpu_limit, burst=None if cpu_limit is None else CPU_BURST * cpu_limit, full=False)
+        self._cpu_mark: float | None = None
         # which files' chunks are worth an OFFER, learned from HAVEs (kept across connections)
         self.policy = OfferPolicy()
         self._stop = trio.Event()
@@ -260,10 +275,24 @@ class Shipper:
     # ---- helpers ----------------------------------------------------------------------
 
     async def sync(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run blocking work (file reads, packing, compression) off the trio thread."""
+        """Run blocking work (file reads, packing, compression) off the trio
+        thread, once the CPU spent since the last call is paid for."""
+        await self.pace_cpu()
         if self.inline_io:
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args)
+
+    async def pace_cpu(self) -> None:
+        """Charge the process CPU used since the last call (every thread:
+        packing and compression run in workers) to the CPU bucket, waiting
+        first if it is in debt. Start-up (imports, certificates) is not
+        charged: nothing can be saved there by waiting."""
+        if self.cpu.rate is None:
+            return
+        now = time.process_time()
+        used = 0.0 if self._cpu_mark is None else now - self._cpu_mark
+        self._cpu_mark = now  # before the wait: tasks calling at once charge each second once
+        await self.cpu.take(used)
 
     def log(self, message: str) -> None:
         if self._log is not None:
@@ -329,9 +358,14 @@ def _describe(e: BaseException) -> str:
     connect) is replaced by the leaf that explains it, never printed as
     "Exceptions from Trio nursery"."""
     seen: BaseException | None = e
-    while seen is not None:
+    visited: set[int] = set()  # a leaf's context can be its own group: a cycle
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
         if isinstance(seen, BaseExceptionGroup):
             seen = first_cause(seen)
+            visited.add(id(seen))
+            if isinstance(e, BaseExceptionGroup):
+                e = seen  # name the leaf, not the group, if nothing has a message
         text = str(seen)
         if text:
             return text.splitlines()[0]
@@ -349,7 +383,7 @@ def _codec(ladder_codec: str, encrypted: bool) -> str:
 
 
 def _timed_compress(compressor: Compressor, body: bytes, prefix: tuple[bytes, bytes] | None,
-                    new_ids: list[bytes] | None) -> tuple[Compressed, float]:
+                    new_ids: list[bytes] | None, records: bool = False) -> tuple[Compressed, float]:
     """Compress one body and measure the CPU it cost, in the thread that
     does the work: the compression runs in a worker thread, and the trio
     thread's own CPU clock, read around the await, sees almost none of it.
@@ -359,7 +393,7 @@ def _timed_compress(compressor: Compressor, body: bytes, prefix: tuple[bytes, by
     t0 = time.thread_time()
     if compressor.codec == "zstd-ref":
         assert prefix is not None
-        comp = compressor.compress(body, prefix=prefix, new_ids=new_ids)
+        comp = compressor.compress(body, prefix=prefix, new_ids=new_ids, records=records)
     else:
         comp = compressor.compress(body)
     return comp, time.thread_time() - t0
@@ -808,7 +842,7 @@ class _Session:
             rung = s.level.choose()
             codec = _codec(rung.codec, False)
             self.compressor.set_level(codec, max(rung.level, 1))  # (a no-op when unchanged)
-        comp, cpu = await s.sync(_timed_compress, self.compressor, body, prefix, new_ids)
+        comp, cpu = await s.sync(_timed_compress, self.compressor, body, prefix, new_ids, isinstance(item, RunItem))
         s.level.observe_compression(LADDER.index(s.level.rung) if s.keys is None else 0, comp.raw,
                                     len(comp.body), cpu)
         now_cpu = time.process_time()

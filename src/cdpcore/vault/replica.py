@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cdpcore._native import INT64_MIN, check, ffi, lib
+from cdpcore._native import INT64_MIN, check, ffi, fill_crcs, lib
 from cdpcore.crypto import chunk_id
 from cdpcore.errors import CorruptJournal, NotAJournal, ProtocolError, UnsupportedVersion, VaultError
 from cdpcore.journal import fsync_dir, read_json, write_durable
@@ -203,6 +203,22 @@ class _Target:
     header_crc: int = 0
     seg: int | None = None
     name: str = ""  # what the frames call it: the file path, or "" for a segment
+
+
+def _with_crcs(data: bytes, digest: int, records: bool, what: str) -> bytes:
+    """data with its records' CRCs filled in, once they match the sender's
+    digest (codec.to_columns leaves them out of segment runs)."""
+    if not records:
+        raise ProtocolError(f"record checksums left out of data for {what}, which is not a segment")
+    buf = bytearray(data)
+    try:
+        mine = fill_crcs(buf)
+    except ValueError:
+        raise ProtocolError(f"data for {what} without record checksums is not a run of whole records") from None
+    if mine != digest:
+        raise ProtocolError(f"data for {what}: the records rebuilt differ from what the sender checksummed "
+                            f"(digest {mine:08x}, the sender's {digest:08x})")
+    return bytes(buf)
 
 
 class Replica:
@@ -455,12 +471,18 @@ class Replica:
         return self._targets.get(key) or _Target(key, "append", name=target)
 
     def apply_data(self, target: int | str, off: int, end: int, body: bytes,
-                   first_seq: int | None = None, last_seq: int | None = None) -> list[bytes]:
+                   first_seq: int | None = None, last_seq: int | None = None,
+                   crcs: int | None = None) -> list[bytes]:
         """Apply DATA: bytes [off, end) of a segment or file, as a pack.
         Returns the referenced chunk ids the vault no longer has (the
         transport answers NEED and nothing is written), else []. Everything
-        is checked before anything is written; a bad frame is a ProtocolError."""
+        is checked before anything is written; a bad frame is a ProtocolError.
+        crcs: the sender left the records' CRCs out (zero in the body) and
+        sent this digest of them (Decompressor.crcs): each is recomputed
+        here and the digest must match."""
         if self.sealed_store is not None:
+            if crcs is not None:
+                raise ProtocolError("record checksums left out of data for an encrypted source")
             return self.sealed_store.apply_data(target, off, end, body, first_seq, last_seq)
         t = self._target_for(target)
         if type(off) is not int or type(end) is not int or not 0 <= off < end or end - off > MAX_FRAME_OUTPUT:
@@ -480,6 +502,8 @@ class Replica:
             return u.missing
         if len(u.data) != end - off:
             raise ProtocolError(f"data for {self._describe(t)} [{off}, {end}) unpacks to {len(u.data)} bytes")
+        if crcs is not None:
+            u.data = _with_crcs(u.data, crcs, t.kind == "seg", self._describe(t))
         if t.kind == "meta":
             self._replace_meta(t, u.data)
             self._targets[t.key] = t
