@@ -313,6 +313,24 @@ int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first);
  * stable storage. *synced receives the durable sequence number. */
 int cdp_sync(cdp_writer *w, uint64_t *synced);
 
+/* Riding a barrier on the program's own flush (capture.md, "Durability").
+ * cdp_sync_ride drains and, when every record not yet durable lies in the
+ * active segment's durable preallocated tail and that segment is on ext4 on
+ * device dev, writes those records to the device (sync_file_range, no
+ * flush) and sets *cover to the last of them (0: nothing to do). The caller
+ * then runs the program's fsync/fdatasync of a file on dev, whose device
+ * flush makes them durable, and on success reports it with cdp_sync_rode.
+ * CDP_ESTALE: cannot ride; use cdp_sync. CDP_EIO: writing them failed (the
+ * error is consumed: do not retry with cdp_sync, report it). */
+int cdp_sync_ride(cdp_writer *w, uint64_t dev, uint64_t *cover);
+int cdp_sync_rode(cdp_writer *w, uint64_t cover);
+/* Keep a durable preallocated tail in the active segment (the background
+ * thread of `cdpctl protect`): when less than `low` bytes of it lie past the
+ * committed end, write zeros up to `ahead` bytes past it (at most 1 MiB per
+ * call, under the append lock but not the stage mutex) and fdatasync them
+ * (out of the lock). */
+int cdp_prealloc(cdp_writer *w, uint64_t low, uint64_t ahead);
+
 /* ---- staging (the capture library's fast path; writer.c explains) ------- */
 
 /* Create the journal's stage (cap bytes of records, in $CDPCORE_STAGE_DIR or

@@ -50,6 +50,7 @@
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -59,8 +60,14 @@ enum {
     H_SEG_OFF = 32, H_PENDING = 40, H_NEXT_FILE_ID = 48, H_NS_GEN = 56,
     H_SYNCED_SEQ = 64, H_LAST_TS = 72, H_SEG_SIZE = 80, H_UUID = 88, H_BASE_GEN = 104,
     H_STAGE = 112, H_BOOT = 120,
-    H_CRC_START = 16, H_CRC_END = 128
+    H_CRC_START = 16, H_CRC_END = 128,
+    /* the preallocated tail of the active segment, with its own CRC so that
+     * heads written before these fields existed read as "none" */
+    H_PRE_END = 128, H_PRE_PENDING = 136, H_PRE_CRC = 144
 };
+#define EXT4_SUPER_MAGIC_ 0xEF53 /* linux/magic.h */
+#define PRE_STEP (1 << 20) /* zeros written per lock hold (cdp_prealloc) */
+#define PRE_MAX_STEPS 8    /* steps per cdp_prealloc call (one fdatasync) */
 #define GROUP 128 /* records per pwritev: 3 iovecs each stays under IOV_MAX */
 
 struct cdp_writer {
@@ -83,6 +90,9 @@ struct cdp_writer {
     uint64_t stage_len;        /* bytes mapped */
     uint64_t stage_gen;        /* head `stage` value it belongs to */
     int stage_held;            /* this lock holder holds the stage mutex */
+    uint64_t fs_seg;           /* segment whose file system fs_dev/fs_ext4 describe */
+    uint64_t fs_dev;
+    int fs_ext4;
 };
 
 /* The stage file: this header, then `cap` bytes of records from STAGE_DATA. */
@@ -131,6 +141,29 @@ static int head_valid(const cdp_writer *w)
     return memcmp(w->head, "CDPHEAD\0", 8) == 0 && rd32(w->head + H_VERSION) == 1 &&
            rd32(w->head + H_CRC) ==
                cdp_crc32c(0, w->head + H_CRC_START, H_CRC_END - H_CRC_START);
+}
+
+/* The preallocated tail (docs/journal-format.md, "Preallocation"): `end`:
+ * the active segment holds zeros from its last record up to end, and their
+ * blocks and the file size are durable (an fdatasync ran after they were
+ * written); `pending`: the end of zeros written whose fdatasync is under
+ * way. A CRC that does not match reads as no tail. */
+static void pre_get(const cdp_writer *w, uint64_t *end, uint64_t *pending)
+{
+    if (rd32(w->head + H_PRE_CRC) != cdp_crc32c(0, w->head + H_PRE_END, 16)) {
+        *end = *pending = 0;
+        return;
+    }
+    *end = hget(w, H_PRE_END);
+    *pending = hget(w, H_PRE_PENDING);
+}
+
+static void pre_set(cdp_writer *w, uint64_t end, uint64_t pending)
+{
+    hset(w, H_PRE_END, end);
+    hset(w, H_PRE_PENDING, pending);
+    /* no tail is all zeros, as in a head that predates the fields */
+    wr32(w->head + H_PRE_CRC, end || pending ? cdp_crc32c(0, w->head + H_PRE_END, 16) : 0);
 }
 
 static void seg_name(char *buf, size_t n, uint64_t seg_no, const char *suffix)
@@ -263,6 +296,9 @@ static int cut_pending(cdp_writer *w)
     unlinkat(w->segdir_fd, name, 0);
     hset(w, H_PENDING, 0);
     head_seal(w);
+    /* the cut took the preallocated tail with it: regrown by appends, its
+     * blocks would no longer be known durable */
+    pre_set(w, 0, 0);
     return CDP_OK;
 }
 
@@ -518,6 +554,7 @@ int cdp_writer_set_state(cdp_writer *w, const struct cdp_state *st)
     hset(w, H_SEG_SIZE, st->seg_size);
     memcpy(w->head + H_UUID, st->uuid, 16);
     head_seal(w);
+    pre_set(w, 0, 0); /* a rebuilt head knows of no durable tail */
     return CDP_OK;
 }
 
@@ -541,11 +578,16 @@ static int open_segment(cdp_writer *w, uint64_t seg_no)
 /* Seal the active segment (make it durable) and start segment seg_no + 1
  * holding records from first_seq on. The head is not touched: the caller
  * publishes the new segment only when its whole append succeeded. */
-static int rotate(cdp_writer *w, uint64_t first_seq)
+static int rotate(cdp_writer *w, uint64_t first_seq, uint64_t end)
 {
     char tmp[64], name[64];
     uint8_t hdr[CDP_SEG_HDR_SIZE];
     uint64_t next = w->seg_no + 1;
+    /* A sealed segment ends at its last record: cut its preallocated tail
+     * (the fdatasync below makes the new size durable). */
+    struct stat sst;
+    if (fstat(w->seg_fd, &sst) < 0 || ((uint64_t)sst.st_size > end && ftruncate(w->seg_fd, (off_t)end) < 0))
+        return CDP_EIO;
     if (fdatasync(w->seg_fd) < 0)
         return CDP_EIO;
     seg_name(tmp, sizeof tmp, next, ".tmp");
@@ -646,6 +688,8 @@ static int begin_append(cdp_writer *w, uint64_t expect_ns_gen)
 static void end_append(cdp_writer *w, uint64_t off, uint64_t next_seq, int64_t last_ts,
                        uint64_t ns_bumps, uint64_t base_bumps, struct cdp_append_result *res, uint64_t first_seq)
 {
+    if (hget(w, H_SEG_NO) != w->seg_no)
+        pre_set(w, 0, 0); /* rotated: the new segment has no tail yet */
     hset(w, H_SEG_NO, w->seg_no);
     hset(w, H_SEG_OFF, off);
     hset(w, H_NEXT_SEQ, next_seq);
@@ -691,7 +735,7 @@ int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
             if (off + run > CDP_SEG_HDR_SIZE && off + run + total > seg_size) {
                 if (run)
                     break; /* write what we have, then rotate */
-                if ((r = rotate(w, seq)) != CDP_OK)
+                if ((r = rotate(w, seq, off)) != CDP_OK)
                     goto fail;
                 off = CDP_SEG_HDR_SIZE;
             }
@@ -768,7 +812,7 @@ int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,
                 if ((r = write_all(w->seg_fd, &v, 1, off)) != CDP_OK)
                     goto fail;
             }
-            if ((r = rotate(w, seq)) != CDP_OK)
+            if ((r = rotate(w, seq, off + run)) != CDP_OK)
                 goto fail;
             off = CDP_SEG_HDR_SIZE;
             run_start = p;
@@ -894,6 +938,214 @@ int cdp_sync(cdp_writer *w, uint64_t *synced)
     if (r == CDP_EIO)
         errno = e;
     return r;
+}
+
+/* ---- riding on the program's flush ------------------------------------------ */
+
+/* Whether the active segment (w->seg_fd) lives on ext4, the file system
+ * whose fsync is known to flush the device after the writes that completed
+ * before it (ext4_sync_file: a journal commit or an explicit flush, issued
+ * after the call began); *dev: its device. Cached per segment. */
+static int seg_on_ext4(cdp_writer *w, uint64_t *dev)
+{
+    if (w->fs_seg != w->seg_no) {
+        struct stat st;
+        struct statfs sf;
+        if (fstat(w->seg_fd, &st) < 0 || fstatfs(w->seg_fd, &sf) < 0)
+            return 0;
+        w->fs_seg = w->seg_no;
+        w->fs_dev = (uint64_t)st.st_dev;
+        w->fs_ext4 = sf.f_type == EXT4_SUPER_MAGIC_;
+    }
+    *dev = w->fs_dev;
+    return w->fs_ext4;
+}
+
+static int seg_rides_on(cdp_writer *w, uint64_t dev)
+{
+    uint64_t d;
+    return seg_on_ext4(w, &d) && d == dev;
+}
+
+int cdp_sync_ride(cdp_writer *w, uint64_t dev, uint64_t *cover)
+{
+    *cover = 0;
+    int r = cdp_writer_lock(w); /* drains the stage: its records are covered too */
+    if (r != CDP_OK)
+        return r;
+    if (!head_valid(w)) {
+        cdp_writer_unlock(w);
+        return CDP_ECORRUPT;
+    }
+    uint64_t target = hget(w, H_NEXT_SEQ) - 1, end, pending;
+    if (hget(w, H_SYNCED_SEQ) >= target) {
+        cdp_writer_unlock(w);
+        return CDP_OK; /* nothing to make durable: *cover = 0 */
+    }
+    /* Every record after the synced seq lies in the active segment (a
+     * segment is fdatasync'd when sealed), before the committed end. They
+     * may ride only if that whole range lies in the durable tail: writing
+     * them then changes no metadata (no block allocation, no size), so the
+     * data reaching the device plus one device flush makes them durable. */
+    pre_get(w, &end, &pending);
+    uint64_t off = hget(w, H_SEG_OFF);
+    r = open_segment(w, hget(w, H_SEG_NO));
+    if (r != CDP_OK || end < off || !seg_rides_on(w, dev)) {
+        cdp_writer_unlock(w);
+        return CDP_ESTALE;
+    }
+    int fd = dup(w->seg_fd);
+    cdp_writer_unlock(w);
+    if (fd < 0)
+        return CDP_ESTALE;
+    /* Write the dirty pages up to the committed end and wait until the
+     * device has them (WAIT_BEFORE: pages another writeback has in flight). */
+    int ok;
+    do
+        ok = sync_file_range(fd, 0, (off_t)off, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                                                    SYNC_FILE_RANGE_WAIT_AFTER);
+    while (ok < 0 && errno == EINTR);
+    int e = errno;
+    close(fd);
+    if (ok < 0) {
+        /* A writeback error is reported once per open file: this call took
+         * it, so a fdatasync now would say 0. It is the caller's failure. */
+        errno = e;
+        return CDP_EIO;
+    }
+    *cover = target;
+    return CDP_OK;
+}
+
+int cdp_sync_rode(cdp_writer *w, uint64_t cover)
+{
+    if (!cover)
+        return CDP_OK;
+    int r = cdp_writer_lock(w);
+    if (r != CDP_OK)
+        return r;
+    if (!head_valid(w)) {
+        cdp_writer_unlock(w);
+        return CDP_ECORRUPT;
+    }
+    if (hget(w, H_SYNCED_SEQ) < cover) {
+        hset(w, H_SYNCED_SEQ, cover);
+        head_seal(w);
+    }
+    cdp_writer_unlock(w);
+    return CDP_OK;
+}
+
+int cdp_prealloc(cdp_writer *w, uint64_t low, uint64_t ahead)
+{
+    static const uint8_t zero_block[64 << 10];
+    if (w->fork_gen != fork_generation && after_fork(w) != CDP_OK)
+        return CDP_EIO;
+    /* The flock without the stage mutex, like the background drain:
+     * programs keep staging while the zeros are written. */
+    if (take_append_lock(w) != CDP_OK)
+        return CDP_EIO;
+    int r = CDP_OK;
+    if (!head_valid(w)) {
+        cdp_writer_unlock(w);
+        return CDP_ECORRUPT;
+    }
+    if (hget(w, H_PENDING) && (r = cut_pending(w)) != CDP_OK) {
+        int e = errno;
+        cdp_writer_unlock(w);
+        errno = e;
+        return r;
+    }
+    uint64_t seg_no = hget(w, H_SEG_NO), off = hget(w, H_SEG_OFF), seg_size = hget(w, H_SEG_SIZE);
+    uint64_t end, pending, size;
+    pre_get(w, &end, &pending);
+    uint64_t want = off + ahead < seg_size ? off + ahead : seg_size;
+    struct stat st;
+    if (end >= off + low || end >= want || (r = open_segment(w, seg_no)) != CDP_OK ||
+        fstat(w->seg_fd, &st) < 0) {
+        int e = errno;
+        cdp_writer_unlock(w);
+        errno = e;
+        return r;
+    }
+    size = (uint64_t)st.st_size;
+    uint64_t dev;
+    if (size < off || !seg_on_ext4(w, &dev)) {
+        /* the head is ahead of the file (not ours to fix here), or no ride
+         * could use the tail: writing it would be a waste */
+        cdp_writer_unlock(w);
+        return CDP_OK;
+    }
+    /* Steps up to the next PRE_STEP boundary (or the segment size: readers
+     * take a zero tail that ends there for this tail, any other for a torn
+     * one), releasing the lock between steps: appenders wait only for one
+     * step's zeros (the first touch of fresh page-cache pages, which the
+     * appenders writing those pages would otherwise pay). */
+    uint64_t to = size;
+    struct iovec iov[PRE_STEP / sizeof zero_block];
+    for (int step = 0;; step++) {
+        uint64_t next = (size / PRE_STEP + 1) * PRE_STEP;
+        if (next > seg_size)
+            next = seg_size > size ? seg_size : size;
+        int n = 0;
+        for (uint64_t p = size; p < next; p += sizeof zero_block) {
+            iov[n].iov_base = (void *)zero_block;
+            iov[n++].iov_len = next - p < sizeof zero_block ? next - p : sizeof zero_block;
+        }
+        if (n && (r = write_all(w->seg_fd, iov, n, size)) != CDP_OK) {
+            int e = errno;
+            if (ftruncate(w->seg_fd, (off_t)size) < 0) { /* leave no partial zeros past the records */ }
+            cdp_writer_unlock(w);
+            errno = e;
+            return r;
+        }
+        to = next > size ? next : size;
+        pre_set(w, end, to);
+        if (to >= want || step + 1 >= PRE_MAX_STEPS || !n)
+            break;
+        cdp_writer_unlock(w);
+        if ((r = take_append_lock(w)) != CDP_OK)
+            return r;
+        pre_get(w, &end, &pending);
+        /* a rotation, a cut or another preallocator came in between */
+        if (!head_valid(w) || hget(w, H_PENDING) || hget(w, H_SEG_NO) != seg_no || pending != to ||
+            fstat(w->seg_fd, &st) < 0 || (uint64_t)st.st_size != to) {
+            cdp_writer_unlock(w);
+            return CDP_OK;
+        }
+        size = to;
+    }
+    uint64_t cover = hget(w, H_NEXT_SEQ) - 1;
+    int fd = dup(w->seg_fd);
+    int e = errno;
+    cdp_writer_unlock(w);
+    if (fd < 0) {
+        errno = e;
+        return CDP_EIO;
+    }
+    /* Make the zeros' blocks and the size durable, out of the lock (this
+     * also covers every record appended before it: a sync like cdp_sync's). */
+    int ok = fdatasync(fd);
+    e = errno;
+    close(fd);
+    if (ok < 0) {
+        errno = e;
+        return CDP_EIO;
+    }
+    if ((r = take_append_lock(w)) != CDP_OK)
+        return r;
+    if (head_valid(w)) {
+        pre_get(w, &end, &pending);
+        /* unless a rotation or a cut replaced the tail meanwhile */
+        if (hget(w, H_SEG_NO) == seg_no && pending == to && !hget(w, H_PENDING)) {
+            pre_set(w, to > end ? to : end, 0);
+            if (hget(w, H_SYNCED_SEQ) < cover)
+                hset(w, H_SYNCED_SEQ, cover);
+            head_seal(w);
+        }
+    }
+    cdp_writer_unlock(w);
+    return CDP_OK;
 }
 
 /* ---- staging ---------------------------------------------------------------- */

@@ -9,16 +9,31 @@ import random
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 import cdpcore
 from capture_util import assert_same_tree, restore_to
-from cdpcore import Journal
-from cdpcore.capture import incomplete_ranges
+from cdpcore import Journal, Kind
+from cdpcore.capture import COMPLETE_SUFFIX, incomplete_ranges
 from conftest import scale
 from pg_util import REQUIRE_ENV, TABLES, Cluster, missing_reason
+
+
+def wait_baseline(jpath: Path, limit: float = 300) -> None:
+    """Until the online baseline's copy is complete (its bookmark is in):
+    only points after it are complete, and the test needs some. A fast
+    capture can finish the whole load before a slow copy does."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with Journal.open(jpath, readonly=True) as j:
+            if any((r.name or "").startswith("baseline ") and (r.name or "").endswith(COMPLETE_SUFFIX)
+                   for r in j.records(kinds=(Kind.BOOKMARK,))):
+                return
+        time.sleep(0.2)
+    raise AssertionError("the online baseline did not complete")
 
 
 def need_postgres() -> None:
@@ -54,6 +69,7 @@ def test_postgres_pgbench_under_protect():
         proc = prot.process
         cl.wait_ready(proc)
         cl.pgbench("-i", "-s", str(scale(1, 3)), "-q")
+        wait_baseline(jpath)
         with Journal.open(jpath, readonly=True) as j:
             after_init = j.last_seq
         cl.pgbench("-c", "4", "-j", "2", "-t", str(scale(150, 1500)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -364,3 +365,42 @@ def test_pruned_journal_bytes_golden(journal_dirs):
         if seen_gap:
             assert lib.cdp_scan(*args, 0) == lib.CDP_OK and out.stop == 4  # CDP_STOP_SEQ
     assert seen_gap
+
+
+def test_head_preallocation_fields(journal_dirs, tmp_path):
+    """Head bytes 128..147: preallocated end, pending end (u64 each) and a
+    CRC32C of those 16 bytes; all zero = no tail; a CRC that does not match
+    reads as no tail (and verify says so); bytes from 148 on stay zero."""
+    from cdpcore.format import HEAD_PRE_AT, head_prealloc
+    from cdpcore.journal import Writer
+
+    jpath, root = journal_dirs
+    Journal.create(jpath, root, base=False).close()
+    head = (jpath / "head").read_bytes()
+    assert head[128:] == bytes(4096 - 128) and head_prealloc(head) == (0, 0)
+    fields = struct.pack("<QQ", 3 << 20, 4 << 20)
+    good = head[:128] + fields + struct.pack("<I", crc32c_reference(fields)) + head[148:]
+    assert HEAD_PRE_AT == 128 and parse_head(good) is not None
+    assert head_prealloc(good) == (3 << 20, 4 << 20)
+    bad = good[:144] + b"\0\0\0\0" + good[148:]
+    assert parse_head(bad) is not None and head_prealloc(bad) == (0, 0)
+    (jpath / "head").write_bytes(bad)
+    with Journal.open(jpath, readonly=True) as j:
+        assert any("preallocation" in p.message for p in j.verify().problems)
+    assert parse_head(good[:148] + b"\1" + good[149:]) is None  # reserved bytes
+    # what the C writer stores is what this reads (a tail needs ext4)
+    ext = tmp_path / "e"
+    ext.mkdir()
+    r = subprocess.run(["stat", "-f", "-c", "%T", str(ext)], capture_output=True, text=True)
+    if not r.stdout.startswith("ext"):
+        return
+    (ext / "root").mkdir()
+    Journal.create(ext / "j", ext / "root", base=False).close()
+    w = Writer(str(ext / "j"))
+    w.prealloc(1 << 20, 1 << 20)
+    w.close()
+    raw = (ext / "j" / "head").read_bytes()
+    seg = (ext / "j" / "segments" / f"{1:016x}.seg").stat().st_size
+    assert head_prealloc(raw) == (seg, 0) and seg == 2 << 20
+    assert struct.unpack_from("<I", raw, 144)[0] == crc32c_reference(raw[128:144])
+    assert raw[148:] == bytes(4096 - 148)

@@ -56,6 +56,10 @@ CHUNK = 1 << 20
 PT_INTERP = 3
 STAGE_SIZE = 16 << 20  # default; CDPCORE_STAGE_SIZE overrides
 DRAIN_INTERVAL = 0.01  # seconds between background drains; CDPCORE_DRAIN_INTERVAL overrides
+# bytes of durable zero tail kept ahead of the active segment's end while the
+# program makes barriers (capture.md, "Durability"); CDPCORE_PREALLOC
+# overrides, 0 turns it off
+PREALLOC_AHEAD = 8 << 20
 
 
 def library_path() -> str:
@@ -531,9 +535,19 @@ class Protection:
         # can take (barriers drain it themselves)
         writer = self.journal._need_writer()
         interval = float(os.environ.get("CDPCORE_DRAIN_INTERVAL", DRAIN_INTERVAL))
+        ahead = int(os.environ.get("CDPCORE_PREALLOC", PREALLOC_AHEAD))
+        st = writer.get_state()
+        synced = st.synced_seq if st is not None else 0
         while not self._stop.wait(interval):
             try:
                 writer.drain()
+                # Only a program that makes barriers gains from a durable
+                # tail (its fsyncs ride on it); zeros written for one that
+                # does not would cost page cache and disk bandwidth for nothing.
+                st = writer.get_state()
+                if ahead > 0 and st is not None and st.synced_seq != synced:
+                    synced = st.synced_seq
+                    writer.prealloc(ahead // 2, ahead)
             except (CdpError, OSError):
                 pass  # the journal is full or failing: the library marks files dirty
 

@@ -48,8 +48,12 @@ HEAD = struct.Struct("<8sIIQQQQQQQqQ16s")
 HEAD_CRC_RANGE = (16, 128)
 HEAD_SIZE = 4096
 HEAD_BOOT = 120  # u64: cdp_boot_id() of the boot that wrote the head
+# the active segment's preallocated tail: end, pending end (u64 each) and a
+# CRC32C of those 16 bytes of its own (journal-format.md, "Preallocation")
+HEAD_PRE = struct.Struct("<QQI")
+HEAD_PRE_AT = 128
 BOOT_ID = int(lib.cdp_boot_id())
-_HEAD_RESERVED = bytes(HEAD_SIZE - HEAD_CRC_RANGE[1])
+_HEAD_RESERVED = bytes(HEAD_SIZE - HEAD_PRE_AT - HEAD_PRE.size)
 
 SEG_HDR_SIZE = 64
 REC_HDR_SIZE = 48
@@ -344,7 +348,7 @@ class Head:
 def parse_head(data: bytes) -> Head | None:
     """The shared writer state, or None when absent or damaged (it is a cache
     that a writer rebuilds from the segments)."""
-    if len(data) != HEAD_SIZE or bytes(data[HEAD_CRC_RANGE[1] :]) != _HEAD_RESERVED:
+    if len(data) != HEAD_SIZE or bytes(data[HEAD_PRE_AT + HEAD_PRE.size :]) != _HEAD_RESERVED:
         return None  # the C writer maps exactly HEAD_SIZE bytes; the rest is reserved
     f = HEAD.unpack_from(data)
     if f[0] != HEAD_MAGIC or f[1] != 1:
@@ -352,6 +356,15 @@ def parse_head(data: bytes) -> Head | None:
     if f[2] != crc32c(data[HEAD_CRC_RANGE[0] : HEAD_CRC_RANGE[1]]):
         return None
     return Head(*f[3:], current_boot=head_boot(data) == BOOT_ID)
+
+
+def head_prealloc(data: bytes) -> tuple[int, int]:
+    """The preallocated tail (end, pending end) the head records; (0, 0)
+    when its CRC fails (a head written before the fields existed)."""
+    end, pending, crc = HEAD_PRE.unpack_from(data, HEAD_PRE_AT)
+    if crc != crc32c(data[HEAD_PRE_AT : HEAD_PRE_AT + 16]):
+        return 0, 0
+    return end, pending
 
 
 def head_boot(data: bytes) -> int:

@@ -61,6 +61,8 @@ from cdpcore.format import (
     norm_path,
     pack_pending,
     pair_payload,
+    HEAD_PRE_AT,
+    head_prealloc,
     parse_head,
     parse_meta,
     parse_segment_name,
@@ -311,6 +313,21 @@ class Writer:
         """Move staged records into the journal, letting programs stage on."""
         check(lib.cdp_stage_drain(self.handle), "drain the capture stage")
 
+    def prealloc(self, low: int, ahead: int) -> None:
+        """Keep a durable zero tail in the active segment (cdp_prealloc), so
+        that barriers can ride on the program's own flush."""
+        check(lib.cdp_prealloc(self.handle, low, ahead), "preallocate the active segment")
+
+    def ride(self, dev: int) -> int:
+        """cdp_sync_ride: the seq the caller's flush of a file on dev will
+        make durable (0: nothing to do); CdpError(ESTALE) when it cannot."""
+        cover = ffi.new("uint64_t *")
+        check(lib.cdp_sync_ride(self.handle, dev, cover), "ride a sync")
+        return int(cover[0])
+
+    def rode(self, cover: int) -> None:
+        check(lib.cdp_sync_rode(self.handle, cover), "record a ridden sync")
+
 
 def _pack_pointer(recs: list[tuple[Any, ...]], kind: int, file_id: int, offset: int, payload: Any,
                   ts: int | None) -> None:
@@ -468,6 +485,7 @@ class Journal:
         self._segs: list[_SegInfo] = []
         self._open_segs: collections.OrderedDict[int, Segment] = collections.OrderedDict()
         self._damage: CorruptJournal | None = None
+        self._cut_tail = False  # _load cut a torn tail: the head must be rebuilt
         self._paths: dict[str, int] = {}
         self._ns_gen = UINT64_MAX
         self._free_ids: list[int] = []
@@ -651,6 +669,7 @@ class Journal:
             nums = [n for n in nums if n <= head.seg_no] or nums[:1]
         self._segs = []
         self._damage = None
+        self._cut_tail = False
         expect_seq: int | None = None
         cum = INT64_MIN
         for i, n in enumerate(nums):
@@ -692,7 +711,8 @@ class Journal:
                 assert r.index is not None
                 data = IndexData(n, seg.header.first_seq, r.count, r.end, r.ts_min, r.ts_max,
                                  r.file_id_max, *r.index)
-                if (not r.clean or r.end != seg.size or (committed is not None and committed > r.end)
+                ends = (r.clean and r.end == seg.size) or seg.preallocated_from(r.end, self.meta.segment_size)
+                if (not ends or (committed is not None and committed > r.end)
                         or (head is not None and r.last_seq < head.synced_seq)):
                     self._tail(seg, r, head, recover)
             info = self._info(data, cum)
@@ -749,14 +769,16 @@ class Journal:
                 f"records past seq {r.last_seq} that were appended but not synced are lost: "
                 f"{where} ends the journal, the head counted up to offset {committed}")
         cut = seg.size - r.end
-        if cut <= 0:
-            return
+        if cut <= 0 or seg.preallocated_from(r.end, self.meta.segment_size):
+            return  # the end, or the preallocated tail: nothing torn
         reason = STOP_REASONS.get(r.stop, "bytes past the committed end")
         if recover:
             with open(seg.path, "r+b") as f:
                 f.truncate(r.end)
                 os.fsync(f.fileno())
             seg.remap()
+            # the head's preallocated tail went with the cut: rebuild it
+            self._cut_tail = True
             self.recovery.append(f"cut a torn tail of {cut} bytes at {where} ({reason})")
         else:
             self.recovery.append(
@@ -768,7 +790,8 @@ class Journal:
         last = self._segs[-1]
         fid = max((s.file_id_max for s in self._segs), default=0) + 1
         trusted = (head is not None and not head.pending and head.seg_no == last.seg_no
-                   and head.seg_off == last.end and head.next_seq == last.last_seq + 1)
+                   and head.seg_off == last.end and head.next_seq == last.last_seq + 1
+                   and not self._cut_tail)
         if trusted:
             return
         if head is None:
@@ -1301,8 +1324,8 @@ class Journal:
         elif head is not None and head.uuid != self.meta.uuid:
             rep.problems.append(Problem("damage", "head file belongs to another journal"))
             head = None
-        elif head is not None and any(raw[128:]):
-            rep.problems.append(Problem("damage", "head file has non-zero reserved bytes"))
+        elif head is not None and any(raw[HEAD_PRE_AT:]) and head_prealloc(raw) == (0, 0):
+            rep.problems.append(Problem("damage", "head file's preallocation fields are damaged (checksum)"))
         elif head is not None and not head.current_boot:
             head = None  # written before this boot: a cache to rebuild, not evidence
         try:
@@ -1337,7 +1360,8 @@ class Journal:
                 expect = r.last_seq + 1
                 rep.last_seq = r.last_seq  # also right when damage below returns early
                 committed = head.seg_off if head is not None and head.seg_no == n else None
-                if not r.clean or r.end != seg.size:
+                zero_tail = last and seg.preallocated_from(r.end, self.meta.segment_size)
+                if (not r.clean or r.end != seg.size) and not zero_tail:
                     follow = seg.find_valid_after(r.end, r.last_seq) if not r.clean else None
                     # a tail past the last record is torn (not damage) when no
                     # valid record follows and sync() never covered it

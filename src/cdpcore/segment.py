@@ -54,6 +54,10 @@ class ScanResult:
         return STOP_REASONS.get(self.stop, "ok")
 
 
+_ZEROS = bytes(1 << 20)
+PREALLOC_ALIGN = 1 << 20  # native/writer.c PRE_STEP: where a preallocated tail ends
+
+
 class Segment:
     """One segment file, mapped read-only. The mapping covers the file as it
     was when mapped; remap() follows growth of the active segment."""
@@ -142,6 +146,23 @@ class Segment:
         del buf
         return ScanResult(out.end, out.count, out.last_seq, out.ts_min, out.ts_max,
                           out.file_id_max, out.stop, index)
+
+    def preallocated_from(self, start: int, segment_size: int) -> bool:
+        """Whether the bytes from start to the end of the file are the
+        active segment's preallocated tail (journal-format.md,
+        "Preallocation"): zeros, ending on a PREALLOC_ALIGN boundary or at
+        the segment size. No record is all zeros (its marker is not), so
+        nothing is lost by reading them as the end; zeros ending elsewhere
+        are a torn tail."""
+        if self._map is None or start >= self.size:
+            return False
+        if self.size % PREALLOC_ALIGN and self.size != segment_size:
+            return False
+        for p in range(start, self.size, len(_ZEROS)):
+            n = min(len(_ZEROS), self.size - p)
+            if self._map[p : p + n] != _ZEROS[:n]:
+                return False
+        return True
 
     def find_valid_after(self, start: int, after_seq: int) -> int | None:
         """Offset of a valid record with seq > after_seq past start, if any:
