@@ -658,9 +658,10 @@ static int abandon_append(cdp_writer *w, int r)
     return r;
 }
 
-/* Shared front half of both append paths: lock, check the namespace
- * generation, mark the append pending, and open the active segment. */
-static int begin_append(cdp_writer *w, uint64_t expect_ns_gen)
+/* The writer's lock with the head checked: taking it drains the stage (a
+ * sync's target then covers those records too); a damaged head fails with
+ * the lock released. */
+static int lock_checked(cdp_writer *w)
 {
     int r = cdp_writer_lock(w);
     if (r != CDP_OK)
@@ -669,6 +670,16 @@ static int begin_append(cdp_writer *w, uint64_t expect_ns_gen)
         cdp_writer_unlock(w);
         return CDP_ECORRUPT;
     }
+    return CDP_OK;
+}
+
+/* Shared front half of both append paths: lock, check the namespace
+ * generation, mark the append pending, and open the active segment. */
+static int begin_append(cdp_writer *w, uint64_t expect_ns_gen)
+{
+    int r = lock_checked(w);
+    if (r != CDP_OK)
+        return r;
     if (expect_ns_gen != UINT64_MAX && hget(w, H_NS_GEN) != expect_ns_gen) {
         cdp_writer_unlock(w);
         return CDP_ESTALE;
@@ -852,13 +863,9 @@ uint64_t cdp_writer_base_gen(cdp_writer *w)
 
 int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first)
 {
-    int r = cdp_writer_lock(w);
+    int r = lock_checked(w);
     if (r != CDP_OK)
         return r;
-    if (!head_valid(w)) {
-        cdp_writer_unlock(w);
-        return CDP_ECORRUPT;
-    }
     *first = hget(w, H_NEXT_FILE_ID);
     hset(w, H_NEXT_FILE_ID, *first + n);
     head_seal(w);
@@ -868,13 +875,9 @@ int cdp_alloc_file_ids(cdp_writer *w, uint64_t n, uint64_t *first)
 
 int cdp_sync(cdp_writer *w, uint64_t *synced)
 {
-    int r = cdp_writer_lock(w); /* drains the stage: its records are covered too */
+    int r = lock_checked(w);
     if (r != CDP_OK)
         return r;
-    if (!head_valid(w)) {
-        cdp_writer_unlock(w);
-        return CDP_ECORRUPT;
-    }
     uint64_t target = hget(w, H_NEXT_SEQ) - 1;
     if (hget(w, H_SYNCED_SEQ) >= target) {
         *synced = hget(w, H_SYNCED_SEQ);
@@ -970,13 +973,9 @@ static int seg_rides_on(cdp_writer *w, uint64_t dev)
 int cdp_sync_ride(cdp_writer *w, uint64_t dev, uint64_t *cover)
 {
     *cover = 0;
-    int r = cdp_writer_lock(w); /* drains the stage: its records are covered too */
+    int r = lock_checked(w);
     if (r != CDP_OK)
         return r;
-    if (!head_valid(w)) {
-        cdp_writer_unlock(w);
-        return CDP_ECORRUPT;
-    }
     uint64_t target = hget(w, H_NEXT_SEQ) - 1, end, pending;
     if (hget(w, H_SYNCED_SEQ) >= target) {
         cdp_writer_unlock(w);
@@ -1021,13 +1020,9 @@ int cdp_sync_rode(cdp_writer *w, uint64_t cover)
 {
     if (!cover)
         return CDP_OK;
-    int r = cdp_writer_lock(w);
+    int r = lock_checked(w);
     if (r != CDP_OK)
         return r;
-    if (!head_valid(w)) {
-        cdp_writer_unlock(w);
-        return CDP_ECORRUPT;
-    }
     if (hget(w, H_SYNCED_SEQ) < cover) {
         hset(w, H_SYNCED_SEQ, cover);
         head_seal(w);

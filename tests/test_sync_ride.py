@@ -61,14 +61,21 @@ def ext4_journal(tmp_path: Path) -> tuple[Path, Path]:
     return make_journal(tmp_path)
 
 
-def test_prealloc_writes_a_durable_zero_tail(ext4_journal):
-    jpath, _ = ext4_journal
+def records_then_tail(jpath: Path, n: int) -> int:
+    """Append n records, then preallocate the tail (1 MiB steps, 1 MiB
+    ahead) as protect's background thread does; the committed end."""
     with Journal.open(jpath) as j:
-        append_some(j, 10)
+        append_some(j, n)
         committed = j._need_writer().get_state().seg_off
         w = Writer(str(jpath))
         w.prealloc(MIB, MIB)
         w.close()
+    return committed
+
+
+def test_prealloc_writes_a_durable_zero_tail(ext4_journal):
+    jpath, _ = ext4_journal
+    committed = records_then_tail(jpath, 10)
     seg = active_segment(jpath)
     size = seg.stat().st_size
     # in MiB steps, to the first boundary at least 1 MiB past the records
@@ -183,12 +190,7 @@ def test_cutting_a_torn_tail_forgets_the_durable_tail(ext4_journal):
     the file again, and a ride over blocks whose allocation is not durable
     could lose them in a power cut."""
     jpath, _ = ext4_journal
-    with Journal.open(jpath) as j:
-        append_some(j, 5)
-        committed = j._need_writer().get_state().seg_off
-        w = Writer(str(jpath))
-        w.prealloc(MIB, MIB)
-        w.close()
+    committed = records_then_tail(jpath, 5)
     assert head_prealloc(head_bytes(jpath))[0] == 2 * MIB
     with open(active_segment(jpath), "r+b") as f:
         f.seek(committed)
