@@ -1,7 +1,8 @@
-"""rate: how fast and how often the sender may use the link.
+"""rate: how fast and how often the sender may use the link (and its CPU).
 
 `parse_rate` reads ``--rate``; `TokenBucket` paces the sender's writes to
-it; `Backoff` spaces reconnection attempts.
+it, and (counting CPU seconds instead of bytes) its work to ``--cpu-limit``;
+`Backoff` spaces reconnection attempts.
 
 Units of ``--rate`` (per second; a trailing ``/s`` is allowed):
 
