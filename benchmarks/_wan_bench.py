@@ -292,7 +292,10 @@ class DrSite:
 
 
 def replica_equal(journal: str, replica: str) -> bool:
-    """Every segment of the source byte-equal in the replica, and journal.json."""
+    """Every segment of the source byte-equal in the replica, and
+    journal.json. The source's active segment may end in its preallocated
+    zero tail (journal-format.md), which is not journal data and is not
+    shipped: past the replica's end the source must hold only zeros."""
     seg = os.path.join(journal, "segments")
     try:
         names = sorted(n for n in os.listdir(seg) if n.endswith(".seg"))
@@ -300,10 +303,14 @@ def replica_equal(journal: str, replica: str) -> bool:
             with open(os.path.join(seg, n), "rb") as a, open(os.path.join(replica, "segments", n), "rb") as b:
                 while True:
                     x, y = a.read(1 << 20), b.read(1 << 20)
-                    if x != y:
-                        return False
-                    if not x:
+                    if not x and not y:
                         break
+                    if x == y:
+                        continue
+                    # past the replica's end: only the zero tail may follow
+                    if not n.endswith(".seg") or len(y) >= len(x) or x[:len(y)] != y or \
+                            x.count(0, len(y)) != len(x) - len(y):
+                        return False
     except OSError:
         return False
     return True
