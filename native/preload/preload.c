@@ -505,6 +505,24 @@ static void journal_sync(void)
     in_cap--;
 }
 
+/* A crash-consistent point: a FLUSH record of all files, appended under the
+ * lock. Returns whether the lock was held (no journal otherwise). */
+static int flush_point(void)
+{
+    int held = lock();
+    if (held)
+        flush_record();
+    unlock(held);
+    return held;
+}
+
+/* A barrier's journal side: the FLUSH, then the journal durable up to it. */
+static void flush_and_sync(void)
+{
+    if (flush_point())
+        journal_sync();
+}
+
 /* ---- write family ----------------------------------------------------------- */
 
 /* The fast path: copy the data into the stage (shared memory, drained into
@@ -558,12 +576,7 @@ static int staged_write(int fd, struct fdent *e, const struct iovec *iov, int cn
         unlock(held);
     }
     if (r > 0 && (e->sync || (rwf & (RWF_DSYNC | RWF_SYNC)))) {
-        int held = lock();
-        if (held)
-            flush_record();
-        unlock(held);
-        if (held)
-            journal_sync();
+        flush_and_sync();
     }
     errno = err;
     *ret = r;
@@ -959,12 +972,7 @@ static void barrier(int fd)
     struct fdent *e = classify(fd);
     if (!e || e->state != FD_TRACK)
         return;
-    int held = lock();
-    if (held)
-        flush_record();
-    unlock(held);
-    if (held)
-        journal_sync();
+    flush_and_sync();
 }
 
 /* fsync and fdatasync. When the file shares an ext4 file system with the
@@ -987,10 +995,7 @@ static int flush_call(int fd, int (*call)(int))
          * WRITE alone waits for nothing and takes no writeback error: the
          * program's call still reports any. */
         R(sync_file_range)(fd, 0, 0, SYNC_FILE_RANGE_WRITE);
-        int held = lock();
-        if (held)
-            flush_record();
-        unlock(held);
+        int held = flush_point();
         int st_ride = CDP_ESTALE;
         if (held) {
             in_cap++;
@@ -1052,12 +1057,7 @@ EXPORT void sync(void)
 {
     R(sync)();
     if (capturing()) {
-        int held = lock();
-        if (held)
-            flush_record();
-        unlock(held);
-        if (held)
-            journal_sync();
+        flush_and_sync();
     }
 }
 
@@ -1065,12 +1065,7 @@ EXPORT int syncfs(int fd)
 {
     int r = R(syncfs)(fd), err = errno;
     if (r == 0 && capturing()) {
-        int held = lock();
-        if (held)
-            flush_record();
-        unlock(held);
-        if (held)
-            journal_sync();
+        flush_and_sync();
     }
     errno = err;
     return r;
