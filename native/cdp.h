@@ -94,6 +94,31 @@ int cdp_scan(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t expect_s
  * or runs past len. */
 int cdp_fill_crcs(uint8_t *buf, uint64_t len, uint32_t *digest);
 
+/* ---- a zstd-ref pack's literal column as planar columns (columns.c) ------ */
+
+/* First byte of a column layout (docs/replication.md, "Compression"). */
+enum cdp_columns_layout {
+    CDP_COLUMNS_RAW = 0,            /* the literal column as it is (not records) */
+    CDP_COLUMNS_PLANAR = 3,         /* u32 n, then the columns, CRCs included */
+    CDP_COLUMNS_PLANAR_NO_CRC = 4   /* u32 n, u32 CRC32C of the CRCs, the columns without them */
+};
+
+/* Lay out lit[0:len) (record headers, each followed by its literal bytes)
+ * as planar columns into out[0:cap), *out_len set to the size; a payload
+ * shorter than literal_below is expected literal, others not (the bytes
+ * decide). with_crcs = 0 leaves the records' CRCs out and writes the CRC32C
+ * of them instead. CDP_EINVAL if lit does not parse as headers (send it
+ * raw), CDP_ETOOBIG if cap is short (2 * len + 9 always suffices). */
+int cdp_columns_encode(const uint8_t *lit, uint64_t len, uint64_t literal_below, int with_crcs,
+                       uint8_t *out, uint64_t cap, uint64_t *out_len);
+
+/* The inverse, over the start of buf: writes exactly lit_len bytes of
+ * literal column (CRCs zero if they were left out; *digest their CRC32C,
+ * 0 otherwise) and sets *used to the bytes of buf read. CDP_EINVAL if the
+ * layout is not planar or anything does not fit. */
+int cdp_columns_decode(const uint8_t *buf, uint64_t len, uint8_t *lit, uint64_t lit_len,
+                       uint64_t *used, uint32_t *digest);
+
 /* Search buf[start:len) at 8-byte steps for a record with a valid checksum and
  * seq > after_seq; returns its offset in *found or UINT64_MAX. */
 int cdp_find_valid(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t after_seq,

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cdpcore.codec import (
+    PRIOR_RATIO_REF,
     LADDER,
     AdaptiveLevel,
     Compressor,
@@ -241,6 +242,31 @@ def test_a_backlog_that_dedupes_well_keeps_the_dictionary():
     assert LADDER.index(Rung("zstd", int(settle(a, 40).split("-")[1]))) > LADDER.index(Rung("zstd", 1))
 
 
+def test_a_higher_level_that_sends_more_is_not_taken():
+    """zstd-ref's level 3 sends more than its level 1 (PRIOR_RATIO_REF):
+    "stronger" means fewer bytes expected, not a higher level. Measured
+    that way, the chooser takes level 1, keeping up or catching up."""
+    speeds = {"zstd-1": 300 * MB, "zstd-3": 200 * MB}
+    ratios = {"zstd-1": 0.0100, "zstd-3": 0.0105}
+    keeping_up = measured(1.25 * MB, demand=0.2 * MB, speeds=speeds, ratios=ratios)
+    for i in range(3, len(LADDER)):  # the higher levels: measured, and too slow
+        keeping_up.observe_compression(i, int(MB), int(MB * 0.009), 10.0)
+    assert settle(keeping_up) == "zstd-1"
+    catching_up = measured(1.25 * MB, speeds=speeds, ratios=ratios)
+    catching_up.observe_overhead(int(MB), 0.012)
+    assert settle(catching_up) == "zstd-1"
+    # unmeasured, zstd-ref's priors already expect it: from zstd-3 measured
+    # alone, zstd-1 is estimated smaller and faster
+    a = AdaptiveLevel(prior_ratio=dict(PRIOR_RATIO_REF), hold=3)
+    a.observe_link(int(1.25 * MB), 1.0)
+    a.observe_compression(2, int(MB), int(0.0105 * MB), 1 / 200)
+    a.observe_overhead(int(MB), 0.012)
+    assert a.estimate(1)[1] < a.estimate(2)[1]
+    # lz4 has no dictionary: zstd-ref's 95x does not make it look 80x
+    assert a.estimate(0)[1] == pytest.approx(PRIOR_RATIO_REF["lz4"])
+    assert settle(a) == "zstd-1"
+
+
 def test_cpu_samples_are_summed_over_small_frames():
     # a 250-byte frame costs a fixed overhead; alone it would read as a
     # compressor 100x slower than it is
@@ -444,12 +470,12 @@ def test_columns_round_trip_records(recs, seq0):
     buf = b"".join(encode_record(1 + k % 16, seq0 + k, ts, fid, k, p) for k, (p, ts, fid) in enumerate(recs))
     lit = literal_column(packing.pack(buf, KEY).encode())
     col = to_columns(lit)
-    assert col[0] == (1 if recs else 1)
+    assert col[0] == 3
     assert from_columns(col + b"tail", len(lit)) == (lit, len(col), None)
     # a segment run: the CRC column becomes one digest; the receiver gets the
     # headers with zero CRCs, rebuilds the records and checks the digest
     col = to_columns(lit, crcs=False)
-    assert col[0] == 2 and len(col) == len(to_columns(lit)) + 4 - 4 * len(recs)
+    assert col[0] == 4 and len(col) == len(to_columns(lit)) + 4 - 4 * len(recs)
     zeroed, used, digest = from_columns(col + b"tail", len(lit))
     assert used == len(col)
     data = bytearray(packing.unpack(packing.pack(buf, KEY).encode(), lambda cid: None, KEY).data)
@@ -485,11 +511,65 @@ def test_a_record_rebuilt_wrong_fails_the_crc_digest():
         fill_crcs(bytearray(buf[:-8]))  # not whole records
 
 
+def _planes(vals: list[int], width: int) -> bytes:
+    """The model of a planar column: every value's byte 0, then byte 1, ..."""
+    return b"".join(bytes((v >> (8 * b)) & 0xFF for v in vals) for b in range(width))
+
+
+@pytest.mark.parametrize("crcs", [True, False])
+def test_planar_layout_byte_for_byte(crcs):
+    """docs/replication.md, layouts 3 and 4, pinned against a model written
+    from the table: a short payload travels literal (k = payload + padding),
+    a long one does not (k = its padding only; packing sends it as a chunk)."""
+    from cdpcore._native import crc32c
+    short, long_ = b"abc", b"L" * 600
+    a = encode_record(1, 41, 1_700_000_000_000_000, 5, 8192, short)
+    b = encode_record(3, 42, 1_700_000_000_000_123, 9, 4096, long_)
+    lit = a + b[:48] + bytes((-(48 + 600)) % 8)  # b's payload is not in the column
+    ka, kb = len(a) - 48, (-(48 + 600)) % 8
+    rows = [(a, ka), (b, kb)]
+    u32 = lambda x: int.from_bytes(x, "little")  # noqa: E731
+    crc_vals = [u32(r[0:4]) for r, _ in rows]
+    cols = [_planes([u32(r[4:8]) for r, _ in rows], 4),
+            _planes([41, 1], 8),
+            _planes([1_700_000_000_000_000, 123], 8),
+            _planes([5, 9], 8), _planes([8192, 4096], 8),
+            _planes([ka, kb], 4),
+            _planes([int.from_bytes(r[40:48], "little") for r, _ in rows], 8)]
+    payload = a[48:]
+    if crcs:
+        want = bytes([3]) + (2).to_bytes(4, "little") + _planes(crc_vals, 4) + b"".join(cols) + payload
+    else:
+        digest = crc32c(a[0:4] + b[0:4])
+        want = bytes([4]) + (2).to_bytes(4, "little") + digest.to_bytes(4, "little") + b"".join(cols) + payload
+    assert to_columns(lit, crcs=crcs) == want
+    back, used, d = from_columns(want + b"more", len(lit))
+    assert used == len(want)
+    if crcs:
+        assert back == lit and d is None
+    else:
+        assert back == bytes(4) + lit[4:48] + lit[48:len(a)] + bytes(4) + lit[len(a) + 4:] and d == digest
+
+
 @given(st.binary(max_size=3000))
 def test_columns_round_trip_anything(junk):
     col = to_columns(junk)
     assert from_columns(col + b"x", len(junk)) == (junk, len(col), None)
-    assert to_columns(junk, crcs=False) == col or to_columns(junk, crcs=False)[0] == 2
+    assert to_columns(junk, crcs=False) == col or to_columns(junk, crcs=False)[0] == 4
+
+
+@given(st.sampled_from([3, 4]), st.binary(max_size=600), st.integers(0, 2000))
+def test_any_bytes_as_planar_columns_decode_or_are_refused(layout, rest, lit_len):
+    """The decoder reads what a peer sent: whatever the bytes, it returns
+    exactly lit_len bytes of column or a ProtocolError, never reads or
+    writes out of bounds (native/columns.c; run under the thorough
+    profile's many examples)."""
+    buf = bytes([layout]) + rest
+    try:
+        lit, used, _digest = from_columns(buf, lit_len)
+    except ProtocolError:
+        return
+    assert len(lit) == lit_len and used <= len(buf)
 
 
 @pytest.mark.parametrize("crcs", [True, False])

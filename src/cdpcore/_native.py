@@ -50,6 +50,31 @@ def fill_crcs(buf: bytearray) -> int:
     return int(digest[0])
 
 
+def columns_encode(lit: bytes | bytearray | memoryview, literal_below: int, with_crcs: bool) -> bytes | None:
+    """lit (record headers, each followed by its literal bytes) as planar
+    columns (cdp_columns_encode); None when lit does not parse as that."""
+    cap = 2 * len(lit) + 9
+    out = ffi.new("uint8_t[]", cap)
+    size = ffi.new("uint64_t *")
+    status = lib.cdp_columns_encode(ffi.from_buffer(lit), len(lit), literal_below, int(with_crcs), out, cap, size)
+    if status == lib.CDP_EINVAL:
+        return None
+    check(status, "columns")
+    return bytes(ffi.buffer(out, size[0]))
+
+
+def columns_decode(buf: bytes | bytearray | memoryview, lit_len: int) -> tuple[bytes, int, int] | None:
+    """The inverse of columns_encode over the start of buf: (the literal
+    column of lit_len bytes, bytes of buf used, the CRC32C of the left-out
+    CRCs or 0); None when buf is not a planar layout that fits lit_len."""
+    lit = ffi.new("uint8_t[]", max(lit_len, 1))
+    used = ffi.new("uint64_t *")
+    digest = ffi.new("uint32_t *")
+    if lib.cdp_columns_decode(ffi.from_buffer(buf), len(buf), lit, lit_len, used, digest) != lib.CDP_OK:
+        return None
+    return bytes(ffi.buffer(lit, lit_len)), int(used[0]), int(digest[0])
+
+
 def crc32c_hw() -> bool:
     return bool(lib.cdp_crc32c_hw())
 

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,17 +70,17 @@ import msgpack
 import zstandard
 
 from cdpcore import packing
-from cdpcore._native import crc32c
+from cdpcore._native import columns_decode, columns_encode, crc32c
 from cdpcore.crypto import chunk_id
 from cdpcore.errors import ProtocolError
 
 CODECS = ("zstd", "zstd-ref", "lz4", "none")
 REF_HDR = struct.Struct("<IIII")  # zstd-ref: compressed head, raw head, bitmap lengths; CRC-32 of head + bitmap
-REF_HASH_LOG = 17  # zstd-ref: smallest match-finder hash table, whatever the level (Compressor._params)
+REF_HASH_LOG = 18  # zstd-ref: smallest match-finder hash table, whatever the level (Compressor._params)
 HISTORY = 1 << 20  # zstd-ref: bytes of the previous body's tail in the next dictionary
 _REC = struct.Struct("<IIQqQQ8s")  # a record header: crc, len, seq, ts, file id, offset, the rest
-_U64 = (1 << 64) - 1
-_RAW, _COLUMNS, _COLUMNS_NO_CRC = 0, 1, 2  # first byte of a zstd-ref literal column
+# first byte of a zstd-ref literal column (native/cdp.h, enum cdp_columns_layout)
+_RAW, _PLANAR, _PLANAR_NO_CRC = 0, 3, 4
 RECENT = 1 << 20  # zstd-ref: new chunks of this connection a reference may name by distance
 _SHORT_REF = 1  # msgpack ext type in a zstd-ref head: a recent chunk, by distance back
 _LOCAL_REF = 2  # ... a chunk this same body carries as bytes, by its number among them
@@ -580,57 +579,25 @@ def to_columns(lit: bytes, crcs: bool = True) -> bytes:
     record's 48-byte header followed by its payload when that is literal
     (packing keeps payloads under 512 bytes literal) and its padding;
     stored row by row, the headers' CRCs, sequence numbers and timestamps
-    interleave and compress poorly. As columns (CRCs, lengths, seq deltas,
-    timestamp deltas, file ids, offsets, the last 8 header bytes, the
-    length of literal bytes after each header, then those bytes) the seq
-    deltas vanish and the rest shrinks: 1.22 MB -> 0.79 MB of zstd-3 on the
-    HIS workload. Which payloads are literal is checked against the bytes
-    (a header's marker must follow) and recorded, so a change of packing's
-    threshold costs compression, never correctness.
-    Bytes that do not parse as records (a file's literal tail) stay as they
-    are: first byte _RAW.
+    interleave and compress poorly. As columns (lengths, seq deltas,
+    timestamp deltas, file ids, offsets, the count of literal bytes after
+    each header, the last 8 header bytes, then those bytes), each stored as
+    byte planes (native/columns.c), the seq deltas vanish and the high
+    bytes of every column are runs of zeros: on the HIS workload 1.22 MB of
+    rows took 0.79 MB of zstd-3 as plain columns, and byte planes took the
+    columns a further 26 % down (434 -> 322 KB of zstd-1).
+    Which payloads are literal is checked against the bytes (a header's
+    marker must follow) and recorded, so a change of packing's threshold
+    costs compression, never correctness. Bytes that do not parse as
+    records (a file's literal tail) stay as they are: first byte _RAW.
     crcs=False (a segment run, whose records the receiver rebuilds whole):
     the CRC column, 4 incompressible bytes a record (17 % of the HIS
     workload's wire bytes), is replaced by one CRC32C over it; the receiver
     recomputes each record's CRC and checks them against it
     (_native.fill_crcs), so the sender's checksums still vouch for what the
-    vault stores. First byte _COLUMNS_NO_CRC."""
-    n, pos, size = 0, 0, len(lit)
-    cols: list[array] = [array("I"), array("I"), array("Q"), array("Q"), array("Q"), array("Q"), array("I")]
-    tails = bytearray()
-    pay = bytearray()
-    prev_seq = prev_ts = 0
-    while pos < size:
-        if pos + _REC.size > size:
-            return bytes([_RAW]) + lit
-        crc, ln, seq, ts, fid, off, tail = _REC.unpack_from(lit, pos)
-        if tail[2:4] != b"CR" or ln > 1 << 24:
-            return bytes([_RAW]) + lit
-        pos += _REC.size
-        pad = (-(_REC.size + ln)) % 8
-        # Packing keeps payloads under LITERAL_BELOW literal; check that a
-        # header (or the end) follows, and try the other reading if not
-        # (the k column records the choice, so any reading round-trips).
-        for k in ((ln + pad, pad) if ln < packing.LITERAL_BELOW else (pad, ln + pad)):
-            nxt = pos + k
-            if nxt == size or (nxt + _REC.size <= size and lit[nxt + 42:nxt + 44] == b"CR"):
-                break
-        else:
-            return bytes([_RAW]) + lit
-        for c, v in zip(cols, (crc, ln, (seq - prev_seq) & _U64, (ts - prev_ts) & _U64, fid, off, k)):
-            c.append(v)
-        tails += tail
-        pay += lit[pos:pos + k]
-        prev_seq, prev_ts = seq, ts
-        pos += k
-        n += 1
-    if struct.pack("=I", 1) != struct.pack("<I", 1):  # pragma: no cover  (big-endian host)
-        for c in cols:
-            c.byteswap()
-    if not crcs:
-        return (bytes([_COLUMNS_NO_CRC]) + struct.pack("<II", n, crc32c(cols[0].tobytes()))
-                + b"".join(c.tobytes() for c in cols[1:]) + tails + pay)
-    return bytes([_COLUMNS]) + struct.pack("<I", n) + b"".join(c.tobytes() for c in cols) + tails + pay
+    vault stores."""
+    out = columns_encode(lit, packing.LITERAL_BELOW, crcs)
+    return bytes([_RAW]) + lit if out is None else out
 
 
 def from_columns(buf: bytes, lit_len: int) -> tuple[bytes, int, int | None]:
@@ -644,43 +611,13 @@ def from_columns(buf: bytes, lit_len: int) -> tuple[bytes, int, int | None]:
         if len(buf) < 1 + lit_len:
             raise ProtocolError("zstd-ref body: the literal column is short")
         return buf[1:1 + lit_len], 1 + lit_len, None
-    if buf[0] not in (_COLUMNS, _COLUMNS_NO_CRC) or len(buf) < 5:
-        raise ProtocolError("zstd-ref body: the literal column has an unknown layout")
-    with_crcs = buf[0] == _COLUMNS
-    n = struct.unpack_from("<I", buf, 1)[0]
-    pos, digest = 5, None
-    if not with_crcs:
-        if len(buf) < 9:
-            raise ProtocolError("zstd-ref body: the literal column is short")
-        digest = struct.unpack_from("<I", buf, 5)[0]
-        pos = 9
-    if pos + n * (_REC.size + (4 if with_crcs else 0)) > len(buf) or n * _REC.size > lit_len:
-        raise ProtocolError(f"zstd-ref body: {n} record headers do not fit the literal column")
-    cols: list[array] = [] if with_crcs else [array("I", bytes(4 * n))]
-    for code, w in (("I", 4), ("I", 4), ("Q", 8), ("Q", 8), ("Q", 8), ("Q", 8), ("I", 4))[len(cols):]:
-        a = array(code)
-        a.frombytes(buf[pos:pos + n * w])
-        if struct.pack("=I", 1) != struct.pack("<I", 1):  # pragma: no cover
-            a.byteswap()
-        cols.append(a)
-        pos += n * w
-    tails = buf[pos:pos + 8 * n]
-    pos += 8 * n
-    out = bytearray()
-    seq = ts = 0
-    for i in range(n):
-        seq = (seq + cols[2][i]) & _U64
-        ts = (ts + cols[3][i]) & _U64
-        k = cols[6][i]
-        if pos + k > len(buf) or len(out) + _REC.size + k > lit_len:
-            raise ProtocolError("zstd-ref body: literal payloads run past the column")
-        out += _REC.pack(cols[0][i], cols[1][i], seq, ts - (1 << 64) if ts >> 63 else ts, cols[4][i],
-                         cols[5][i], tails[8 * i:8 * i + 8])
-        out += buf[pos:pos + k]
-        pos += k
-    if len(out) != lit_len:
-        raise ProtocolError(f"zstd-ref body: literal column of {len(out)} bytes, the pack says {lit_len}")
-    return bytes(out), pos, digest
+    if buf[0] not in (_PLANAR, _PLANAR_NO_CRC):
+        raise ProtocolError(f"zstd-ref body: the literal column has an unknown layout {buf[0]}")
+    got = columns_decode(buf, lit_len)
+    if got is None:
+        raise ProtocolError(f"zstd-ref body: the literal column's records do not fit its {lit_len} bytes")
+    lit, used, digest = got
+    return lit, used, None if buf[0] == _PLANAR else digest
 
 
 # ---- the adaptive level -------------------------------------------------------------
@@ -705,6 +642,16 @@ PRIOR_SPEED = {"lz4": 2.5, "zstd-1": 1.4, "zstd-3": 1.0, "zstd-6": 0.45, "zstd-9
                "zstd-12": 0.12, "zstd-15": 0.05, "zstd-19": 0.012}
 PRIOR_RATIO = {"lz4": 0.55, "zstd-1": 0.45, "zstd-3": 0.42, "zstd-6": 0.40, "zstd-9": 0.39,
                "zstd-12": 0.385, "zstd-15": 0.38, "zstd-19": 0.37}
+# zstd-ref's ratios (the rest of a body compressed with the referenced
+# chunks as its dictionary) do not fall with the level: measured on the HIS
+# workload's 3,000 transactions (wire bytes, loopback, REF_HASH_LOG 18):
+# zstd-1 1.554 MB, zstd-3 1.636, zstd-6 1.534, zstd-9 1.459, zstd-12 1.423.
+# Level 1's single hash table finds a page's old version in the dictionary
+# more often than level 3's pair of smaller ones. lz4 carries no
+# dictionary: its prior stays the plain relation (it is 3x on new data and
+# 25x worse than zstd-ref on page versions; the measurement settles it).
+PRIOR_RATIO_REF = {"lz4": 0.55, "zstd-1": 0.45, "zstd-3": 0.474, "zstd-6": 0.444, "zstd-9": 0.422,
+                   "zstd-12": 0.412, "zstd-15": 0.40, "zstd-19": 0.39}
 PRIOR_ZSTD3_SPEED = 150e6  # bytes per CPU second before anything is measured
 DEFAULT_CPU_BUDGET = 0.25  # of one core
 DEFAULT_MARGIN = 2.0  # compression must be able to fill the link this many times over
@@ -748,10 +695,12 @@ class AdaptiveLevel:
     clock inside: the transport feeds measured quantities."""
 
     cpu_budget: float = DEFAULT_CPU_BUDGET
+    # the ratio priors of the codec the zstd rungs use (PRIOR_RATIO_REF for zstd-ref)
+    prior_ratio: dict[str, float] = field(default_factory=lambda: dict(PRIOR_RATIO))
     margin: float = DEFAULT_MARGIN
     hold: int = DEFAULT_HOLD
     alpha: float = DEFAULT_ALPHA
-    current: int = 2  # zstd-3 until measurements say otherwise
+    current: int = -1  # set in __post_init__: the default rung until measurements say otherwise
     link_rate: _Avg = field(default_factory=_Avg)      # wire bytes acknowledged per second
     demand: _Avg = field(default_factory=_Avg)         # raw bytes per second the journal produces
     speed: dict[int, _Avg] = field(default_factory=dict)  # raw bytes per CPU second, per rung
@@ -761,6 +710,12 @@ class AdaptiveLevel:
     ratio: dict[int, _Avg] = field(default_factory=dict)  # wire / raw, per rung
     _pending: int | None = None
     _streak: int = 0
+
+    def __post_init__(self) -> None:
+        if self.current < 0:
+            # nothing stronger than zstd-3 before the link is measured (fits);
+            # of those, the one the priors expect smallest (zstd-ref: zstd-1)
+            self.current = self.smallest([0, 1, 2]) or 0
 
     @property
     def rung(self) -> Rung:
@@ -813,9 +768,14 @@ class AdaptiveLevel:
         else:
             # scaled like the speeds: on data that compresses 11x at zstd-3,
             # zstd-9's absolute prior (0.39) would promise a raw pace 4x too
-            # low, so a rung far over the CPU budget looked cheap until tried
-            rf = [a.value / PRIOR_RATIO[str(LADDER[j])] for j, a in self.ratio.items() if a.value is not None]
-            ratio = PRIOR_RATIO[name] * (sum(rf) / len(rf) if rf else 1.0)
+            # low, so a rung far over the CPU budget looked cheap until tried.
+            # Only by rungs of the same codec: what zstd-ref gains from its
+            # dictionary (75x on page versions) says nothing of lz4, which
+            # has none; scaled by it, lz4 looked 16 % worse instead of 25x
+            # and was tried on every HIS catch-up.
+            rf = [a.value / self.prior_ratio[str(LADDER[j])] for j, a in self.ratio.items()
+                  if a.value is not None and LADDER[j].codec == LADDER[i].codec]
+            ratio = self.prior_ratio[name] * (sum(rf) / len(rf) if rf else 1.0)
         s = self.speed.get(i)
         if s is not None and s.value is not None:
             return s.value, ratio
@@ -849,11 +809,18 @@ class AdaptiveLevel:
         speed, ratio = self.estimate(i)
         return min(link / ratio, self.cpu_budget / slack / (1 / speed + (self.overhead.value or 0.0)))
 
+    def smallest(self, rungs: list[int]) -> int | None:
+        """Of rungs, the one expected to send the fewest bytes (the highest
+        on a tie). A higher level is not always smaller: zstd-ref at level 3
+        sends more than at level 1 (PRIOR_RATIO_REF), and what is measured
+        on this connection's data decides once it is."""
+        return min(rungs, key=lambda i: (self.estimate(i)[1], -i), default=None)
+
     def best(self, slack: float = 1.0) -> int:
-        """The strongest rung that keeps up within the budget (`fits`),
-        unless, while catching up, another rung would drain the backlog
-        clearly faster within the same budget."""
-        fit = next((i for i in range(len(LADDER) - 1, -1, -1) if self.fits(i, slack)), None)
+        """The strongest rung (fewest bytes) that keeps up within the
+        budget (`fits`), unless, while catching up, another rung would
+        drain the backlog clearly faster within the same budget."""
+        fit = self.smallest([i for i in range(len(LADDER)) if self.fits(i, slack)])
         if fit is not None and (self.demand.value is not None or self.link_rate.value is None):
             return fit  # keeping up with the journal: the fewest bytes that do
         # Catching up. On data that dedupes and compresses 40-100x (a
@@ -868,7 +835,7 @@ class AdaptiveLevel:
         top = max(rates)
         if fit is not None and rates[fit] >= 0.8 * top:
             return fit
-        return max((i for i, r in enumerate(rates) if r >= 0.9 * top), default=0)
+        return self.smallest([i for i, r in enumerate(rates) if r >= 0.9 * top]) or 0
 
     def choose(self) -> Rung:
         """Decide after new measurements: at most one change, with hysteresis."""
@@ -877,7 +844,7 @@ class AdaptiveLevel:
             self._pending, self._streak = None, 0
             return self.rung
         up = self.best(slack=1.25)
-        if up > self.current:
+        if up != self.current and self.smallest([up, self.current]) == up:
             if up == self._pending:
                 self._streak += 1
             else:

@@ -55,7 +55,7 @@ from typing import Any
 import trio
 
 from cdpcore import packing
-from cdpcore.codec import LADDER, AdaptiveLevel, Compressed, Compressor
+from cdpcore.codec import LADDER, PRIOR_RATIO_REF, AdaptiveLevel, Compressed, Compressor
 from cdpcore.crypto import Keys, key_id
 from cdpcore.errors import AuthError, CdpError, KeyFileError, LinkError, ProtocolError, ShipRunning, VaultError
 from cdpcore.offers import OfferPolicy
@@ -160,7 +160,8 @@ class Shipper:
         self._log = log
         self.state_file = state_file
         self.feed = Feed(self.journal)
-        self.level = AdaptiveLevel()
+        # the level is chosen for plaintext sources only, whose zstd rungs are zstd-ref
+        self.level = AdaptiveLevel(prior_ratio=dict(PRIOR_RATIO_REF))
         # cpu_limit (of one core, None: none): the sender's CPU is paced to
         # it like its bytes to --rate, and the level is chosen within it. On
         # a hospital's database server the sender must not take the CPU the
