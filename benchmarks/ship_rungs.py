@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         res["load_at_end"] = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    lines = [f"HIS-like, {args.transactions} transactions, {res['journal_bytes'] / 1e6:.1f} MB of journal (base included); "
-             f"load {res['load_at_start'][0]:.1f} -> {res['load_at_end'][0]:.1f}", "",
+    lines = [f"HIS-like, {args.transactions} transactions, {res['journal_bytes'] / 1e6:.1f} MB of journal "
+             f"(base included); load {res['load_at_start'][0]:.1f} -> {res['load_at_end'][0]:.1f}", "",
              "| rung | wire bytes | CPU s (process) | wall s |", "|---|---:|---:|---:|"]
     for row in res["rows"]:
         lines.append(f"| {row['rung']} | {row['wire_bytes']:,} | {row['cpu_s']:.2f} | {row['wall_s']:.1f} |")
