@@ -78,6 +78,8 @@ CODECS = ("zstd", "zstd-ref", "lz4", "none")
 REF_HDR = struct.Struct("<IIII")  # zstd-ref: compressed head, raw head, bitmap lengths; CRC-32 of head + bitmap
 REF_HASH_LOG = 18  # zstd-ref: smallest match-finder hash table, whatever the level (Compressor._params)
 HISTORY = 1 << 20  # zstd-ref: bytes of the previous body's tail in the next dictionary
+COLUMNS_LEVEL = 9  # zstd-ref: the least level of the literal columns' own frame (Compressor._ref_body)
+COLUMNS_FRAME_MIN = 16 << 10  # zstd-ref: smaller columns share the chunks' frame
 _REC = struct.Struct("<IIQqQQ8s")  # a record header: crc, len, seq, ts, file id, offset, the rest
 # first byte of a zstd-ref literal column (native/cdp.h, enum cdp_columns_layout)
 _RAW, _PLANAR, _PLANAR_NO_CRC = 0, 3, 4
@@ -166,6 +168,11 @@ class Compressor:
             self.level, window_log=self.window_log, hash_log=hash_log, write_checksum=True,
             write_content_size=False, write_dict_id=False)
 
+    def _columns_params(self) -> Any:
+        return zstandard.ZstdCompressionParameters.from_level(
+            max(COLUMNS_LEVEL, self.level), window_log=self.window_log, write_checksum=True,
+            write_content_size=False, write_dict_id=False)
+
     def compress(self, body: bytes, prefix: tuple[bytes, bytes] | None = None,
                  new_ids: list[bytes] | None = None, records: bool = False) -> Compressed:
         """One DATA body. prefix (zstd-ref only): (bitmap, bytes) from
@@ -205,12 +212,25 @@ class Compressor:
             self._recent.add(new_ids)
         head = self._ctx.compress(h) + self._ctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
         llen = packing.BODY_HDR.unpack_from(body)[5]
-        rest = to_columns(body[split:split + llen], crcs=not records) + body[split + llen:]
+        cols = to_columns(body[split:split + llen], crcs=not records)
+        chunks = body[split + llen:]
+        rest = cols + chunks
         d = self._history + refs
         cctx = zstandard.ZstdCompressor(
             compression_params=self._params(),
             dict_data=zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None)
-        tail = cctx.compress(rest)
+        # Columns of some size go in a frame of their own, at COLUMNS_LEVEL
+        # at least and without the dictionary (they do not match page
+        # bytes): they are 3 % of the raw bytes, so a strong level costs
+        # little CPU, and on the HIS workload it saved 56 KB of 1.55 MB
+        # (benchmarks.md §9). A frame costs ~12 bytes, more than a small
+        # body's columns gain. zstd frames follow each other; the
+        # receiver's one streaming decompressor reads both into `rest`.
+        if len(cols) >= COLUMNS_FRAME_MIN:
+            tail = (zstandard.ZstdCompressor(compression_params=self._columns_params()).compress(cols)
+                    + cctx.compress(chunks))
+        else:
+            tail = cctx.compress(rest)
         self._history = rest[-HISTORY:] if len(rest) >= HISTORY else (self._history + rest)[-HISTORY:]
         # the head travels in the streamed context, whose blocks carry no
         # checksum: a CRC over it and the bitmap catches damage there (the
@@ -769,12 +789,12 @@ class AdaptiveLevel:
             # scaled like the speeds: on data that compresses 11x at zstd-3,
             # zstd-9's absolute prior (0.39) would promise a raw pace 4x too
             # low, so a rung far over the CPU budget looked cheap until tried.
-            # Only by rungs of the same codec: what zstd-ref gains from its
-            # dictionary (75x on page versions) says nothing of lz4, which
-            # has none; scaled by it, lz4 looked 16 % worse instead of 25x
-            # and was tried on every HIS catch-up.
-            rf = [a.value / self.prior_ratio[str(LADDER[j])] for j, a in self.ratio.items()
-                  if a.value is not None and LADDER[j].codec == LADDER[i].codec]
+            # By rungs of the same codec where there are some: zstd-ref's
+            # 95x on page versions and lz4's 3x (no dictionary) averaged
+            # say nothing of either.
+            rf_all = [(LADDER[j].codec, a.value / self.prior_ratio[str(LADDER[j])])
+                      for j, a in self.ratio.items() if a.value is not None]
+            rf = [f for c, f in rf_all if c == LADDER[i].codec] or [f for _c, f in rf_all]
             ratio = self.prior_ratio[name] * (sum(rf) / len(rf) if rf else 1.0)
         s = self.speed.get(i)
         if s is not None and s.value is not None:
@@ -844,7 +864,10 @@ class AdaptiveLevel:
             self._pending, self._streak = None, 0
             return self.rung
         up = self.best(slack=1.25)
-        if up != self.current and self.smallest([up, self.current]) == up:
+        # up must also be where the next decision would stay: a rung the
+        # drain rule picks (it does not fit) is left at once for the fitting
+        # one best() keeps, and the level would swing between the two
+        if up != self.current and self.smallest([up, self.current]) == up and (self.fits(up) or self.best() == up):
             if up == self._pending:
                 self._streak += 1
             else:
