@@ -182,17 +182,24 @@ def test_damaged_payload_fails_and_leaves_dest_empty(journal_dirs: tuple[Path, P
     assert os.listdir(dest) == []
 
 
-def test_cover_merges_long_sorted_runs_as_a_sort_would() -> None:
+@pytest.mark.parametrize("scale", [1, 10])
+def test_cover_merges_long_sorted_runs_as_a_sort_would(scale: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """cdp_cover merges long runs of rows already in (key, start) order (a
     checkpoint's pieces, thousands of them) with the other rows instead of
     sorting them all again. Whatever the mix (overlaps, equal starts in
     and across runs, empty rows, truncates, two runs), the pieces must be
     those of laying the rows over each other in row order: checked byte by
     byte against painting them. (The journals of the other tests are too
-    small to have such runs.)"""
+    small to have such runs.) At scale 10 (70,000 rows) cdp_cover's scratch
+    memory is large enough to be mapped with huge pages rather than
+    malloc'd, and the rows' and pieces' columns are asked for huge pages
+    too (the threshold lowered: the real one is 262,144 rows)."""
+    from cdpcore import plan as plan_mod
     from cdpcore.plan import HOLE, Plan, Sources, Tree, _cover, _Rows
 
-    rnd = random.Random(11)
+    if scale > 1:
+        monkeypatch.setattr(plan_mod, "HUGE_ROWS", 1)
+    rnd = random.Random(11 * scale)
     rows: list[tuple[int, int, int, int, int]] = []
 
     def sorted_run(keys: tuple[int, ...], count: int) -> None:
@@ -203,15 +210,16 @@ def test_cover_merges_long_sorted_runs_as_a_sort_would() -> None:
                 rows.append((k, pos, pos + n, 0, rnd.randrange(1 << 20)))
                 pos += rnd.randrange(0, 40)  # overlapping, sometimes the same start
 
-    sorted_run((1, 2), 2500)
-    for _ in range(700):
-        k, a = rnd.choice((1, 2, 3)), rnd.randrange(0, 60_000)
+    sorted_run((1, 2), 2500 * scale)
+    for _ in range(700 * scale):
+        k, a = rnd.choice((1, 2, 3)), rnd.randrange(0, 60_000 * scale)
         if rnd.random() < 0.08:
             rows.append((k, a, HOLE, HOLE, 0))  # a truncate
         else:
             rows.append((k, a, a + rnd.randrange(0, 3000), 1, rnd.randrange(1 << 20)))
-    sorted_run((3,), 4500)
-    rows += [(rows[i][0], rows[i][1], rows[i][2] + 7, 1, 5) for i in rnd.sample(range(len(rows)), 50)]
+    sorted_run((3,), 4500 * scale)
+    writes = [i for i, r in enumerate(rows) if r[3] != HOLE]  # (a truncate's end + 7 is no offset)
+    rows += [(rows[i][0], rows[i][1], rows[i][2] + 7, 1, 5) for i in rnd.sample(writes, 50 * scale)]
 
     # the reference: paint each key's bytes in row order; a cell is file << 32 | source offset
     cells: dict[int, list[int | None]] = {}
