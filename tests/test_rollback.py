@@ -11,6 +11,7 @@ each of its operations and check that running it again completes it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import os
 import random
@@ -365,7 +366,7 @@ def test_the_roots_fsync_thread_hands_its_error_to_the_caller(tmp_path: Path) ->
 
     with pytest.raises(OSError) as err:
         _Background(fsync_of_a_closed_descriptor).result()
-    assert err.value.errno == 9
+    assert err.value.errno == errno.EBADF
     done: list[int] = []
     bg = _Background(lambda: done.append(1))
     bg.result()
