@@ -902,9 +902,12 @@ def _load_checkpoint(ck: checkpoint.Checkpoint, plan: Plan, tree: PlanTree, rows
     file[at : at + n] = pf
     src[at : at + n] = psrc
     end[at : at + n] = pl  # the checkpoint stores ends in the length column's place
-    zeros = array("Q", bytes(8 * n))
-    seq[at : at + n] = zeros
-    ts[at : at + n] = array("q", bytes(8 * n))
+    # zeros from a bytes object, not an array copied from it: a large
+    # bytes(n) is calloc'd, untouched pages that read as the shared zero
+    # page, where an array is 2 MB of fresh memory to fault in and fill
+    zeros = memoryview(bytes(8 * n))
+    seq[at : at + n] = zeros.cast("Q")
+    ts[at : at + n] = zeros.cast("q")
     rec[at : at + n] = prec
     rows.n = rows.n_rec = at + n
 

@@ -194,7 +194,10 @@ def _rollback(j: Journal, to: PointLike, ts: int | None = None) -> RollbackResul
             raise
         syncing.result()
         ops.step()
-        b.commit()
+        # by pointer: the payloads are bytes objects already (no copy), and
+        # joining 10 MB of them costs fresh memory (first commit of 2,662
+        # 4 KiB writes in a process: 14-22 ms joined, 9-11 ms by pointer)
+        b.commit(by_pointer=True)
         result.seq = b.last_seq
         result.records = b.last_seq - b.first_seq + 1
         j.sync()
