@@ -567,3 +567,18 @@ int cdp_touched_ranges(uint64_t n, const uint64_t *key, const uint64_t *start, c
     *n_out = m;
     return CDP_OK;
 }
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  /* Linux 5.14; older headers lack the name */
+#endif
+
+int cdp_populate_read(const uint8_t *p, uint64_t len)
+{
+    if (len == 0)
+        return CDP_OK;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)p & ~(page - 1);
+    if (madvise((void *)a, (uintptr_t)p + len - a, MADV_POPULATE_READ) != 0)
+        return CDP_EIO;
+    return CDP_OK;
+}

@@ -251,3 +251,61 @@ def test_cover_merges_long_sorted_runs_as_a_sort_would(scale: int, monkeypatch: 
             got[(k, a + x)] = (f << 32) | (src + x)
     assert got == want
     assert [plan.sizes[k] for k in (1, 2, 3)] == [sizes[k] for k in (1, 2, 3)]
+
+
+def _present(addr: int, pages: range) -> list[bool]:
+    """Whether each page of this process at addr + i pages has a page table
+    entry (bit 63 of /proc/self/pagemap)."""
+    import mmap
+
+    out = []
+    with open("/proc/self/pagemap", "rb") as f:
+        for i in pages:
+            f.seek((addr // mmap.PAGESIZE + i) * 8)
+            out.append(bool(int.from_bytes(f.read(8), "little") >> 63))
+    return out
+
+
+def test_populate_read_fills_page_tables_and_reports_bad_ranges(tmp_path: Path) -> None:
+    """cdp_populate_read (a restore's mapping thread): the pages of the
+    range are mapped when it returns (the kernel may map neighbours too,
+    as a fault does: fault-around), an unaligned start is rounded down,
+    pages far from it are not touched; length 0 does nothing (even at
+    NULL); a range that is not mapped is CDP_EIO with errno ENOMEM; and
+    plan._populate, which treats it as advice, never raises."""
+    import errno
+    import mmap
+
+    from cdpcore._native import ffi, lib
+    from cdpcore.plan import _populate
+
+    page = mmap.PAGESIZE
+    path = tmp_path / "seg"
+    path.write_bytes(os.urandom(256 * page))
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
+    buf = ffi.from_buffer(m)
+    addr = int(ffi.cast("uintptr_t", buf))
+    try:
+        assert not any(_present(addr, range(256)))
+        # from the middle of page 131 into page 133
+        assert lib.cdp_populate_read(buf + 131 * page + 100, 2 * page) == lib.CDP_OK
+        assert all(_present(addr, range(131, 134)))
+        assert not any(_present(addr, range(0, 64))) and not any(_present(addr, range(200, 256)))
+        assert lib.cdp_populate_read(buf + 10 * page, 0) == lib.CDP_OK
+        assert lib.cdp_populate_read(ffi.NULL, 0) == lib.CDP_OK
+        assert not any(_present(addr, range(0, 64)))
+    finally:
+        ffi.release(buf)
+    # a range where nothing is mapped any more
+    gone = mmap.mmap(-1, 4 * page)
+    gone_buf = ffi.from_buffer(gone)
+    gone_addr = int(ffi.cast("uintptr_t", gone_buf))
+    ffi.release(gone_buf)
+    gone.close()
+    assert lib.cdp_populate_read(ffi.cast("uint8_t *", gone_addr), 4 * page) == lib.CDP_EIO
+    assert ffi.errno == errno.ENOMEM
+    _populate(m)
+    assert all(_present(addr, range(256)))
+    assert bytes(m) == path.read_bytes()
+    m.close()

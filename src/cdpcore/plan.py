@@ -970,6 +970,19 @@ def _stamp(tree: Tree, last_seq: array, last_ts: array) -> None:
             node.mtime_seq = last_seq[node.key]
 
 
+def _populate(m: mmap.mmap) -> None:
+    """Fill in the page tables of a read-only file mapping now
+    (cdp_populate_read: MADV_POPULATE_READ with the GIL released, under the
+    mmap lock taken for reading). Advice only: where the kernel cannot
+    (EINVAL before Linux 5.14), the pages are faulted in when read, as
+    without it."""
+    buf = ffi.from_buffer(m)
+    try:
+        lib.cdp_populate_read(buf, len(m))
+    finally:
+        ffi.release(buf)
+
+
 def distinct(values: Iterable[int], universe: Iterable[int]) -> set[int]:
     """The distinct values of a column of source indices, taken in slices
     that stop as soon as every index of `universe` has been seen: a
@@ -1016,15 +1029,20 @@ class Sources:
 
     def prefetch(self, indices: Iterable[int]) -> None:
         """Map these sources on a thread of its own while the caller goes on
-        (laying out the plan): a restore's 4 GB of segments take 0.12-0.3 s
-        of page-table work with MAP_POPULATE, longer than the plan itself,
-        and the mmap call releases the GIL. `indices` may be a large array
-        (a checkpoint's source column: its distinct values are taken on the
-        thread, 8 ms for 256,000 pieces). _map() of a source known now (not
-        of those added later, the segments after a checkpoint) does not
-        just wait for the thread: it maps the sources the thread has not
-        started on, from the other end of the list, so that the two cores
-        share what is left instead of one idling (help()). A mapping that
+        (laying out the plan), and fill in their page tables: a restore's
+        4 GB of segments take 0.08-0.3 s of page-table work, as long as the
+        plan itself or longer. `indices` may be a large array (a
+        checkpoint's source column: its distinct values are taken on the
+        thread). The thread first maps every source without populating
+        (under a millisecond for 64 segments), then populates them one by
+        one with MADV_POPULATE_READ: mmap() takes the process's mmap lock
+        for writing, and with MAP_POPULATE on each mmap a second thread's
+        mmap waited for the first one's populate, so two threads took as
+        long as one; populating mappings that exist takes the lock for
+        reading only. _map() of a source known now (not of those added
+        later, the segments after a checkpoint) populates, from the other
+        end of the list, what the thread has not reached (help()), so that
+        two cores share what is left instead of one idling. A mapping that
         failed is simply made again there, so that its error is raised
         where it is used."""
         if not self.populate or self._prefetch is not None:
@@ -1033,32 +1051,33 @@ class Sources:
         if not known:
             return
         paths = list(self.paths)
-        todo: list[int] = []
+        todo: list[mmap.mmap] = []
         ready = threading.Event()
         lock = threading.Lock()
 
-        def take(last: bool) -> int | None:
+        def take(last: bool) -> mmap.mmap | None:
             with lock:
                 return (todo.pop() if last else todo.pop(0)) if todo else None
 
-        def fetch(i: int) -> None:
-            try:
-                self._fetched[i] = self._open_map(paths[i])
-            except (OSError, ValueError):
-                pass
-
         def run() -> None:
             try:
-                todo.extend(sorted(known.intersection(distinct(indices, known))))
+                for i in sorted(known.intersection(distinct(indices, known))):
+                    try:
+                        m = self._open_map(paths[i], populate=False)
+                    except (OSError, ValueError):
+                        continue
+                    self._fetched[i] = m
+                    if m is not None:
+                        todo.append(m)
             finally:
                 ready.set()
-            while (i := take(False)) is not None:
-                fetch(i)
+            while (m := take(False)) is not None:
+                _populate(m)
 
         def help() -> None:
             ready.wait()
-            while (i := take(True)) is not None:
-                fetch(i)
+            while (m := take(True)) is not None:
+                _populate(m)
 
         def cancel() -> None:
             with lock:
@@ -1079,11 +1098,11 @@ class Sources:
             self._prefetch = None
             self._pending = set()
 
-    def _open_map(self, path: str) -> mmap.mmap | None:
+    def _open_map(self, path: str, populate: bool | None = None) -> mmap.mmap | None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if self.populate else 0)
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if (self.populate if populate is None else populate) else 0)
             return mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=flags) if size else None
         finally:
             os.close(fd)
