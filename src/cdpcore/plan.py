@@ -1002,10 +1002,11 @@ def distinct(values: Iterable[int], universe: Iterable[int]) -> set[int]:
 
 class Sources:
     """The files a plan's pieces come from (segments, base copies), mapped
-    read-only on first use. Segments are mapped with MAP_POPULATE: page
-    tables for the whole file in one call, instead of a fault for every
-    16 pages that the extractor and the copy touch (a fifth of a restore's
-    time on a 4 GB journal)."""
+    read-only on first use. A restore's are populated: page tables for the
+    whole file at once (MAP_POPULATE, or MADV_POPULATE_READ for those the
+    prefetch thread maps), instead of a fault for every 16 pages that the
+    extractor and the copy touch (a fifth of a restore's time on a 4 GB
+    journal)."""
 
     def __init__(self, populate: bool = True) -> None:
         self.populate = populate
