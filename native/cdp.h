@@ -231,6 +231,16 @@ int cdp_copy_out(int fd, uint64_t n, const uint64_t *dst, const uint64_t *len,
 int cdp_touched_ranges(uint64_t n, const uint64_t *key, const uint64_t *start, const uint64_t *end,
                        uint64_t *o_key, uint64_t *o_start, uint64_t *o_end, uint64_t *n_out);
 
+/* Fill in the page tables of the pages holding [p, p + len) of a file
+ * mapping now (madvise MADV_POPULATE_READ, Linux 5.14), with the GIL
+ * released (cffi): a restore's thread does this for 4 GB of segments while
+ * the plan is laid out, and Python's mmap.madvise holds the GIL throughout.
+ * p need not be page-aligned (the start is rounded down); len 0 is CDP_OK.
+ * CDP_EIO with errno on failure: EINVAL where the kernel does not know the
+ * advice, ENOMEM for a range that is not mapped, EFAULT for one that cannot
+ * be read. */
+int cdp_populate_read(const uint8_t *p, uint64_t len);
+
 /* Put back a file's bytes where a rollback may have to (one call per file,
  * instead of a read, a compare and a write per range in Python). Ranges
  * [r_start[i], r_start[i] + r_len[i]) for i < n are sorted and disjoint;

@@ -182,17 +182,24 @@ def test_damaged_payload_fails_and_leaves_dest_empty(journal_dirs: tuple[Path, P
     assert os.listdir(dest) == []
 
 
-def test_cover_merges_long_sorted_runs_as_a_sort_would() -> None:
+@pytest.mark.parametrize("scale", [1, 10])
+def test_cover_merges_long_sorted_runs_as_a_sort_would(scale: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """cdp_cover merges long runs of rows already in (key, start) order (a
     checkpoint's pieces, thousands of them) with the other rows instead of
     sorting them all again. Whatever the mix (overlaps, equal starts in
     and across runs, empty rows, truncates, two runs), the pieces must be
     those of laying the rows over each other in row order: checked byte by
     byte against painting them. (The journals of the other tests are too
-    small to have such runs.)"""
+    small to have such runs.) At scale 10 (70,000 rows) cdp_cover's scratch
+    memory is large enough to be mapped with huge pages rather than
+    malloc'd, and the rows' and pieces' columns are asked for huge pages
+    too (the threshold lowered: the real one is 262,144 rows)."""
+    from cdpcore import plan as plan_mod
     from cdpcore.plan import HOLE, Plan, Sources, Tree, _cover, _Rows
 
-    rnd = random.Random(11)
+    if scale > 1:
+        monkeypatch.setattr(plan_mod, "HUGE_ROWS", 1)
+    rnd = random.Random(11 * scale)
     rows: list[tuple[int, int, int, int, int]] = []
 
     def sorted_run(keys: tuple[int, ...], count: int) -> None:
@@ -203,15 +210,16 @@ def test_cover_merges_long_sorted_runs_as_a_sort_would() -> None:
                 rows.append((k, pos, pos + n, 0, rnd.randrange(1 << 20)))
                 pos += rnd.randrange(0, 40)  # overlapping, sometimes the same start
 
-    sorted_run((1, 2), 2500)
-    for _ in range(700):
-        k, a = rnd.choice((1, 2, 3)), rnd.randrange(0, 60_000)
+    sorted_run((1, 2), 2500 * scale)
+    for _ in range(700 * scale):
+        k, a = rnd.choice((1, 2, 3)), rnd.randrange(0, 60_000 * scale)
         if rnd.random() < 0.08:
             rows.append((k, a, HOLE, HOLE, 0))  # a truncate
         else:
             rows.append((k, a, a + rnd.randrange(0, 3000), 1, rnd.randrange(1 << 20)))
-    sorted_run((3,), 4500)
-    rows += [(rows[i][0], rows[i][1], rows[i][2] + 7, 1, 5) for i in rnd.sample(range(len(rows)), 50)]
+    sorted_run((3,), 4500 * scale)
+    writes = [i for i, r in enumerate(rows) if r[3] != HOLE]  # (a truncate's end + 7 is no offset)
+    rows += [(rows[i][0], rows[i][1], rows[i][2] + 7, 1, 5) for i in rnd.sample(writes, 50 * scale)]
 
     # the reference: paint each key's bytes in row order; a cell is file << 32 | source offset
     cells: dict[int, list[int | None]] = {}
@@ -243,3 +251,61 @@ def test_cover_merges_long_sorted_runs_as_a_sort_would() -> None:
             got[(k, a + x)] = (f << 32) | (src + x)
     assert got == want
     assert [plan.sizes[k] for k in (1, 2, 3)] == [sizes[k] for k in (1, 2, 3)]
+
+
+def _present(addr: int, pages: range) -> list[bool]:
+    """Whether each page of this process at addr + i pages has a page table
+    entry (bit 63 of /proc/self/pagemap)."""
+    import mmap
+
+    out = []
+    with open("/proc/self/pagemap", "rb") as f:
+        for i in pages:
+            f.seek((addr // mmap.PAGESIZE + i) * 8)
+            out.append(bool(int.from_bytes(f.read(8), "little") >> 63))
+    return out
+
+
+def test_populate_read_fills_page_tables_and_reports_bad_ranges(tmp_path: Path) -> None:
+    """cdp_populate_read (a restore's mapping thread): the pages of the
+    range are mapped when it returns (the kernel may map neighbours too,
+    as a fault does: fault-around), an unaligned start is rounded down,
+    pages far from it are not touched; length 0 does nothing (even at
+    NULL); a range that is not mapped is CDP_EIO with errno ENOMEM; and
+    plan._populate, which treats it as advice, never raises."""
+    import errno
+    import mmap
+
+    from cdpcore._native import ffi, lib
+    from cdpcore.plan import _populate
+
+    page = mmap.PAGESIZE
+    path = tmp_path / "seg"
+    path.write_bytes(os.urandom(256 * page))
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
+    buf = ffi.from_buffer(m)
+    addr = int(ffi.cast("uintptr_t", buf))
+    try:
+        assert not any(_present(addr, range(256)))
+        # from the middle of page 131 into page 133
+        assert lib.cdp_populate_read(buf + 131 * page + 100, 2 * page) == lib.CDP_OK
+        assert all(_present(addr, range(131, 134)))
+        assert not any(_present(addr, range(0, 64))) and not any(_present(addr, range(200, 256)))
+        assert lib.cdp_populate_read(buf + 10 * page, 0) == lib.CDP_OK
+        assert lib.cdp_populate_read(ffi.NULL, 0) == lib.CDP_OK
+        assert not any(_present(addr, range(0, 64)))
+    finally:
+        ffi.release(buf)
+    # a range where nothing is mapped any more
+    gone = mmap.mmap(-1, 4 * page)
+    gone_buf = ffi.from_buffer(gone)
+    gone_addr = int(ffi.cast("uintptr_t", gone_buf))
+    ffi.release(gone_buf)
+    gone.close()
+    assert lib.cdp_populate_read(ffi.cast("uint8_t *", gone_addr), 4 * page) == lib.CDP_EIO
+    assert ffi.errno == errno.ENOMEM
+    _populate(m)
+    assert all(_present(addr, range(256)))
+    assert bytes(m) == path.read_bytes()
+    m.close()

@@ -11,6 +11,7 @@ each of its operations and check that running it again completes it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import os
 import random
@@ -349,3 +350,24 @@ def test_killed_between_ranges_of_one_file_then_rerun(fast_tmp: Path) -> None:
             check_rolled_back(j, work, to, from_seq, 0, f"k{n}")
         shutil.rmtree(work)
     assert killed >= 4  # at least one kill after each of the four writes
+
+
+def test_the_roots_fsync_thread_hands_its_error_to_the_caller(tmp_path: Path) -> None:
+    """The root's fsync runs on a thread while the journal's records are
+    collected (rollback._Background); the rollback must not journal
+    anything if that fsync failed: result() raises the thread's error on
+    the caller's thread, and returns only once the work is done."""
+    from cdpcore.rollback import _Background
+
+    def fsync_of_a_closed_descriptor() -> None:
+        fd = os.open(tmp_path, os.O_RDONLY)
+        os.close(fd)
+        os.fsync(fd)  # EBADF: a real failing fsync
+
+    with pytest.raises(OSError) as err:
+        _Background(fsync_of_a_closed_descriptor).result()
+    assert err.value.errno == errno.EBADF
+    done: list[int] = []
+    bg = _Background(lambda: done.append(1))
+    bg.result()
+    assert done == [1]

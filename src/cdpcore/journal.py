@@ -368,11 +368,17 @@ class Batch:
         if exc_type is None:
             self.commit()
 
-    def commit(self) -> tuple[int, int]:
+    def commit(self, by_pointer: bool | None = None) -> tuple[int, int]:
         """Write the collected records; returns (first_seq, last_seq).
-        Bookmarks among them are entered in the audit log (cdpcore.audit)."""
+        Bookmarks among them are entered in the audit log (cdpcore.audit).
+        by_pointer forces how: None decides by the payloads' average size
+        (BY_POINTER_MIN, tuned on a stream of batches, whose joined buffer
+        malloc recycles); True suits one large batch in a process (a
+        rollback's megabytes of 4 KiB writes), where joining means faulting
+        in fresh memory for a copy of every byte."""
         if self._ops:
-            by_pointer = self._bytes >= BY_POINTER_MIN * len(self._ops)
+            if by_pointer is None:
+                by_pointer = self._bytes >= BY_POINTER_MIN * len(self._ops)
             marks = [bytes(op[4]).decode() for op in self._ops if op[0] == Kind.BOOKMARK]
             self.first_seq, self.last_seq = self._j._commit(self._ops, by_pointer)
             self._ops = []

@@ -57,6 +57,8 @@ from cdpcore.segment import STOP_END, STOP_LIMIT, STOP_REASONS
 HOLE = 2**64 - 1  # source file of a hole row / piece
 MAX_TABLE_FID = 1 << 24  # file ids above this are bound in Python only
 ROWS_PER_CALL = 1 << 22
+HUGE_ROWS = 1 << 18  # columns of at least 2 MiB each get transparent huge pages
+_MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
 # Kinds the extractor consumes without stopping: they change no file.
 _SKIP = (1 << Kind.FLUSH) | (1 << Kind.BOOKMARK)
 _STOP_KIND = 7  # enum cdp_extract_stop
@@ -228,10 +230,14 @@ def base_path(j: Journal, seq: int, payload: bytes) -> str:
 
 
 class _Columns:
-    """Parallel 64-bit columns in anonymous mappings. Their pages cost
+    """Parallel 64-bit columns in one anonymous mapping. Its pages cost
     nothing until written, unlike a zero-filled array: the first touch of
     fresh memory costs several microseconds a page on these machines, and
-    a million-record plan sizes its outputs for the worst case."""
+    a million-record plan sizes its outputs for the worst case. Large ones
+    ask for transparent huge pages (MADV_HUGEPAGE: one fault and one zeroing
+    per 2 MiB instead of 512 faults; 32 MB came to 8-13 ms instead of 21-23
+    ms here); small ones do not, since a huge page per column would zero
+    2 MiB for a few rows."""
 
     def __init__(self, codes: str, capacity: int):
         self.codes = codes
@@ -241,18 +247,33 @@ class _Columns:
         self._grow(capacity, 0)
 
     def _grow(self, cap: int, keep: int) -> None:
-        maps = [mmap.mmap(-1, 8 * max(cap, 1)) for _ in self.codes]
-        cols = [memoryview(m).cast(c) for m, c in zip(maps, self.codes)]  # type: ignore[call-overload]
+        cap = max(cap, 1)
+        m = mmap.mmap(-1, 8 * cap * len(self.codes))
+        if cap >= HUGE_ROWS and _MADV_HUGEPAGE is not None:
+            m.madvise(_MADV_HUGEPAGE)
+        view = memoryview(m)
+        cols = [view[8 * cap * i : 8 * cap * (i + 1)].cast(c) for i, c in enumerate(self.codes)]  # type: ignore[call-overload]
+        view.release()
         for new, old in zip(cols, self.cols):
             new[:keep] = old[:keep]
         self.close()
-        self._maps, self.cols, self.cap = maps, cols, cap
+        self._maps, self.cols, self.cap = [m], cols, cap
 
     def pointers(self, at: int) -> list[Any]:
         """cffi pointers to each column at row `at` (take them right before
-        a call: they do not keep the mappings alive across a _grow)."""
-        return [ffi.from_buffer("int64_t[]" if c == "q" else "uint64_t[]", m) + at
-                for m, c in zip(self._maps, self.codes)]
+        a call: they do not keep the mapping alive across a _grow)."""
+        return [ffi.from_buffer("int64_t[]" if c == "q" else "uint64_t[]", col) + at
+                for col, c in zip(self.cols, self.codes)]
+
+    def detach(self, n: int) -> tuple[memoryview, ...]:
+        """The first n rows of each column, as views that keep the mapping
+        alive after this object is dropped (not closed): a plan's pieces,
+        used where the C layer wrote them instead of copied into arrays
+        (fresh memory twice over for 256,000 pieces)."""
+        out = tuple(col[:n] for col in self.cols)
+        self.cols = []
+        self._maps = []
+        return out
 
     def close(self) -> None:
         for v in self.cols:
@@ -316,7 +337,7 @@ class Plan:
     sizes: array = field(default_factory=lambda: array("Q"))  # by inode key
     # key, start, len, file, src, rec (offset of the source record's
     # payload): sorted by key, start
-    pieces: tuple[array, ...] = ()
+    pieces: tuple[Any, ...] = ()  # u64 columns (memoryviews or arrays)
     records: int = 0  # records from the base (or the start) to seq
     dirty: list[str] = field(default_factory=list)
 
@@ -554,12 +575,15 @@ def _begin(j: Journal, seq: int, progress: Progress | None, validator: Validator
     try:
         start_seq = first
         if ck is not None:
-            _load_checkpoint(ck, plan, tree, rows, pieces)
-            start_seq = ck.start_seq
             if pieces:
                 # the sources the checkpoint's pieces come from, mapped
-                # while the records after it are read and the rows laid out
+                # while its rows are loaded, the records after it read and
+                # the rows laid out
+                for path in ck.sources:
+                    sources.add(path)
                 sources.prefetch(ck.pieces[3])
+            _load_checkpoint(ck, plan, tree, rows, pieces)
+            start_seq = ck.start_seq
         start_seq = _forward(j, seq, plan, tree, rows, progress, validator, first, start_seq)
         plan.records = max(0, seq - start_seq + 1)
     except BaseException:
@@ -878,9 +902,12 @@ def _load_checkpoint(ck: checkpoint.Checkpoint, plan: Plan, tree: PlanTree, rows
     file[at : at + n] = pf
     src[at : at + n] = psrc
     end[at : at + n] = pl  # the checkpoint stores ends in the length column's place
-    zeros = array("Q", bytes(8 * n))
-    seq[at : at + n] = zeros
-    ts[at : at + n] = array("q", bytes(8 * n))
+    # zeros from a bytes object, not an array copied from it: a large
+    # bytes(n) is calloc'd, untouched pages that read as the shared zero
+    # page, where an array is 2 MB of fresh memory to fault in and fill
+    zeros = memoryview(bytes(8 * n))
+    seq[at : at + n] = zeros.cast("Q")
+    ts[at : at + n] = zeros.cast("q")
     rec[at : at + n] = prec
     rows.n = rows.n_rec = at + n
 
@@ -925,7 +952,7 @@ def _cover(plan: Plan, rows: _Rows, full: tuple[array, array, array] | None = No
             raise MemoryError("restore plan: cannot lay out the extents")
         if status != lib.CDP_OK:
             raise CorruptJournal(f"restore plan: bad rows (status {status})")
-        plan.pieces = tuple(array("Q", c[: n_pieces[0]].tobytes()) for c in out.cols)
+        plan.pieces = out.detach(int(n_pieces[0]))
     finally:
         out.close()
     if full is not None:
@@ -943,12 +970,43 @@ def _stamp(tree: Tree, last_seq: array, last_ts: array) -> None:
             node.mtime_seq = last_seq[node.key]
 
 
+def _populate(m: mmap.mmap) -> None:
+    """Fill in the page tables of a read-only file mapping now
+    (cdp_populate_read: MADV_POPULATE_READ with the GIL released, under the
+    mmap lock taken for reading). Advice only: where the kernel cannot
+    (EINVAL before Linux 5.14), the pages are faulted in when read, as
+    without it."""
+    buf = ffi.from_buffer(m)
+    try:
+        lib.cdp_populate_read(buf, len(m))
+    finally:
+        ffi.release(buf)
+
+
+def distinct(values: Iterable[int], universe: Iterable[int]) -> set[int]:
+    """The distinct values of a column of source indices, taken in slices
+    that stop as soon as every index of `universe` has been seen: a
+    restore's 256,000 pieces name 70 segments, mostly all of them within
+    the first few thousand pieces, and a whole set() of the column took 8
+    ms while holding the GIL (the plan's thread waited for it)."""
+    want = set(universe)
+    if not isinstance(values, memoryview | array):
+        return set(values)
+    found: set[int] = set()
+    for a in range(0, len(values), 4096):
+        found.update(values[a : a + 4096])
+        if want <= found:
+            break
+    return found
+
+
 class Sources:
     """The files a plan's pieces come from (segments, base copies), mapped
-    read-only on first use. Segments are mapped with MAP_POPULATE: page
-    tables for the whole file in one call, instead of a fault for every
-    16 pages that the extractor and the copy touch (a fifth of a restore's
-    time on a 4 GB journal)."""
+    read-only on first use. A restore's are populated: page tables for the
+    whole file at once (MAP_POPULATE, or MADV_POPULATE_READ for those the
+    prefetch thread maps), instead of a fault for every 16 pages that the
+    extractor and the copy touch (a fifth of a restore's time on a 4 GB
+    journal)."""
 
     def __init__(self, populate: bool = True) -> None:
         self.populate = populate
@@ -959,6 +1017,8 @@ class Sources:
         self._ptrs: Any = None
         self._lens: Any = None
         self._prefetch: threading.Thread | None = None
+        self._help: Callable[[], None] = lambda: None
+        self._cancel: Callable[[], None] = lambda: None
         self._pending: set[int] = set()  # what the prefetch thread maps
         self._fetched: dict[int, mmap.mmap | None] = {}
         self._readers: list[Callable[[], object]] = []
@@ -970,44 +1030,80 @@ class Sources:
 
     def prefetch(self, indices: Iterable[int]) -> None:
         """Map these sources on a thread of its own while the caller goes on
-        (laying out the plan): a restore's 4 GB of segments take 0.12-0.3 s
-        of page-table work with MAP_POPULATE, as long as the plan itself,
-        and the mmap call releases the GIL. `indices` may be a large array
-        (a checkpoint's source column: its distinct values are taken on the
-        thread, 8 ms for 256,000 pieces). _map() waits for the thread only
-        for sources known now (not for those added later, the segments
-        after a checkpoint), and adopts its mappings; one that failed is
-        simply mapped again there, so that its error is raised where it is
-        used."""
+        (laying out the plan), and fill in their page tables: a restore's
+        4 GB of segments take 0.08-0.3 s of page-table work, as long as the
+        plan itself or longer. `indices` may be a large array (a
+        checkpoint's source column: its distinct values are taken on the
+        thread). The thread first maps every source without populating
+        (under a millisecond for 64 segments), then populates them one by
+        one with MADV_POPULATE_READ: mmap() takes the process's mmap lock
+        for writing, and with MAP_POPULATE on each mmap a second thread's
+        mmap waited for the first one's populate, so two threads took as
+        long as one; populating mappings that exist takes the lock for
+        reading only. _map() of a source known now (not of those added
+        later, the segments after a checkpoint) populates, from the other
+        end of the list, what the thread has not reached (help()), so that
+        two cores share what is left instead of one idling. A mapping that
+        failed is simply made again there, so that its error is raised
+        where it is used."""
         if not self.populate or self._prefetch is not None:
             return
         known = {i for i in range(len(self.paths)) if self._bufs[i] is None}
         if not known:
             return
         paths = list(self.paths)
+        todo: list[mmap.mmap] = []
+        ready = threading.Event()
+        lock = threading.Lock()
+
+        def take(last: bool) -> mmap.mmap | None:
+            with lock:
+                return (todo.pop() if last else todo.pop(0)) if todo else None
 
         def run() -> None:
-            for i in sorted(known.intersection(indices)):
-                try:
-                    self._fetched[i] = self._open_map(paths[i])
-                except (OSError, ValueError):
-                    continue
+            try:
+                for i in sorted(known.intersection(distinct(indices, known))):
+                    try:
+                        m = self._open_map(paths[i], populate=False)
+                    except (OSError, ValueError):
+                        continue
+                    self._fetched[i] = m
+                    if m is not None:
+                        todo.append(m)
+            finally:
+                ready.set()
+            while (m := take(False)) is not None:
+                _populate(m)
+
+        def help() -> None:
+            ready.wait()
+            while (m := take(True)) is not None:
+                _populate(m)
+
+        def cancel() -> None:
+            with lock:
+                todo.clear()
 
         self._pending = known
+        self._help, self._cancel = help, cancel
         self._prefetch = threading.Thread(target=run, name="cdpcore-map", daemon=True)
         self._prefetch.start()
 
-    def _join_prefetch(self) -> None:
+    def _join_prefetch(self, help: bool = True) -> None:
         if self._prefetch is not None:
+            if help:
+                self._help()
+            else:
+                self._cancel()  # (closing: what is not mapped yet never will be)
             self._prefetch.join()
             self._prefetch = None
             self._pending = set()
 
-    def _open_map(self, path: str) -> mmap.mmap | None:
+    def _open_map(self, path: str, populate: bool | None = None) -> mmap.mmap | None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if self.populate else 0)
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if (self.populate if populate is None else populate) else 0)
             return mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=flags) if size else None
         finally:
             os.close(fd)
@@ -1044,7 +1140,7 @@ class Sources:
     def pointers(self, files: Iterable[int]) -> tuple[Any, Any]:
         """The C view of the sources (base pointers and lengths, by index),
         with these files mapped; valid until the next add() or close()."""
-        for f in set(files):
+        for f in distinct(files, range(len(self.paths))):
             self._map(f)
         if self._ptrs is None:
             self._ptrs = ffi.new("const uint8_t *[]", [ffi.NULL if b is None else b for b in self._bufs] or [ffi.NULL])
@@ -1079,7 +1175,7 @@ class Sources:
         readers, self._readers = self._readers, []
         for wait in readers:
             wait()
-        self._join_prefetch()
+        self._join_prefetch(help=False)
         for m in self._fetched.values():
             if m is not None:
                 m.close()
