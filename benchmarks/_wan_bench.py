@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -506,13 +507,23 @@ def pacs_run(quick: bool) -> Runner:
                                   str(workloads.SEED)])
 
 
-def pg_knobs(quick: bool) -> tuple[int, int]:
-    """(pgbench scale, seconds of the captured pgbench run), checked."""
+# PostgreSQL's own default. tests/pg_util.py starts servers with 32MB (small
+# test machines); with it, pgbench at scale 10 evicts each dirty page ~2.4
+# times before the shutdown checkpoint, and the journal (every write) holds
+# each of those versions while rsync and zstd see only the last.
+DEFAULT_PG_SHARED_BUFFERS = "128MB"
+
+
+def pg_knobs(quick: bool) -> tuple[int, int, str]:
+    """(pgbench scale, seconds of the captured pgbench run, shared_buffers), checked."""
     scale = _env_int("CDP_WAN_PG_SCALE", 10)
     seconds = _env_int("CDP_WAN_PG_SECONDS", 10 if quick else 30)
     if scale < 1 or seconds < 1:
         raise ValueError(f"CDP_WAN_PG_SCALE and CDP_WAN_PG_SECONDS must be at least 1, got {scale} and {seconds}")
-    return scale, seconds
+    buffers = os.environ.get("CDP_WAN_PG_SHARED_BUFFERS") or DEFAULT_PG_SHARED_BUFFERS
+    if not re.fullmatch(r"[1-9][0-9]*(kB|MB|GB)", buffers):
+        raise ValueError(f"CDP_WAN_PG_SHARED_BUFFERS: expected a size such as 128MB (kB, MB or GB), got {buffers!r}")
+    return scale, seconds, buffers
 
 
 class PgBench:
@@ -530,11 +541,15 @@ class PgBench:
 
     def __init__(self, work: str, quick: bool) -> None:
         self.work = work
-        self.scale, self.seconds = pg_knobs(quick)
+        self.scale, self.seconds, self.shared_buffers = pg_knobs(quick)
         self.tps: float | None = None
 
     def _cluster(self, root: str) -> pg_util.Cluster:
         return pg_util.Cluster(Path(root), data=Path(root) / "data")
+
+    def _server(self, cl: pg_util.Cluster) -> list[str]:
+        # a later -c wins over pg_util's shared_buffers
+        return cl.server_argv() + ["-c", f"shared_buffers={self.shared_buffers}"]
 
     def init(self, root: str) -> list[str]:
         # the server's user must cross every directory from the scratch
@@ -547,7 +562,7 @@ class PgBench:
         try:
             cl.give(Path(root))
             cl.initdb()
-            cl.start_plain()
+            cl.start_plain(self._server(cl))
             try:
                 cl.pgbench("-i", "-s", str(self.scale), "-q")
             finally:
@@ -562,7 +577,7 @@ class PgBench:
         log_path = os.path.join(self.work, "pg-server.log")
         try:
             with open(log_path, "wb") as logf:
-                prot = subprocess.Popen(protect_argv(journal, cl.as_user(cl.server_argv()), baseline),
+                prot = subprocess.Popen(protect_argv(journal, cl.as_user(self._server(cl)), baseline),
                                         stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
             try:
                 cl.wait_ready(prot)
@@ -594,7 +609,7 @@ def pg_scenario(link: Link, dr: DrSite | None, work: str, quick: bool, log: Log)
     pg = PgBench(work, quick)
     log(f"pg: pgbench -i -s {pg.scale}, then -c 4 -j 4 -T {pg.seconds} under protect")
     res = _transfer_scenario("pg", link, dr, work, pg.init, pg.run, log, stream_row=True)
-    res.update(scale=pg.scale, seconds=pg.seconds, tps=pg.tps)
+    res.update(scale=pg.scale, seconds=pg.seconds, shared_buffers=pg.shared_buffers, tps=pg.tps)
     return res
 
 
@@ -797,7 +812,8 @@ def render(r: dict[str, Any]) -> list[str]:
         if key == "pg":
             tps = "?" if sc.get("tps") is None else f"{sc['tps']:,.0f}"
             what = (f"`pgbench -i -s {sc['scale']}` (the base), then `pgbench -c 4 -j 4 -T {sc['seconds']}` "
-                    f"under protect: {tps} tps, {sc['workload_s']:.1f} s with start and shutdown. ")
+                    f"under protect, shared_buffers {sc['shared_buffers']}: {tps} tps, "
+                    f"{sc['workload_s']:.1f} s with start and shutdown. ")
         out += [f"### {title}\n",
                 what + f"Initial state {_mb(sc['initial_bytes'])}; the change: {sc['records']:,} journal records "
                 f"({_mb(sc['journal_bytes'])} of segments in all), tree after {_mb(sc['after_bytes'])}. "
