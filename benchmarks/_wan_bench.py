@@ -31,6 +31,17 @@ state and the change):
     second do not load the 2-core machine) and as the replica's files
     give it (vault_lag: what the DR site holds at that moment): p50, p99,
     max; the sender's CPU.
+(d) pg: PostgreSQL (the Debian packages' binaries, tests/pg_util.py) as
+    the database workload: initdb and `pgbench -i -s 10` (uncaptured, the
+    server stopped cleanly) are the initial state, journaled as the base
+    and shipped once; then the server runs under protect (as the `postgres`
+    user) for `pgbench -c 4 -j 4 -T 30` and a fast shutdown (its
+    checkpoint writes the dirty pages), and the increment is shipped
+    (measured). Baselines as for (a): `rsync -z` of the data directory to
+    a DR copy of the initial state, `zstd -3` of the net change (the
+    differing 4 KiB blocks of the data files and WAL segments), and the
+    size of `zstd -3` of every write. Not run without PostgreSQL (a
+    failure instead when CDP_REQUIRE_POSTGRES=1).
 
 Measured for every transfer: wire bytes (the sender veth's tx_bytes over
 the run), elapsed time, link use while the backlog existed
@@ -39,13 +50,15 @@ byte), counters sampled every 20 ms), sender CPU (user + system of the
 ship process from wait4's rusage, as % of one core over its run). Nothing
 asserts: each target gets a PASS/FAIL line.
 
-Knobs: CDP_WAN_RATE (10mbit), CDP_WAN_SCENARIOS (his,pacs,lag), CDP_WAN_SHIP_ARGS
+Knobs: CDP_WAN_RATE (10mbit), CDP_WAN_SCENARIOS (his,pacs,lag,pg), CDP_WAN_SHIP_ARGS
 (more `cdpctl ship` options, e.g. "--cpu-limit unlimited"),
 CDP_WAN_LAG_SECONDS (60), CDP_WAN_LAG_RATE (512000 bytes/s), CDP_WAN_BASE
 (1; 0: journals without a base, the initial state not shipped), and
 workloads.py's CDP_WL_DB_MB (16), CDP_WL_TRANSACTIONS (3000),
-CDP_WL_IMAGES (1500), CDP_WL_IMAGE_SIDE (256). `run.py wan --quick`: 1000
-transactions, 500 images, 20 s of lag.
+CDP_WL_IMAGES (1500), CDP_WL_IMAGE_SIDE (256); for (d) CDP_WAN_PG_SCALE
+(10), CDP_WAN_PG_SECONDS (30), CDP_WAN_PG_SHARED_BUFFERS (128MB).
+`run.py wan --quick`: 1000 transactions, 500 images, 20 s of lag, 10 s
+of pgbench.
 """
 from __future__ import annotations
 
