@@ -719,8 +719,10 @@ def wan_suite(log: Log = lambda s: None, quick: bool = False) -> dict[str, Any]:
         pg_knobs(quick)  # a bad knob fails before the link is up
     missing = replication_available()
     work = _bench.scratch("wan")
+    # the knobs set for this run: run.py's command line does not show them
+    knobs = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("CDP_WAN_", "CDP_WL_"))}
     res: dict[str, Any] = {"rate": rate, "load_at_start": os.getloadavg(), "replication": missing or "available",
-                           "scenarios": {}}
+                           "knobs": knobs, "scenarios": {}}
     try:
         with shaped_link(rate) as link:
             res["link"] = link.describe()
@@ -810,6 +812,8 @@ def render(r: dict[str, Any]) -> list[str]:
            f"link use {ref.get('link_use', 0):.1%}. Load average at start "
            f"{' '.join(f'{x:.2f}' for x in r['load_at_start'])}, at end "
            f"{' '.join(f'{x:.2f}' for x in r['load_at_end'])}.\n"]
+    if r.get("knobs"):
+        out.append("Knobs set: " + ", ".join(f"`{k}={v}`" for k, v in r["knobs"].items()) + ".\n")
     if r["replication"] != "available":
         out.append(f"cdpcore's own transfer not measured: {r['replication']}.\n")
     names = {"his": "(a) HIS-like SQLite", "pacs": "(b) PACS-like tree", "pg": "(d) PostgreSQL pgbench"}
