@@ -567,9 +567,12 @@ class PgBench:
     def init(self, root: str) -> list[str]:
         # the server's user must cross every directory from the scratch
         # directory (mkdtemp: 0700) down to its data directory
-        for d in (Path(root), *Path(root).parents):
+        top, here = Path(self.work).resolve(), Path(root).resolve()
+        if top != here and top not in here.parents:
+            raise ValueError(f"pg: the root {root} is not under the scratch directory {self.work}")
+        for d in (here, *here.parents):  # never above the scratch directory
             os.chmod(d, os.stat(d).st_mode | 0o011)
-            if d == Path(self.work):
+            if d == top:
                 break
         cl = self._cluster(root)
         try:
