@@ -333,7 +333,7 @@ def test_vault_lag_matches_model(small_journal: tuple[str, list[tuple[str, int]]
 
 @needs_root
 @pytest.mark.slow
-@pytest.mark.skipif(not THOROUGH, reason="the whole WAN suite, tiny: ~30 s (CDP_TEST_PROFILE=thorough)")
+@pytest.mark.skipif(not THOROUGH, reason="the whole WAN suite, tiny: ~2 min with PostgreSQL (CDP_TEST_PROFILE=thorough)")
 def test_wan_suite_tiny_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     """The four scenarios on a real link with tiny sizes: every transfer
     measured, every replica byte-equal, a PASS/FAIL line per target, and
