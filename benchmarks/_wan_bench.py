@@ -31,6 +31,17 @@ state and the change):
     second do not load the 2-core machine) and as the replica's files
     give it (vault_lag: what the DR site holds at that moment): p50, p99,
     max; the sender's CPU.
+(d) pg: PostgreSQL (the Debian packages' binaries, tests/pg_util.py) as
+    the database workload: initdb and `pgbench -i -s 10` (uncaptured, the
+    server stopped cleanly) are the initial state, journaled as the base
+    and shipped once; then the server runs under protect (as the `postgres`
+    user) for `pgbench -c 4 -j 4 -T 30` and a fast shutdown (its
+    checkpoint writes the dirty pages), and the increment is shipped
+    (measured). Baselines as for (a): `rsync -z` of the data directory to
+    a DR copy of the initial state, `zstd -3` of the net change (the
+    differing 4 KiB blocks of the data files and WAL segments), and the
+    size of `zstd -3` of every write. Not run without PostgreSQL (a
+    failure instead when CDP_REQUIRE_POSTGRES=1).
 
 Measured for every transfer: wire bytes (the sender veth's tx_bytes over
 the run), elapsed time, link use while the backlog existed
@@ -39,18 +50,21 @@ byte), counters sampled every 20 ms), sender CPU (user + system of the
 ship process from wait4's rusage, as % of one core over its run). Nothing
 asserts: each target gets a PASS/FAIL line.
 
-Knobs: CDP_WAN_RATE (10mbit), CDP_WAN_SCENARIOS (his,pacs,lag), CDP_WAN_SHIP_ARGS
+Knobs: CDP_WAN_RATE (10mbit), CDP_WAN_SCENARIOS (his,pacs,lag,pg), CDP_WAN_SHIP_ARGS
 (more `cdpctl ship` options, e.g. "--cpu-limit unlimited"),
 CDP_WAN_LAG_SECONDS (60), CDP_WAN_LAG_RATE (512000 bytes/s), CDP_WAN_BASE
 (1; 0: journals without a base, the initial state not shipped), and
 workloads.py's CDP_WL_DB_MB (16), CDP_WL_TRANSACTIONS (3000),
-CDP_WL_IMAGES (1500), CDP_WL_IMAGE_SIDE (256). `run.py wan --quick`: 1000
-transactions, 500 images, 20 s of lag.
+CDP_WL_IMAGES (1500), CDP_WL_IMAGE_SIDE (256); for (d) CDP_WAN_PG_SCALE
+(10), CDP_WAN_PG_SECONDS (30), CDP_WAN_PG_SHARED_BUFFERS (128MB).
+`run.py wan --quick`: 1000 transactions, 500 images, 20 s of lag, 10 s
+of pgbench.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -71,6 +85,12 @@ sys.path.append(os.path.join(_bench.HERE, "wan"))
 import baselines
 import netlink
 import workloads
+
+# tests/pg_util.py: the throwaway PostgreSQL cluster the capture tests and
+# benchmarks share (binaries, the unprivileged user, start and stop).
+# Appended, not prepended: tests/conftest.py must not shadow benchmarks'.
+sys.path.append(os.path.join(_bench.REPO, "tests"))
+import pg_util  # noqa: E402
 from netlink import Link, Sampler, shaped_link, utilisation
 
 from cdpcore import Journal
@@ -371,23 +391,41 @@ def last_seq(journal: str) -> int:
         return j.last_seq
 
 
+def protect_argv(journal: str, argv: Sequence[str], baseline: bool = True) -> list[str]:
+    return [CDPCTL, "protect", *(() if baseline else ("--no-baseline",)), journal, "--", *argv]
+
+
 def protect(journal: str, argv: Sequence[str], baseline: bool = True) -> None:
-    p = subprocess.run([CDPCTL, "protect", *(() if baseline else ("--no-baseline",)), journal, "--", *argv],
-                       capture_output=True, text=True)
+    p = subprocess.run(protect_argv(journal, argv, baseline), capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"cdpctl protect {' '.join(argv[-3:])}: exit {p.returncode}: {p.stderr.strip()[-300:]}")
+
+
+# A scenario's captured change: run(root, journal, baseline) runs the
+# workload with every write under root journaled (through `cdpctl protect`)
+# and returns when protect has exited. Most workloads are one program
+# (captured(...)); a database is a server that clients drive while it runs
+# under protect, so it needs more than one argv.
+Runner = Callable[[str, str, bool], None]
+
+
+def captured(argv: Callable[[str], list[str]]) -> Runner:
+    """The Runner of a workload that is one program: argv(root) under protect."""
+    return lambda root, journal, baseline: protect(journal, argv(root), baseline)
 
 
 # ---- scenarios (a) and (b) -----------------------------------------------------------
 
 
 def _transfer_scenario(name: str, link: Link, dr: DrSite | None, work: str,
-                       init: Callable[[str], list[str]], run: Callable[[str], list[str]],
-                       log: Log, stream_row: bool = False) -> dict[str, Any]:
-    """init(root) (a program, not captured) -> cdpctl init (the base) ->
-    initial ship -> run(root) under protect -> measured: ship of the
-    increment, rsync -z to a copy of the initial state, zstd -3 of the
-    net change (workloads.net_change's differing 4 KiB blocks)."""
+                       init: Callable[[str], list[str]], run: Runner,
+                       log: Log, stream_row: bool = False, zlib_row: bool = False) -> dict[str, Any]:
+    """init(root) (a program, not captured, or [] when init did the work
+    itself) -> cdpctl init (the base) -> initial ship -> run (the change,
+    under protect) -> measured: ship of the increment, rsync -z to a copy
+    of the initial state, zstd -3 of the net change (workloads.net_change's
+    differing 4 KiB blocks). stream_row: also zstd -3 of every write's
+    bytes (size only); zlib_row: also rsync with zlib (link time)."""
     d = os.path.join(work, name)
     root, journal = os.path.join(d, "root"), os.path.join(d, "journal")
     before, dr_copy = os.path.join(d, "before"), os.path.join(d, "dr-copy")
@@ -408,7 +446,7 @@ def _transfer_scenario(name: str, link: Link, dr: DrSite | None, work: str,
     seq0 = last_seq(journal)
     log(f"{name}: workload under protect")
     t0 = time.monotonic()
-    protect(journal, run(root), baseline=with_base)
+    run(root, journal, with_base)
     res["workload_s"] = time.monotonic() - t0
     res["records"] = last_seq(journal) - seq0
     res["journal_bytes"] = _tree_bytes(os.path.join(journal, "segments"))
@@ -420,7 +458,7 @@ def _transfer_scenario(name: str, link: Link, dr: DrSite | None, work: str,
     res["zstd"] = changed_data(before, root, os.path.join(d, "changed"), journal if stream_row else None, seq0)
     log(f"{name}: zstd -3 of the changed data: {res['zstd']['bytes']:,} bytes")
     for key, choice in (("rsync", None), ("rsync_zlib", "zlib")):
-        if key == "rsync_zlib" and not stream_row:
+        if key == "rsync_zlib" and not zlib_row:
             continue  # the zlib row is context, given for (a) only: it costs link time
         shutil.rmtree(dr_copy, ignore_errors=True)
         shutil.copytree(before, dr_copy, symlinks=True)  # the DR site's copy: the initial state
@@ -463,10 +501,10 @@ def his_init(root: str) -> list[str]:
     return [sys.executable, WORKLOADS_PY, "his-init", os.path.join(root, "his.db"), str(mb), str(workloads.SEED)]
 
 
-def his_run(quick: bool) -> Callable[[str], list[str]]:
+def his_run(quick: bool) -> Runner:
     n = workloads._env_int("CDP_WL_TRANSACTIONS", 1000 if quick else 3000)
-    return lambda root: [sys.executable, WORKLOADS_PY, "his-tx", os.path.join(root, "his.db"), str(n),
-                         str(workloads.SEED)]
+    return captured(lambda root: [sys.executable, WORKLOADS_PY, "his-tx", os.path.join(root, "his.db"), str(n),
+                                  str(workloads.SEED)])
 
 
 def pacs_init(root: str) -> list[str]:
@@ -475,10 +513,120 @@ def pacs_init(root: str) -> list[str]:
     return []
 
 
-def pacs_run(quick: bool) -> Callable[[str], list[str]]:
+def pacs_run(quick: bool) -> Runner:
     n = workloads._env_int("CDP_WL_IMAGES", 500 if quick else 1500)
     side = workloads._env_int("CDP_WL_IMAGE_SIDE", 256)
-    return lambda root: [sys.executable, WORKLOADS_PY, "pacs-write", root, str(n), str(side), str(workloads.SEED)]
+    return captured(lambda root: [sys.executable, WORKLOADS_PY, "pacs-write", root, str(n), str(side),
+                                  str(workloads.SEED)])
+
+
+# PostgreSQL's own default. tests/pg_util.py starts servers with 32MB (small
+# test machines); with it, pgbench at scale 10 evicts each dirty page ~2.4
+# times before the shutdown checkpoint, and the journal (every write) holds
+# each of those versions while rsync and zstd see only the last.
+DEFAULT_PG_SHARED_BUFFERS = "128MB"
+
+
+def pg_knobs(quick: bool) -> tuple[int, int, str]:
+    """(pgbench scale, seconds of the captured pgbench run, shared_buffers), checked."""
+    scale = _env_int("CDP_WAN_PG_SCALE", 10)
+    seconds = _env_int("CDP_WAN_PG_SECONDS", 10 if quick else 30)
+    if scale < 1 or seconds < 1:
+        raise ValueError(f"CDP_WAN_PG_SCALE and CDP_WAN_PG_SECONDS must be at least 1, got {scale} and {seconds}")
+    buffers = os.environ.get("CDP_WAN_PG_SHARED_BUFFERS") or DEFAULT_PG_SHARED_BUFFERS
+    if not re.fullmatch(r"[1-9][0-9]*(kB|MB|GB)", buffers):
+        raise ValueError(f"CDP_WAN_PG_SHARED_BUFFERS: expected a size such as 128MB (kB, MB or GB), got {buffers!r}")
+    return scale, seconds, buffers
+
+
+class PgBench:
+    """(d) PostgreSQL under pgbench. init: initdb of a throwaway cluster in
+    ROOT/data, `pgbench -i -s SCALE`, a clean (fast) shutdown, uncaptured:
+    ROOT is then a consistent data directory that `cdpctl init` takes as
+    the base. run: the server under `cdpctl protect` (as the cluster's
+    unprivileged user: PostgreSQL refuses root), `pgbench -c 4 -j 4 -T
+    SECONDS` against it, a fast shutdown (it checkpoints, so the data files
+    hold the change as well as the WAL), and protect exits.
+
+    The capture library appends to the journal from the server's processes,
+    so the journal and every directory down to ROOT must be the server
+    user's to write or at least to cross (pg_util.Cluster.give)."""
+
+    def __init__(self, work: str, quick: bool) -> None:
+        self.work = work
+        self.scale, self.seconds, self.shared_buffers = pg_knobs(quick)
+        self.tps: float | None = None
+
+    def _cluster(self, root: str) -> pg_util.Cluster:
+        return pg_util.Cluster(Path(root), data=Path(root) / "data")
+
+    def _server(self, cl: pg_util.Cluster) -> list[str]:
+        # a later -c wins over pg_util's shared_buffers
+        return cl.server_argv() + ["-c", f"shared_buffers={self.shared_buffers}"]
+
+    def init(self, root: str) -> list[str]:
+        # the server's user must cross every directory from the scratch
+        # directory (mkdtemp: 0700) down to its data directory
+        top, here = Path(self.work).resolve(), Path(root).resolve()
+        if top != here and top not in here.parents:
+            raise ValueError(f"pg: the root {root} is not under the scratch directory {self.work}")
+        for d in (here, *here.parents):  # never above the scratch directory
+            os.chmod(d, os.stat(d).st_mode | 0o011)
+            if d == top:
+                break
+        cl = self._cluster(root)
+        try:
+            cl.give(Path(root))
+            cl.initdb()
+            cl.start_plain(self._server(cl))
+            try:
+                cl.pgbench("-i", "-s", str(self.scale), "-q")
+            finally:
+                cl.stop()
+        finally:
+            cl.close()
+        return []  # done here: nothing more to run before the base
+
+    def run(self, root: str, journal: str, baseline: bool) -> None:
+        cl = self._cluster(root)
+        cl.give(Path(journal))
+        log_path = os.path.join(self.work, "pg-server.log")
+        try:
+            with open(log_path, "wb") as logf:
+                prot = subprocess.Popen(protect_argv(journal, cl.as_user(self._server(cl)), baseline),
+                                        stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
+            try:
+                cl.wait_ready(prot)
+                self.tps = pg_util.tps(cl.pgbench("-c", "4", "-j", "4", "-T", str(self.seconds)))
+            finally:
+                cl.stop()  # -m fast: a shutdown checkpoint, then the postmaster exits, and so does protect
+                try:
+                    rc = prot.wait(timeout=300)
+                except subprocess.TimeoutExpired:
+                    prot.kill()
+                    rc = prot.wait()
+        finally:
+            cl.close()
+        if rc != 0:
+            with open(log_path, errors="replace") as f:
+                tail = f.read().strip().splitlines()
+            raise RuntimeError(f"cdpctl protect (PostgreSQL) exited with {rc}: {tail[-1] if tail else ''}")
+
+
+def pg_scenario(link: Link, dr: DrSite | None, work: str, quick: bool, log: Log) -> dict[str, Any]:
+    """(d): PgBench as a transfer scenario; without PostgreSQL, the reason
+    (a failure instead when CDP_REQUIRE_POSTGRES=1, as in CI)."""
+    reason = pg_util.missing_reason()
+    if reason:
+        if os.environ.get(pg_util.REQUIRE_ENV) == "1":
+            raise RuntimeError(f"{pg_util.REQUIRE_ENV}=1 but {reason}")
+        log(f"pg: not run: {reason}")
+        return {"skipped": reason}
+    pg = PgBench(work, quick)
+    log(f"pg: pgbench -i -s {pg.scale}, then -c 4 -j 4 -T {pg.seconds} under protect")
+    res = _transfer_scenario("pg", link, dr, work, pg.init, pg.run, log, stream_row=True)
+    res.update(scale=pg.scale, seconds=pg.seconds, shared_buffers=pg.shared_buffers, tps=pg.tps)
+    return res
 
 
 # ---- scenario (c): lag ----------------------------------------------------------------
@@ -552,14 +700,32 @@ def lag_scenario(link: Link, dr: DrSite, work: str, seconds: float, rate: int, l
 # ---- the suite ---------------------------------------------------------------------------
 
 
+SCENARIOS = ("his", "pacs", "lag", "pg")
+DEFAULT_SCENARIOS = "his,pacs,lag,pg"
+
+
+def chosen_scenarios() -> list[str]:
+    """CDP_WAN_SCENARIOS, checked: a comma-separated subset of SCENARIOS."""
+    chosen = [x.strip() for x in os.environ.get("CDP_WAN_SCENARIOS", DEFAULT_SCENARIOS).split(",") if x.strip()]
+    bad = [x for x in chosen if x not in SCENARIOS]
+    if bad or not chosen:
+        raise ValueError(f"CDP_WAN_SCENARIOS: unknown scenario {', '.join(bad) or '(none given)'}; "
+                         f"choose from {', '.join(SCENARIOS)}")
+    return chosen
+
+
 def wan_suite(log: Log = lambda s: None, quick: bool = False) -> dict[str, Any]:
-    """The three scenarios on one link; quick: a third of the sizes."""
+    """The four scenarios on one link; quick: a third of the sizes."""
     rate = os.environ.get("CDP_WAN_RATE", "10mbit")
-    chosen = os.environ.get("CDP_WAN_SCENARIOS", "his,pacs,lag").split(",")
+    chosen = chosen_scenarios()
+    if "pg" in chosen:
+        pg_knobs(quick)  # a bad knob fails before the link is up
     missing = replication_available()
     work = _bench.scratch("wan")
+    # the knobs set for this run: run.py's command line does not show them
+    knobs = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("CDP_WAN_", "CDP_WL_"))}
     res: dict[str, Any] = {"rate": rate, "load_at_start": os.getloadavg(), "replication": missing or "available",
-                           "scenarios": {}}
+                           "knobs": knobs, "scenarios": {}}
     try:
         with shaped_link(rate) as link:
             res["link"] = link.describe()
@@ -568,14 +734,16 @@ def wan_suite(log: Log = lambda s: None, quick: bool = False) -> dict[str, Any]:
             res["reference"] = netlink.tcp_copy(link, nbytes=4 << 20)
             log(f"reference: {res['reference']['goodput_mbit']:.2f} Mbit/s goodput, "
                 f"link use {res['reference']['link_use']:.1%}")
-            dr = None if missing else DrSite(link, work, ["his", "pacs", "lag"])
+            dr = None if missing else DrSite(link, work, SCENARIOS)
             try:
                 if "his" in chosen:
                     res["scenarios"]["his"] = _transfer_scenario(
-                        "his", link, dr, work, his_init, his_run(quick), log, stream_row=True)
+                        "his", link, dr, work, his_init, his_run(quick), log, stream_row=True, zlib_row=True)
                 if "pacs" in chosen:
                     res["scenarios"]["pacs"] = _transfer_scenario(
                         "pacs", link, dr, work, pacs_init, pacs_run(quick), log)
+                if "pg" in chosen:
+                    res["scenarios"]["pg"] = pg_scenario(link, dr, work, quick, log)
                 if "lag" in chosen and dr is not None:
                     res["scenarios"]["lag"] = lag_scenario(
                         link, dr, work, _env_float("CDP_WAN_LAG_SECONDS", 20.0 if quick else 60.0),
@@ -647,16 +815,27 @@ def render(r: dict[str, Any]) -> list[str]:
            f"link use {ref.get('link_use', 0):.1%}. Load average at start "
            f"{' '.join(f'{x:.2f}' for x in r['load_at_start'])}, at end "
            f"{' '.join(f'{x:.2f}' for x in r['load_at_end'])}.\n"]
+    if r.get("knobs"):
+        out.append("Knobs set: " + ", ".join(f"`{k}={v}`" for k, v in r["knobs"].items()) + ".\n")
     if r["replication"] != "available":
         out.append(f"cdpcore's own transfer not measured: {r['replication']}.\n")
-    names = {"his": "(a) HIS-like SQLite", "pacs": "(b) PACS-like tree"}
+    names = {"his": "(a) HIS-like SQLite", "pacs": "(b) PACS-like tree", "pg": "(d) PostgreSQL pgbench"}
     for key, title in names.items():
         sc = r["scenarios"].get(key)
         if sc is None:
             continue
+        if "skipped" in sc:
+            out += [f"### {title}\n", f"Not run: {sc['skipped']}.\n"]
+            continue
         z = sc["zstd"]
+        what = ""
+        if key == "pg":
+            tps = "?" if sc.get("tps") is None else f"{sc['tps']:,.0f}"
+            what = (f"`pgbench -i -s {sc['scale']}` (the base), then `pgbench -c 4 -j 4 -T {sc['seconds']}` "
+                    f"under protect, shared_buffers {sc['shared_buffers']}: {tps} tps, "
+                    f"{sc['workload_s']:.1f} s with start and shutdown. ")
         out += [f"### {title}\n",
-                f"Initial state {_mb(sc['initial_bytes'])}; the change: {sc['records']:,} journal records "
+                what + f"Initial state {_mb(sc['initial_bytes'])}; the change: {sc['records']:,} journal records "
                 f"({_mb(sc['journal_bytes'])} of segments in all), tree after {_mb(sc['after_bytes'])}. "
                 f"Changed data for zstd: {z['what']} ({_mb(z['raw'])})."
                 + ("" if sc.get("with_base", True) else " The journal had no base (CDP_WAN_BASE=0): the "

@@ -12,7 +12,7 @@ capture against plain runs: random pwrite, pgbench; several minutes; run it
 with --out benchmarks/results/capture), chunk (issue 5: FastCDC against
 pyfastcdc; needs the `bench` extra; --out benchmarks/results/chunk), wan
 (issue 5: replication over a real tbf-shaped 10 Mbit/s link between two
-network namespaces, next to rsync -z and zstd -3; needs root; ~10 minutes;
+network namespaces, next to rsync -z and zstd -3; needs root; ~12 minutes;
 --out benchmarks/results/wan; knobs in benchmarks/_wan_bench.py). Writes benchmarks/results/results.json
 and results.md (or the
 --out directory) and prints the Markdown. Files go to $CDP_BENCH_DIR, else

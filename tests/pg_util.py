@@ -135,10 +135,11 @@ class Cluster:
         subprocess.run(self.cmd("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop"),
                        capture_output=True)
 
-    def start_plain(self) -> None:
-        """Start the server (uncaptured) in the background via pg_ctl."""
+    def start_plain(self, argv: Sequence[str] | None = None) -> None:
+        """Start the server (uncaptured) in the background via pg_ctl;
+        argv: server_argv() with more settings (it must start the same way)."""
         log = self.sock / "log"
-        opts = " ".join(self.server_argv()[3:])
+        opts = " ".join((list(argv) if argv is not None else self.server_argv())[3:])
         subprocess.run(self.cmd("pg_ctl", "-D", str(self.data), "-l", str(log), "-o", opts, "-w", "start"),
                        check=True, capture_output=True)
 

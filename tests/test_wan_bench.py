@@ -167,6 +167,13 @@ def _ours() -> set[str]:
     return {n for n in netlink.namespaces() if n.startswith(netlink.PREFIX + "-")}
 
 
+def _this_process() -> set[str]:
+    """The namespaces of links this process made (names carry the owner's
+    pid): another session's benchmark on the same machine may bring its own
+    link up or down meanwhile."""
+    return {n for n in netlink.namespaces() if n.startswith(f"{netlink.PREFIX}-{os.getpid()}-")}
+
+
 @needs_root
 def test_link_carries_bytes_counts_them_and_goes_away(tmp_path: Path) -> None:
     before = _ours()
@@ -326,22 +333,34 @@ def test_vault_lag_matches_model(small_journal: tuple[str, list[tuple[str, int]]
 
 @needs_root
 @pytest.mark.slow
-@pytest.mark.skipif(not THOROUGH, reason="the whole WAN suite, tiny: ~30 s (CDP_TEST_PROFILE=thorough)")
+@pytest.mark.skipif(not THOROUGH, reason="the whole WAN suite, tiny: ~2 min with PostgreSQL (CDP_TEST_PROFILE=thorough)")
 def test_wan_suite_tiny_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The three scenarios on a real link with tiny sizes: every transfer
+    """The four scenarios on a real link with tiny sizes: every transfer
     measured, every replica byte-equal, a PASS/FAIL line per target, and
-    no namespace left behind."""
+    no namespace left behind. PostgreSQL (pg) runs when it is installed,
+    and must be when CDP_REQUIRE_POSTGRES=1 (CI)."""
     import _wan_bench
+    import pg_util
 
     if _wan_bench.replication_available() is not None:
         pytest.skip(_wan_bench.replication_available())
+    pg_missing = pg_util.missing_reason()
+    if pg_missing and os.environ.get(pg_util.REQUIRE_ENV) == "1":
+        pytest.fail(f"{pg_util.REQUIRE_ENV}=1 but {pg_missing}")
     for k, v in {"CDP_WL_DB_MB": "1", "CDP_WL_TRANSACTIONS": "20", "CDP_WL_IMAGES": "12",
-                 "CDP_WL_IMAGE_SIDE": "64", "CDP_WAN_LAG_SECONDS": "2"}.items():
+                 "CDP_WL_IMAGE_SIDE": "64", "CDP_WAN_LAG_SECONDS": "2", "CDP_WAN_PG_SCALE": "1",
+                 "CDP_WAN_PG_SECONDS": "2", "CDP_WAN_SCENARIOS": "his,pacs,lag,pg"}.items():
         monkeypatch.setenv(k, v)
-    before = _ours()
+    before = _this_process()
     res = _wan_bench.wan_suite(quick=True)
-    assert _ours() == before
-    for name in ("his", "pacs"):
+    assert _this_process() == before
+    transfers = ["his", "pacs"]
+    if pg_missing:
+        assert res["scenarios"]["pg"] == {"skipped": pg_missing}
+    else:
+        transfers.append("pg")
+        assert res["scenarios"]["pg"]["tps"] > 0 and res["scenarios"]["pg"]["records"] > 0
+    for name in transfers:
         sc = res["scenarios"][name]
         assert sc["ship"]["replica_equal"] and sc["ship"]["wire_bytes"] > 0
         assert sc["rsync"]["wire_bytes"] > 0 and sc["zstd"]["over_link"]["payload_bytes"] == sc["zstd"]["bytes"]
@@ -349,4 +368,27 @@ def test_wan_suite_tiny_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     lag = res["scenarios"]["lag"]
     assert lag["replica_equal"] and lag["samples"] > 0 and lag["ship_returncode"] in (0, 130, -signal.SIGINT)
     md = "\n".join(_wan_bench.render(res))
-    assert md.count("PASS") + md.count("FAIL") >= 2 * 5 + 4
+    assert md.count("PASS") + md.count("FAIL") >= len(transfers) * 5 + 4
+    assert ("### (d) PostgreSQL pgbench" in md) and (("Not run: " in md) == bool(pg_missing))
+
+
+@pytest.mark.parametrize("env, msg", [
+    ({"CDP_WAN_SCENARIOS": "his,pgbench"}, "CDP_WAN_SCENARIOS: unknown scenario pgbench; choose from his, pacs"),
+    ({"CDP_WAN_SCENARIOS": " , "}, "CDP_WAN_SCENARIOS: unknown scenario (none given)"),
+    ({"CDP_WAN_SCENARIOS": "pg", "CDP_WAN_PG_SCALE": "0"}, "CDP_WAN_PG_SCALE and CDP_WAN_PG_SECONDS must be"),
+    ({"CDP_WAN_SCENARIOS": "pg", "CDP_WAN_PG_SECONDS": "-3"}, "must be at least 1, got 10 and -3"),
+    ({"CDP_WAN_SCENARIOS": "pg", "CDP_WAN_PG_SHARED_BUFFERS": "128 MB"},
+     "CDP_WAN_PG_SHARED_BUFFERS: expected a size such as 128MB (kB, MB or GB), got '128 MB'"),
+])
+def test_suite_bad_knobs_are_one_line(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], msg: str) -> None:
+    """A bad scenario name or pgbench knob fails before any link or
+    scratch directory exists, with one line that says which."""
+    import _wan_bench
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    before = _this_process()
+    with pytest.raises(ValueError) as e:
+        _wan_bench.wan_suite()
+    assert msg in str(e.value) and "\n" not in str(e.value)
+    assert _this_process() == before
