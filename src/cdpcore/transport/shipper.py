@@ -55,7 +55,7 @@ from typing import Any
 import trio
 
 from cdpcore import packing
-from cdpcore.codec import LADDER, PRIOR_RATIO_REF, AdaptiveLevel, Compressed, Compressor
+from cdpcore.codec import LADDER, AdaptiveLevel, Compressed, Compressor
 from cdpcore.crypto import Keys, key_id
 from cdpcore.errors import AuthError, CdpError, KeyFileError, LinkError, ProtocolError, ShipRunning, VaultError
 from cdpcore.offers import OfferPolicy
@@ -166,8 +166,7 @@ class Shipper:
         self._log = log
         self.state_file = state_file
         self.feed = Feed(self.journal)
-        # the level is chosen for plaintext sources only, whose zstd rungs are zstd-ref
-        self.level = AdaptiveLevel(prior_ratio=dict(PRIOR_RATIO_REF))
+        self.level = AdaptiveLevel()
         # cpu_limit (of one core, None: none): the sender's CPU is paced to
         # it like its bytes to --rate, and the level is chosen within it. On
         # a hospital's database server the sender must not take the CPU the
@@ -868,12 +867,13 @@ class _Session:
         receiver may answer it with NEED)."""
         s = self.s
         assert self.compressor is not None
+        rung = s.level.rung
         if s.keys is None:
-            rung = s.level.choose()
+            rung = s.level.choose()  # the current rung, or a neighbour to measure
             codec = _codec(rung.codec, False)
             self.compressor.set_level(codec, max(rung.level, 1))  # (a no-op when unchanged)
         comp, cpu = await s.sync(_timed_compress, self.compressor, body, prefix, new_ids, isinstance(item, RunItem))
-        s.level.observe_compression(LADDER.index(s.level.rung) if s.keys is None else 0, comp.raw,
+        s.level.observe_compression(LADDER.index(rung) if s.keys is None else 0, comp.raw,
                                     len(comp.body), cpu)
         now_cpu = time.process_time()
         if self.cpu_mark is not None:
