@@ -373,13 +373,18 @@ def vault_lag(journal: str, replica: str, now_us: int) -> tuple[float | None, in
             have = 0
         if size <= have:
             continue
+        with open(os.path.join(src_dir, name), "rb") as f:
+            f.seek(max(have, SEGMENT_HEADER))
+            head = f.read(48)
+        if head == bytes(len(head)):
+            # the active segment's preallocated zero tail (journal-format.md,
+            # "Preallocation"): no record there, nothing the DR site lacks
+            continue
         pending += size - have
         if oldest is None:
-            with open(os.path.join(src_dir, name), "rb") as f:
-                f.seek(max(have, SEGMENT_HEADER) + TS_AT)
-                ts = f.read(8)
-            if len(ts) < 8:
-                return None, pending
+            ts = head[TS_AT:TS_AT + 8]
+            if len(head) < 48 or head[42:44] != b"CR":
+                return None, pending  # an append in progress
             oldest = int.from_bytes(ts, "little", signed=True)
     if oldest is None:
         return 0.0, pending

@@ -328,6 +328,27 @@ def test_vault_lag_matches_model(small_journal: tuple[str, list[tuple[str, int]]
             assert lag == pytest.approx((now - tss[k + 1]) / 1e6)
 
 
+def test_vault_lag_ignores_the_preallocated_zero_tail(small_journal: tuple[str, list[tuple[str, int]],
+                                                                            list[int]]) -> None:
+    """A source segment that ends in zeros past its last record (capture's
+    preallocated tail) is not behind a replica that holds every record: the
+    zeros are not journal data. (Read as a record, they made the lag the
+    age of 1970: 1.8e9 s.)"""
+    import shutil
+    import _wan_bench
+
+    path, _ends, _tss = small_journal
+    with netlink_tmp() as work:
+        src = os.path.join(work, "journal")
+        shutil.copytree(path, src)
+        rep = os.path.join(work, "replica")
+        shutil.copytree(os.path.join(path, "segments"), os.path.join(rep, "segments"))
+        last = sorted(os.listdir(os.path.join(src, "segments")))[-1]
+        with open(os.path.join(src, "segments", last), "ab") as f:
+            f.write(bytes(1 << 16))
+        assert _wan_bench.vault_lag(src, rep, 2_000_000_000_000_000) == (0.0, 0)
+
+
 # ---- the whole suite, tiny -----------------------------------------------------------------------
 
 
