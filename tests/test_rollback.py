@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -133,30 +134,40 @@ def test_killed_at_every_step_then_rerun(fast_tmp: Path) -> None:
         make_live(j)
         from_seq = j.last_seq
     to = f"seq:{from_seq // 2}"
-    env = {**os.environ}
     steps = 0
-    for n in range(1, 200):
+    for n, work, jp in _killed_at_each_step(fast_tmp, base, to, 200):
+        with Journal.open(jp) as j:
+            check_rolled_back(j, work, j.resolve(to), from_seq, 0, f"k{n}")
+            assert not (jp / INTENT).exists()
+        steps = n
+    assert steps > 5  # the rollback had that many steps, each one killed once
+
+
+def _killed_at_each_step(fast_tmp: Path, base: Path, to: str, most: int) -> Iterator[tuple[int, Path, Path]]:
+    """For n = 1, 2, ... (below most): a copy of base (its journal `j` and
+    root), a rollback to `to` SIGKILLed at its n-th step (KILL_ENV), then
+    rerun unkilled, which must succeed; yields (n, the copy, its journal)
+    for the caller's checks and removes the copy after. Ends at the first
+    n the rollback completes without being killed."""
+    env = {**os.environ}
+    for n in range(1, most):
         work = fast_tmp / f"n{n}"
         shutil.copytree(base, work, symlinks=True)
         jp = work / "j"
         _retarget(jp, work / "root")  # the copy's journal still names the original root
         env[KILL_ENV] = str(n)
         p = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(jp), to], env=env,
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
         if p.returncode == 0:
-            steps = n - 1
             shutil.rmtree(work)
-            break
+            return
         assert p.returncode == -9, p.stderr
         env.pop(KILL_ENV)
         done = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(jp), to], env=env,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr
-        with Journal.open(jp) as j:
-            check_rolled_back(j, work, j.resolve(to), from_seq, 0, f"k{n}")
-            assert not (jp / INTENT).exists()
+        yield n, work, jp
         shutil.rmtree(work)
-    assert steps > 5  # the rollback had that many steps, each one killed once
 
 
 def _retarget(jpath: Path, root: Path) -> None:
@@ -327,28 +338,11 @@ def test_killed_between_ranges_of_one_file_then_rerun(fast_tmp: Path) -> None:
             j.append_write("db", off, b"X" * 1000)  # four separate ranges of damage
         make_live(j)
         from_seq = j.last_seq
-    env = {**os.environ}
     killed = 0
-    for n in range(1, 40):
-        work = fast_tmp / f"n{n}"
-        shutil.copytree(base, work, symlinks=True)
-        jp = work / "j"
-        _retarget(jp, work / "root")
-        env[KILL_ENV] = str(n)
-        p = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(jp), f"seq:{to}"], env=env,
-                           capture_output=True, text=True, check=False)
-        if p.returncode == 0:
-            shutil.rmtree(work)
-            break
-        assert p.returncode == -9, p.stderr
+    for n, work, jp in _killed_at_each_step(fast_tmp, base, f"seq:{to}", 40):
         killed += 1
-        env.pop(KILL_ENV)
-        done = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(jp), f"seq:{to}"], env=env,
-                              capture_output=True, text=True, check=False)
-        assert done.returncode == 0, done.stderr
         with Journal.open(jp) as j:
             check_rolled_back(j, work, to, from_seq, 0, f"k{n}")
-        shutil.rmtree(work)
     assert killed >= 4  # at least one kill after each of the four writes
 
 
