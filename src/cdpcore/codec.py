@@ -70,7 +70,7 @@ import msgpack
 import zstandard
 
 from cdpcore import packing
-from cdpcore._native import columns_decode, columns_encode, crc32c
+from cdpcore._native import columns_decode, columns_encode
 from cdpcore.crypto import chunk_id
 from cdpcore.errors import ProtocolError
 
@@ -709,7 +709,7 @@ class AdaptiveLevel:
     margin: float = DEFAULT_MARGIN
     hold: int = DEFAULT_HOLD
     alpha: float = DEFAULT_ALPHA
-    current: int = -1  # set in __post_init__: the default rung until measurements say otherwise
+    current: int = 2  # zstd-3 until measurements say otherwise
     link_rate: _Avg = field(default_factory=_Avg)      # wire bytes acknowledged per second
     demand: _Avg = field(default_factory=_Avg)         # raw bytes per second the journal produces
     speed: dict[int, _Avg] = field(default_factory=dict)  # raw bytes per CPU second, per rung
@@ -720,12 +720,6 @@ class AdaptiveLevel:
     _pending: int | None = None
     _streak: int = 0
     _decisions: int = 0
-
-    def __post_init__(self) -> None:
-        if self.current < 0:
-            # nothing stronger than zstd-3 before the link is measured (fits);
-            # of those, the one the priors expect smallest (zstd-ref: zstd-1)
-            self.current = self.smallest([0, 1, 2]) or 0
 
     @property
     def rung(self) -> Rung:
@@ -786,10 +780,12 @@ class AdaptiveLevel:
             # 95x comes from its dictionary, which lz4 does not have, and
             # credited with it lz4 looked 30 % worse than zstd-3 instead of
             # 25x, and was chosen while catching up (pgbench: 37 frames of 187).
-            same = [a.value / PRIOR_RATIO[str(LADDER[j])] for j, a in self.ratio.items()
-                    if a.value is not None and LADDER[j].codec == LADDER[i].codec]
-            other = [a.value / PRIOR_RATIO[str(LADDER[j])] for j, a in self.ratio.items()
-                     if a.value is not None and LADDER[j].codec != LADDER[i].codec]
+            same: list[float] = []
+            other: list[float] = []
+            for j, a in self.ratio.items():
+                if a.value is not None:
+                    (same if LADDER[j].codec == LADDER[i].codec else other).append(
+                        a.value / PRIOR_RATIO[str(LADDER[j])])
             if same:
                 scale = sum(same) / len(same)
             else:
