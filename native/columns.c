@@ -15,12 +15,8 @@
  * decoder reads untrusted bytes: every read and write is bounds-checked.
  */
 #include "cdp.h"
+#include "le.h"
 #include <string.h>
-
-static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-static inline void wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-static inline void wr64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
 /* Header fields kept as columns, in wire order, and their widths. */
 enum { C_CRC, C_LEN, C_SEQ, C_TS, C_FID, C_OFF, C_K, C_TAIL, NCOLS };

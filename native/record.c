@@ -2,14 +2,9 @@
  * recovery of a torn tail and sparse-index building all share. Pure
  * functions over (pointer, length); no I/O, no policy. */
 #include "cdp.h"
+#include "le.h"
 #include <string.h>
 #include <time.h>
-
-static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
-static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-static inline void wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-static inline void wr64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
 const char *cdp_strerror(int status)
 {

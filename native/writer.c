@@ -40,6 +40,7 @@
  */
 #define _GNU_SOURCE
 #include "cdp.h"
+#include "le.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -126,10 +127,6 @@ static inline uint64_t rec_total(uint32_t len)
 
 static inline uint64_t hget(const cdp_writer *w, int off) { uint64_t v; memcpy(&v, w->head + off, 8); return v; }
 static inline void hset(cdp_writer *w, int off, uint64_t v) { memcpy(w->head + off, &v, 8); }
-static inline void wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-static inline void wr64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
-static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
 static void head_seal(cdp_writer *w)
 {
