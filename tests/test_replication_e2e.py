@@ -192,6 +192,85 @@ async def test_copies_of_chunks_in_frames_still_in_flight_are_references(fast_tm
     assert result.wire_bytes < 1.3 * len(pages) * 4096, result.wire_bytes
 
 
+def _pg_like_pages(rng: random.Random, n: int) -> list[bytes]:
+    """Pages of a database that overwrites them in place (PostgreSQL): a
+    run of rows, so that a later version differs in a few bytes."""
+    return [b"".join(b"row %06d:" % (i * 64 + r) + rng.randbytes(53) for r in range(64)) for i in range(n)]
+
+
+def _rewrite(pages: list[bytes], k: int) -> list[bytes]:
+    return [p[:100 * k] + b"<upd %03d>" % k + p[100 * k + 9:] for p in pages]
+
+
+async def _ship_pg_like(tmp: Path, certs: Path, damage_base: bool = False) -> dict[str, int]:
+    """A database file in the base; then every page rewritten twice, far
+    apart (other files' writes in between, beyond zstd's reach), in a
+    second ship: each rewrite compresses against the previous version the
+    vault holds (replication.md, "Base chunks"), the first against the
+    base's pages. damage_base: the source's base file is changed after the
+    first ship, so that the sender's guesses name chunks the vault lacks
+    (NEED, then a resend without bases)."""
+    rng = random.Random(11)
+    root = tmp / "root"
+    (root / "data").mkdir(parents=True)
+    pages = _pg_like_pages(rng, 48)
+    (root / "data" / "db").write_bytes(b"".join(pages))
+    src = tmp / "j"
+    Journal.create(src, root, segment_size=1 << 20).close()  # with a base
+    vault = Vault(tmp / "vault", create=True)
+    async with trio.open_nursery() as n:
+        port = await n.start(Server(vault, server_cfg(certs)).serve, "127.0.0.1", 0)
+        await run_ship(src, port, client_ctx(certs))
+        if damage_base:
+            (base,) = (src / "base").iterdir()
+            f = base / "data" / "db"
+            data = bytearray(f.read_bytes())
+            for i in range(8):  # one byte of each of 8 pages: still alike, other ids
+                data[i * 4096 + 3000] ^= 1
+            f.write_bytes(bytes(data))
+        with Journal.open(src) as j:
+            for k in (1, 2):
+                pages = _rewrite(pages, k)
+                for i, page in enumerate(pages):
+                    j.append_write("data/db", i * 4096, page)
+                for i in range(60):  # other files: 2.5 MB of new bytes, more than a body's history
+                    j.append_write(f"other{k}", i * 40960, rng.randbytes(40960))
+        second = Shipper(src, "127.0.0.1", port, client_ctx(certs), backoff=fast_backoff())
+        await second.run()
+        n.cancel_scope.cancel()
+    vault.close()
+    assert_replica_equals(src, tmp / "vault", points=2)
+    return second.stats
+
+
+@pytest.mark.trio
+async def test_rewritten_pages_compress_against_their_previous_version(fast_tmp: Path, certs: Path) -> None:
+    stats = await _ship_pg_like(fast_tmp, certs)
+    # each of the 48 pages, twice: first against the base's page, then against the first rewrite
+    assert stats["base_hits"] == 96, stats
+    assert stats["base_bytes"] == 96 * 4096
+    # 4.9 MB of random other bytes cannot shrink; the 384 KiB of pages all but vanish
+    assert stats["wire_bytes"] < 120 * 40960 + 60_000, stats
+
+
+@pytest.mark.trio
+async def test_base_pages_the_vault_lacks_cost_one_resend_and_change_nothing(fast_tmp: Path, certs: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from cdpcore import versions
+
+    closed: list[bool] = []
+    close = versions.Versions.close
+
+    def spy(self: versions.Versions) -> None:
+        closed.append(self.use_base_files)
+        close(self)
+
+    monkeypatch.setattr(versions.Versions, "close", spy)
+    stats = await _ship_pg_like(fast_tmp, certs, damage_base=True)
+    assert closed == [True, False]  # the second ship had a NEED for a base page, and stopped guessing
+    assert stats["base_hits"] >= 48, stats  # the second rewrites still find the first
+
+
 # ---- cuts -------------------------------------------------------------------------------
 
 

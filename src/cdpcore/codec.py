@@ -76,7 +76,8 @@ from cdpcore.errors import ProtocolError
 
 CODECS = ("zstd", "zstd-ref", "lz4", "none")
 REF_HDR = struct.Struct("<IIII")  # zstd-ref: compressed head, raw head, bitmap lengths; CRC-32 of head + bitmap
-REF_HASH_LOG = 18  # zstd-ref: smallest match-finder hash table, whatever the level (Compressor._params)
+REF_HASH_LOG = 19  # zstd-ref: smallest match-finder hash table, whatever the level (Compressor._params)
+BASES_FOR_NO_HISTORY = 8  # zstd-ref: bases of at least 1/this of the new chunks' bytes replace the history
 HISTORY = 1 << 20  # zstd-ref: bytes of the previous body's tail in the next dictionary
 COLUMNS_LEVEL = 9  # zstd-ref: the least level of the literal columns' own frame (Compressor._ref_body)
 COLUMNS_FRAME_MIN = 16 << 10  # zstd-ref: smaller columns share the chunks' frame
@@ -86,6 +87,10 @@ _RAW, _PLANAR, _PLANAR_NO_CRC = 0, 3, 4
 RECENT = 1 << 20  # zstd-ref: new chunks of this connection a reference may name by distance
 _SHORT_REF = 1  # msgpack ext type in a zstd-ref head: a recent chunk, by distance back
 _LOCAL_REF = 2  # ... a chunk this same body carries as bytes, by its number among them
+# zstd-ref: flags in the high bits of REF_HDR's bitmap length
+BASES_FLAG = 1 << 31  # a list of base chunks follows the bitmap (Compressor.compress(bases=))
+NO_HISTORY_FLAG = 1 << 30  # the previous body's tail is not in this body's dictionary
+_BLEN_MASK = (1 << 30) - 1
 DEFAULT_WINDOW_LOG = 25  # 32 MiB: the receiver's default cap (replication.md, limits)
 MIN_WINDOW_LOG = 10
 MAX_WINDOW_LOG = 31
@@ -162,7 +167,11 @@ class Compressor:
         # no longer finds its old one. Measured on the HIS workload
         # (3,000 transactions, 164 MB of journal): level 1 shipped 17.5 MB
         # with its own table, 2.11 MB with 2^17 (level 3's size), for the
-        # same CPU.
+        # same CPU. zstd also indexes only the last 2^(hash_log + 3) bytes
+        # of a dictionary: with bases (the previous versions of the pages a
+        # body carries, 1-3 MB a body on pgbench) 2^18 indexed too little
+        # of them (16.3 MB shipped, 13.7 MB with 2^19; 2^20 13.4, no
+        # better than 2^19's 13.43 in a pinned run; HIS 1.45 -> 1.44 MB).
         hash_log = max(REF_HASH_LOG, zstandard.ZstdCompressionParameters.from_level(self.level).hash_log)
         return zstandard.ZstdCompressionParameters.from_level(
             self.level, window_log=self.window_log, hash_log=hash_log, write_checksum=True,
@@ -174,20 +183,26 @@ class Compressor:
             write_content_size=False, write_dict_id=False)
 
     def compress(self, body: bytes, prefix: tuple[bytes, bytes] | None = None,
-                 new_ids: list[bytes] | None = None, records: bool = False) -> Compressed:
+                 new_ids: list[bytes] | None = None, records: bool = False,
+                 bases: list[tuple[bytes, bytes]] | None = None) -> Compressed:
         """One DATA body. prefix (zstd-ref only): (bitmap, bytes) from
         packing.prefix_plan for this body. new_ids (zstd-ref with a
         chunk_key, optional): the ids of the chunks the body carries as
         bytes, in order (Pack.new_ids), which saves hashing them again;
         they must be what new_chunk_ids(body) gives. records (zstd-ref):
         the body is a run of whole segment records, whose CRCs the receiver
-        can recompute: they are left out (to_columns)."""
+        can recompute: they are left out (to_columns). bases (zstd-ref):
+        (id, bytes) of chunks the receiver holds, added to the dictionary
+        after the referenced ones: the previous versions of the pages this
+        body carries (versions.Versions), which no reference brings in.
+        Each must be a chunk the vault holds before this body is applied,
+        and none may be one this body carries."""
         reset = self._reset
         self._reset = False
         if self.codec == "zstd-ref":
             if prefix is None:
                 raise ValueError("codec zstd-ref needs the body's prefix (packing.prefix_plan)")
-            out = self._ref_body(body, *prefix, new_ids, records)
+            out = self._ref_body(body, *prefix, new_ids, records, bases or [])
             return Compressed(self.codec, self.level, reset, len(body), out)
         if self.codec == "none":
             out = bytes(body)
@@ -200,11 +215,14 @@ class Compressor:
         return Compressed(self.codec, self.level, reset, len(body), out)
 
     def _ref_body(self, body: bytes, bits: bytes, refs: bytes, new_ids: list[bytes] | None = None,
-                  records: bool = False) -> bytes:
+                  records: bool = False, bases: list[tuple[bytes, bytes]] = []) -> bytes:
         split = packing.head_size(body)
         if self._ctx is None:
             self._ctx = self._context()
         h = body[:split]
+        # the base list names recent chunks by distance as the head does,
+        # so it is written before this body's own chunks join the table
+        blist = _encode_bases([cid for cid, _ in bases], self._recent if self.chunk_key is not None else None)
         if self.chunk_key is not None:
             if new_ids is None:
                 new_ids = new_chunk_ids(body, self.chunk_key)
@@ -215,7 +233,18 @@ class Compressor:
         cols = to_columns(body[split:split + llen], crcs=not records)
         chunks = body[split + llen:]
         rest = cols + chunks
-        d = self._history + refs
+        base_bytes = b"".join(data for _, data in bases)
+        # Measured on PostgreSQL under pgbench (benchmarks.md §9): when
+        # bases cover a good part of the body, the previous body's tail
+        # adds nothing to the ratio and loading it into the dictionary
+        # costs CPU (pinned zstd-ref 3, two runs each: with the tail 13.65
+        # and 13.67 MB, 9.1 and 9.6 CPU-s; without it when bases are 1/8
+        # of the chunks 13.64 and 13.65 MB, 8.9 and 8.7 CPU-s); on the HIS
+        # workload bases are few (a page's old version is a reference
+        # already) and the tail is worth 8 % of the bytes.
+        history = b"" if BASES_FOR_NO_HISTORY * len(base_bytes) >= len(chunks) > 0 else self._history
+        flags = (BASES_FLAG if bases else 0) | (NO_HISTORY_FLAG if bases and not history else 0)
+        d = history + refs + base_bytes
         cctx = zstandard.ZstdCompressor(
             compression_params=self._params(),
             dict_data=zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None)
@@ -235,7 +264,9 @@ class Compressor:
         # the head travels in the streamed context, whose blocks carry no
         # checksum: a CRC over it and the bitmap catches damage there (the
         # rest's frame has zstd's own checksum)
-        return REF_HDR.pack(len(head), len(h), len(bits), zlib.crc32(bits, zlib.crc32(h))) + head + bits + tail
+        section = bits + (struct.pack("<I", len(blist)) + blist if bases else b"")
+        return (REF_HDR.pack(len(head), len(h), len(bits) | flags, zlib.crc32(section, zlib.crc32(h)))
+                + head + section + tail)
 
 
 class _Recent:
@@ -358,6 +389,49 @@ def _unvarint(data: bytes) -> int:
                 break
             return n
     raise ProtocolError("zstd-ref head: malformed short reference")
+
+
+def _encode_bases(ids: list[bytes], recent: _Recent | None) -> bytes:
+    """A zstd-ref base list: per base, a varint d; d >= 1 names the chunk
+    this connection carried d new chunks back (as the head's short
+    references do), d = 0 is followed by its 32-byte id."""
+    out = bytearray()
+    end = recent.base + len(recent.ids) if recent is not None else 0
+    for cid in ids:
+        n = recent.where.get(cid) if recent is not None else None
+        if n is not None and 0 < end - n <= RECENT:
+            out += _varint(end - n)
+        else:
+            out += b"\x00" + cid
+    return bytes(out)
+
+
+def _decode_bases(data: bytes, recent: _Recent | None) -> list[bytes]:
+    """The ids of a base list (_encode_bases), or ProtocolError."""
+    ids: list[bytes] = []
+    end = recent.base + len(recent.ids) if recent is not None else 0
+    pos = 0
+    while pos < len(data):
+        d = shift = 0
+        while True:
+            if pos >= len(data) or shift > 28:
+                raise ProtocolError("zstd-ref base list: malformed distance")
+            b = data[pos]
+            pos += 1
+            d |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        if d == 0:
+            if pos + packing.ID_SIZE > len(data):
+                raise ProtocolError("zstd-ref base list: an id runs past its end")
+            ids.append(bytes(data[pos:pos + packing.ID_SIZE]))
+            pos += packing.ID_SIZE
+        elif recent is None or not d <= min(RECENT, len(recent.ids)):
+            raise ProtocolError(f"zstd-ref base list: distance {d} names no recent chunk")
+        else:
+            ids.append(recent.ids[end - d - recent.base])
+    return ids
 
 
 def new_chunk_ids(body: bytes, chunk_key: bytes) -> list[bytes]:
@@ -483,14 +557,27 @@ class Decompressor:
         if len(body) < REF_HDR.size:
             raise ProtocolError(f"zstd-ref body of {len(body)} bytes is shorter than its header")
         hlen, hraw, blen, hcrc = REF_HDR.unpack_from(body)
+        flags, blen = blen & ~_BLEN_MASK, blen & _BLEN_MASK
+        if flags & NO_HISTORY_FLAG and not flags & BASES_FLAG:
+            raise ProtocolError("zstd-ref body: no history without a base list")
         if REF_HDR.size + hlen + blen > len(body) or hraw > raw:
             raise ProtocolError("zstd-ref body: lengths in its header run past the body")
+        blist = b""
+        tail_at = REF_HDR.size + hlen + blen  # where the zstd frames start
+        if flags & BASES_FLAG:
+            if tail_at + 4 > len(body):
+                raise ProtocolError("zstd-ref body: its base list's length runs past the body")
+            n = struct.unpack_from("<I", body, tail_at)[0]
+            if tail_at + 4 + n > len(body):
+                raise ProtocolError("zstd-ref body: its base list runs past the body")
+            blist = body[tail_at + 4:tail_at + 4 + n]
+            tail_at += 4 + n
         pos = REF_HDR.size
         head = self._zstd_body(body[pos:pos + hlen], hraw, reset)
         if len(head) != hraw:
             raise ProtocolError(f"zstd-ref head decompressed to {len(head)} bytes, header said {hraw}")
         meta: list[Any] | None = None
-        if zlib.crc32(body[pos + hlen:pos + hlen + blen], zlib.crc32(head)) != hcrc:
+        if zlib.crc32(body[pos + hlen:tail_at], zlib.crc32(head)) != hcrc:
             self._broken = True
             raise ProtocolError("zstd-ref body: its head or bitmap is damaged (checksum mismatch)")
         if self.chunk_key is not None:
@@ -503,22 +590,25 @@ class Decompressor:
             raise ProtocolError(f"zstd-ref body: bitmap of {blen} bytes for {len(refs)} references")
         parts: list[bytes] = []
         missing: list[bytes] = []
-        total = len(self._history)
-        for i, cid in enumerate(refs):
-            if bits[i // 8] >> (i % 8) & 1:
-                if type(cid) is _Local:
-                    raise ProtocolError("zstd-ref body: a chunk of the body itself marked as held")
-                data = resolve(cid)
-                if data is None:
-                    missing.append(cid)
-                    continue
-                total += len(data)
-                if total > self.max_body + HISTORY:
-                    raise _over_limit("zstd-ref dictionary exceeds the body limit")
-                parts.append(data)
+        history = b"" if flags & NO_HISTORY_FLAG else self._history
+        total = len(history)
+        wanted: list[Any] = [cid for i, cid in enumerate(refs) if bits[i // 8] >> (i % 8) & 1]
+        if flags & BASES_FLAG:
+            wanted += _decode_bases(blist, self._recent if self.chunk_key is not None else None)
+        for cid in wanted:
+            if type(cid) is _Local:
+                raise ProtocolError("zstd-ref body: a chunk of the body itself marked as held")
+            data = resolve(cid)
+            if data is None:
+                missing.append(cid)
+                continue
+            total += len(data)
+            if total > 2 * self.max_body + HISTORY:
+                raise _over_limit("zstd-ref dictionary exceeds twice the body limit")
+            parts.append(data)
         if missing:
             raise MissingRefs(list(dict.fromkeys(missing)))
-        d = self._history + b"".join(parts)
+        d = history + b"".join(parts)
         dctx = zstandard.ZstdDecompressor(
             max_window_size=1 << self.window_log,
             dict_data=zstandard.ZstdCompressionDict(d, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if d else None)
@@ -527,7 +617,7 @@ class Decompressor:
         sink.limit = raw - hraw + 5 + 4 * (raw // _REC.size + 1)
         try:
             with dctx.stream_writer(sink, write_size=OUT_STEP) as w:
-                w.write(body[pos + hlen + blen:])
+                w.write(body[tail_at:])
         except _TooBig:
             self._broken = True
             raise _over_limit(f"zstd-ref body decompresses past the {raw} bytes DATA announced") from None

@@ -95,7 +95,7 @@ def replication_status(journal_path: str | os.PathLike[str]) -> dict[str, Any]:
     wire, raw = int(state.get("wire_bytes") or 0), int(state.get("raw_bytes") or 0)
     doc.update({k: state.get(k) for k in (
         "target", "source", "state", "acked_time", "last_error", "level", "codec", "throughput",
-        "dedupe_hits", "dedupe_bytes", "connections", "pid", "updated")})
+        "dedupe_hits", "dedupe_bytes", "base_hits", "base_bytes", "connections", "pid", "updated")})
     doc.update(acked_seq=acked_seq, lag_seconds=lag_seconds, lag_bytes=lag_bytes,
                wire_bytes=wire, raw_bytes=raw,
                compression_ratio=round(raw / wire, 3) if wire else None,

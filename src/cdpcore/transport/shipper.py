@@ -67,6 +67,7 @@ from cdpcore.replication import SENDER_STATE, now_us, read_state, write_state
 from cdpcore.transport import tls
 from cdpcore.transport.errors import first_cause
 from cdpcore.transport.rate import Backoff, TokenBucket
+from cdpcore.versions import Versions
 
 DEFAULT_CPU_LIMIT = 0.25  # of one core: `cdpctl ship`'s default (the Python API's is none)
 CPU_BURST = 2.0  # seconds of --cpu-limit a sender may use at once after idling
@@ -186,7 +187,8 @@ class Shipper:
         self.stats: dict[str, Any] = {
             "target": self.target, "source": None, "state": "starting", "acked_seq": 0,
             "acked_ts": None, "acked_time": None, "acked_segments": {}, "wire_bytes": 0, "raw_bytes": 0,
-            "dedupe_hits": 0, "dedupe_bytes": 0, "connections": 0, "last_error": None, "level": None,
+            "dedupe_hits": 0, "dedupe_bytes": 0, "base_hits": 0, "base_bytes": 0, "connections": 0,
+            "last_error": None, "level": None,
             "codec": None, "throughput": None, "lag_bytes": None, "lag_seconds": None, "pid": os.getpid()}
         self._acked = Position()  # the receiver's durable position as we know it
         prev = read_state(os.path.join(self.journal, SENDER_STATE))
@@ -390,7 +392,8 @@ def _codec(ladder_codec: str, encrypted: bool) -> str:
 
 
 def _timed_compress(compressor: Compressor, body: bytes, prefix: tuple[bytes, bytes] | None,
-                    new_ids: list[bytes] | None, records: bool = False) -> tuple[Compressed, float]:
+                    new_ids: list[bytes] | None, records: bool = False,
+                    bases: list[tuple[bytes, bytes]] | None = None) -> tuple[Compressed, float]:
     """Compress one body and measure the CPU it cost, in the thread that
     does the work: the compression runs in a worker thread, and the trio
     thread's own CPU clock, read around the await, sees almost none of it.
@@ -400,7 +403,7 @@ def _timed_compress(compressor: Compressor, body: bytes, prefix: tuple[bytes, by
     t0 = time.thread_time()
     if compressor.codec == "zstd-ref":
         assert prefix is not None
-        comp = compressor.compress(body, prefix=prefix, new_ids=new_ids, records=records)
+        comp = compressor.compress(body, prefix=prefix, new_ids=new_ids, records=records, bases=bases)
     else:
         comp = compressor.compress(body)
     return comp, time.thread_time() - t0
@@ -424,6 +427,7 @@ class _Session:
         self.limits = F.Limits()
         self.key: bytes | None = None
         self.known: set[bytes] = set()
+        self.versions: Versions | None = None  # zstd-ref's base chunks (unencrypted sources)
         self.offers: dict[int, _Pending] = {}
         self.next_req = 1
         self.unacked: deque[_Unacked] = deque()
@@ -516,6 +520,8 @@ class _Session:
         rung = s.level.rung
         self.compressor = Compressor(_codec(rung.codec, s.keys is not None), max(rung.level, 1),
                                      window_log=min(self.limits.window_log, 31), chunk_key=self.key)
+        if s.keys is None:
+            self.versions = Versions(s.journal, self.key)
         pos = welcome.position
         s._acked = Position.parse(pos._wire())
         self.seg_crc = {p.seg: p.header_crc for p in pos.segments}
@@ -542,6 +548,9 @@ class _Session:
             raise _Fatal(e) from None
         except (VaultError, AuthError, KeyFileError) as e:
             raise _Fatal(e) from None
+        finally:
+            if self.versions is not None:
+                self.versions.close()
         return finished
 
     async def welcome(self) -> F.Welcome:
@@ -656,6 +665,10 @@ class _Session:
             if u.target == target and u.off == f.off:
                 self.known.difference_update(f.ids)
                 ids = frozenset(f.ids)
+                if self.versions is not None and not ids.isdisjoint(self.versions.base_file_ids):
+                    # the vault lacks a page of the base (pruned, or never
+                    # shipped): guessing from base files costs a NEED each
+                    self.versions.use_base_files = False
                 body = u.pack.encode(frozenset(), resend=ids)
                 nids = u.pack.new_ids(frozenset(), ids) if u.pack.keys is None else None
                 # the two sides' zstd-ref histories parted at the refused frame
@@ -838,13 +851,20 @@ class _Session:
             pk = p.pack
             held = p.held
             body, nids = await self.s.sync(lambda: (pk.encode(held), pk.new_ids(held) if pk.keys is None else None))
+            bases: list[tuple[bytes, bytes]] = []
+            v = self.versions
+            if v is not None and nids is not None and isinstance(item, RunItem):
+                bases = await self.s.sync(v.bases, item.seg, item.off, item.buf, pk, set(nids),
+                                          self.known.__contains__)
+                self.s.stats["base_hits"] += len(bases)
+                self.s.stats["base_bytes"] += sum(len(b) for _, b in bases)
             # dedupe: pieces sent as a reference (the vault holds them, or
             # this connection sent them before) instead of as bytes
             refs = [b for b in pk.pieces if b.id is not None and (b.id in p.held or b.id in pk.known)]
             self.s.stats["dedupe_hits"] += len(refs)
             self.s.stats["dedupe_bytes"] += sum(b.end - b.start for b in refs)
             await self.send_data(item, body, pk, prefix=self.prefix(pk, p.held), new_ids=nids, background=True,
-                                 refs=bool(refs))
+                                 refs=bool(refs) or bool(bases), bases=bases)
             if len(self.known) > KNOWN_IDS_CAP:
                 self.known.clear()
             self.known.update(pk.all_ids)  # the vault holds them once this frame is applied
@@ -859,12 +879,13 @@ class _Session:
     async def send_data(self, item: RunItem | FileItem, body: bytes, pk: packing.Pack,
                         resend: _Unacked | None = None, prefix: tuple[bytes, bytes] | None = None,
                         new_ids: list[bytes] | None = None, background: bool = False,
-                        refs: bool = True) -> None:
+                        refs: bool = True, bases: list[tuple[bytes, bytes]] | None = None) -> None:
         """Compress a body and send its DATA frame. With background, return
         once it is compressed and the frame is queued behind the previous
         one: the caller goes on with the next frame's CPU work while this
         one waits for the link. refs: the frame references chunks (the
-        receiver may answer it with NEED)."""
+        receiver may answer it with NEED). bases: zstd-ref's base chunks
+        (versions.Versions; a resend goes without)."""
         s = self.s
         assert self.compressor is not None
         rung = s.level.rung
@@ -872,7 +893,8 @@ class _Session:
             rung = s.level.choose()  # the current rung, or a neighbour to measure
             codec = _codec(rung.codec, False)
             self.compressor.set_level(codec, max(rung.level, 1))  # (a no-op when unchanged)
-        comp, cpu = await s.sync(_timed_compress, self.compressor, body, prefix, new_ids, isinstance(item, RunItem))
+        comp, cpu = await s.sync(_timed_compress, self.compressor, body, prefix, new_ids, isinstance(item, RunItem),
+                                 bases)
         s.level.observe_compression(LADDER.index(rung) if s.keys is None else 0, comp.raw,
                                     len(comp.body), cpu)
         now_cpu = time.process_time()

@@ -1,0 +1,118 @@
+"""versions.Versions: the sender's map from a written range to its previous
+version's chunk, for zstd-ref's base chunks. Runs of real records in real
+segment and base files laid out as in a journal."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from cdpcore import packing
+from cdpcore.codec import HISTORY
+from cdpcore.format import BASE_DIR, SEGMENT_DIR, Kind, encode_record, segment_name
+from cdpcore.versions import Versions, _alike
+
+KEY = bytes(range(32))
+
+
+class Sender:
+    """Appends runs to segment 1 of a journal directory and asks Versions
+    for each run's bases, as the shipper does (new: the chunks the body
+    carries as bytes; usable: the vault holds them)."""
+
+    def __init__(self, top: Path) -> None:
+        self.journal = top / "j"
+        (self.journal / SEGMENT_DIR).mkdir(parents=True)
+        self.seg = self.journal / SEGMENT_DIR / segment_name(1)
+        self.seg.write_bytes(b"")
+        self.v = Versions(str(self.journal), KEY)
+        self.seq = 1
+        self.held: set[bytes] = set()
+
+    def run(self, writes: list[tuple[int, int, bytes]], kind: int = Kind.WRITE,
+            usable: bool = True) -> list[tuple[bytes, bytes]]:
+        buf = b""
+        for fid, off, data in writes:
+            buf += encode_record(kind, self.seq, 1000 + self.seq, fid, off, data)
+            self.seq += 1
+        at = self.seg.stat().st_size
+        with open(self.seg, "ab") as f:
+            f.write(buf)
+        pk = packing.pack(buf, KEY, known=self.held.__contains__)
+        new = set(pk.new_ids(self.held))
+        out = self.v.bases(1, at, buf, pk, new, self.held.__contains__ if usable else (lambda c: False))
+        self.held.update(pk.all_ids)
+        return out
+
+    def filler(self, nbytes: int = HISTORY + (64 << 10)) -> None:
+        """Other pages, enough to take earlier ones out of zstd's reach."""
+        rng = random.Random(nbytes)
+        for k in range(nbytes // (32 << 10) + 1):
+            self.run([(99, (k * 8 + i) * 4096, rng.randbytes(4096)) for i in range(8)])
+
+
+def edited(page: bytes, k: int) -> bytes:
+    return page[:64 * k] + b"<row%03d>" % k + page[64 * k + 8:]
+
+
+def cid(data: bytes) -> bytes:
+    return packing.pack(encode_record(Kind.WRITE, 1, 1, 1, 0, data), KEY).all_ids[0]
+
+
+def test_a_page_out_of_reach_gets_its_previous_version(fast_tmp: Path) -> None:
+    s = Sender(fast_tmp)
+    page = os.urandom(8192)
+    assert s.run([(7, 8192, page)]) == []  # nothing known before
+    near = edited(page, 1)
+    assert s.run([(7, 8192, near)]) == []  # the previous version is within zstd's reach
+    s.filler()
+    far = edited(near, 2)
+    assert s.run([(7, 8192, far)]) == [(cid(near), near)]  # read back from the segment
+    s.filler()
+    assert s.run([(7, 8192, edited(far, 3))], usable=False) == []  # the vault may not hold it
+    s.filler()
+    assert s.run([(7, 8192, os.urandom(8192))]) == []  # not alike: another page, no use
+    s.filler()
+    # another range, another length, another file: no base
+    assert s.run([(7, 0, edited(page, 4)), (8, 8192, edited(page, 5)), (7, 8192, os.urandom(4096))]) == []
+    s.v.close()
+
+
+def test_a_page_the_body_carries_twice_or_already_references_gets_no_base(fast_tmp: Path) -> None:
+    s = Sender(fast_tmp)
+    page = os.urandom(4096)
+    s.run([(7, 0, page)])
+    s.filler()
+    # the old version is also copied in this run (a rollback journal): it is
+    # a reference already, so it is not a base as well
+    assert s.run([(5, 0, page), (7, 0, edited(page, 1))]) == []
+    s.v.close()
+
+
+def test_a_range_first_written_after_the_base_gets_the_base_files_pages(fast_tmp: Path) -> None:
+    """The base's database file is shipped cut at 4 KiB pages (feed): the
+    ids computed here must be those, or the vault cannot resolve them."""
+    s = Sender(fast_tmp)
+    base = s.journal / BASE_DIR / "0000000000000001" / "data"
+    base.mkdir(parents=True)
+    db = os.urandom(64 << 10)
+    (base / "db").write_bytes(db)
+    (base / "odd").write_bytes(db[:-100])  # not whole pages: cut by content, not at pages
+    s.run([(9, 0, b"data/db"), (10, 0, b"data/odd")], kind=Kind.FILEMAP)
+    shipped = packing.pack(db, KEY, records=False, page=4096)
+    want = [(p.id, db[p.start:p.end]) for p in shipped.pieces if p.start in (8192, 12288)]
+    assert s.run([(9, 8192, edited(db[8192:16384], 1))]) == want
+    assert {c for c, _ in want} <= s.v.base_file_ids
+    assert s.run([(10, 8192, edited(db[8192:16384], 1))]) == []
+    assert s.run([(9, 4096 + 100, edited(db[4196:8292], 1))]) == []  # not at a page boundary
+    s.v.use_base_files = False  # (after a NEED for one of them)
+    assert s.run([(9, 32768, edited(db[32768:40960], 1))]) == []
+    s.v.close()
+
+
+def test_alike_is_about_equal_bytes_at_the_same_offsets() -> None:
+    page = os.urandom(8192)
+    assert _alike(edited(page, 3), page)
+    assert not _alike(os.urandom(8192), page)
+    assert not _alike(page[:4096], page)
+    assert not _alike(page[1:] + page[:1], page)  # shifted: other bytes at each offset
