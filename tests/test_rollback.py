@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -302,15 +303,19 @@ def test_put_back_writes_only_the_ranges_that_differ(tmp_path: Path) -> None:
     ranges = [(0, 100), (4096, 8192), (8192, 9000), (10000, 12000)]
     fd = os.open(live, os.O_RDWR)
     try:
-        data, differs = plan.put_back(ino, fd, ranges)
+        recs, n, differs = plan.put_back(ino, fd, ranges)
+        assert list(differs) == [1, 1, 0, 1]
+        # the records say exactly what was written: the differing ranges
+        assert _records_cover(recs, n) == _runs(point, [r for r, d in zip(ranges, differs) if d])
+        recs, n, every = plan.put_back(ino, fd, ranges, every=True)
+        assert list(every) == [0, 0, 0, 0]
+        assert _records_cover(recs, n) == _runs(point, ranges)
     finally:
         os.close(fd)
-    assert list(differs) == [1, 1, 0, 1]
-    assert bytes(data) == b"".join(bytes(point[a:b]) for a, b in ranges)
     assert live.read_bytes() == bytes(point)
     fd = os.open(live, os.O_RDONLY)
     try:
-        assert list(plan.put_back(ino, fd, ranges)[1]) == [0, 0, 0, 0]  # nothing to write: no error
+        assert list(plan.put_back(ino, fd, ranges)[2]) == [0, 0, 0, 0]  # nothing to write: no error
         with open(live, "r+b") as w:
             w.seek(1)
             w.write(b"z")
@@ -319,6 +324,40 @@ def test_put_back_writes_only_the_ranges_that_differ(tmp_path: Path) -> None:
     finally:
         os.close(fd)
         sources.close()
+
+
+def _runs(data: bytes | bytearray, ranges: list[tuple[int, int]]) -> dict[int, bytes]:
+    """{start: bytes} of data over the ranges, adjoining ones joined."""
+    out: dict[int, bytes] = {}
+    start = end = -1
+    for a, b in ranges:
+        if a == end:
+            out[start] += bytes(data[a:b])
+        else:
+            start = a
+            out[a] = bytes(data[a:b])
+        end = b
+    return out
+
+
+def _records_cover(recs: Any, n: int) -> dict[int, bytes]:
+    """The WRITE records of Plan.put_back as {start: bytes} of runs of
+    adjoining records (checked: WRITE kind, in offset order, no overlap)."""
+    from cdpcore._native import ffi
+
+    out: dict[int, bytes] = {}
+    start = end = -1
+    for i in range(n):
+        r = recs[i]
+        assert r.kind == Kind.WRITE and r.offset >= end and 0 < r.len
+        data = bytes(ffi.buffer(r.payload, r.len))
+        if r.offset == end:
+            out[start] += data
+        else:
+            start = r.offset
+            out[start] = data
+        end = r.offset + r.len
+    return out
 
 
 def test_killed_between_ranges_of_one_file_then_rerun(fast_tmp: Path) -> None:

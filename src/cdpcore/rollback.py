@@ -344,27 +344,25 @@ class _Ops:
     def put_back(self, rel: str, want: Plan, ino: Inode, ranges: list[tuple[int, int]]) -> int:
         """Make the file at rel hold the point's bytes in these ranges,
         writing (and journaling) only those that differ: one C call reads
-        back, compares and writes (Plan.put_back). Completing a killed
-        rollback, every range is journaled, written or not: the killed run
-        may have written some that nothing journaled, and the journal's
-        latest state must equal the root. Under the crash tests' hook, one
-        range per call, so that a kill can still fall between two writes.
-        Returns the bytes written."""
+        back, compares and writes (Plan.put_back), and lays out the journal
+        records of what it wrote, pointing into the plan's mapped sources
+        (no copy of the bytes, no Python object per range: 10 MB over 2,662
+        ranges cost 20-25 ms in bytes copies and per-range journaling).
+        Completing a killed rollback, every range is journaled, written or
+        not: the killed run may have written some that nothing journaled,
+        and the journal's latest state must equal the root. Under the crash
+        tests' hook, one range per call, so that a kill can still fall
+        between two writes. Returns the bytes written."""
         step = 1 if self.kill_after >= 0 else max(len(ranges), 1)
         total = 0
         for i in range(0, len(ranges), step):
             part = ranges[i : i + step]
-            data, differs = want.put_back(ino, self._fd(rel), part)
-            view = memoryview(data)
-            at = 0
+            recs, n, differs = want.put_back(ino, self._fd(rel), part, every=self.resumed)
             if any(differs) or self.resumed:  # (the killed run's writes may be in the page cache only)
                 self.dirty_fds.append(rel)
-            for (a, b), d in zip(part, differs):
-                if d or self.resumed:
-                    self._done("append_write", (rel, a, bytes(view[at : at + b - a])))
-                if d:
-                    total += b - a
-                at += b - a
+            if n:
+                self._done("append_write_records", (rel, recs, n))
+            total += sum(b - a for (a, b), d in zip(part, differs) if d)
         return total
 
     def truncate(self, rel: str, size: int) -> None:
