@@ -360,6 +360,92 @@ def _records_cover(recs: Any, n: int) -> dict[int, bytes]:
     return out
 
 
+@st.composite
+def _put_back_case(draw: st.DrawFn) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]], list[int], bool]:
+    """Pieces (start, len, source, src) sorted and disjoint, with holes
+    between them (some longer than the 64 KiB a hole record holds); ranges
+    sorted and disjoint, some touching; the live file (a mutation of the
+    point's bytes, maybe short); `every`."""
+    pieces: list[tuple[int, int, int, int]] = []
+    at = 0
+    for _ in range(draw(st.integers(0, 6))):
+        at += draw(st.sampled_from([0, 0, 1, 100, 70_000]))
+        n = draw(st.integers(1, 5000))
+        pieces.append((at, n, draw(st.integers(0, 1)), draw(st.integers(0, 20_000 - n))))
+        at += n
+    size = at + draw(st.sampled_from([0, 10, 70_000]))
+    ranges: list[tuple[int, int]] = []
+    at = 0
+    for _ in range(draw(st.integers(0, 8))):
+        a = at + draw(st.sampled_from([0, 1, 50, 3000]))
+        b = a + draw(st.integers(0, 80_000))
+        if b > size:
+            break
+        ranges.append((a, b))
+        at = b
+    flips = draw(st.lists(st.integers(0, max(size - 1, 0)), max_size=5)) if size else []
+    return pieces, ranges, flips, draw(st.booleans())
+
+
+@given(case=_put_back_case(), short=st.integers(0, 3))
+def test_put_back_matches_a_model(tmp_path_factory: pytest.TempPathFactory,
+                                  case: tuple[list[tuple[int, int, int, int]], list[tuple[int, int]], list[int], bool],
+                                  short: int) -> None:
+    """cdp_put_back against a Python model: the file ends up with the
+    point's bytes in every range and unchanged elsewhere; a range is
+    written (flagged) exactly when its bytes differ or the file is short
+    there; the records cover, in order, exactly the ranges written (every
+    range with every=True) with the point's bytes, none over the largest
+    payload, hole records at most 64 KiB."""
+    from array import array
+
+    from cdpcore._native import ffi
+    from cdpcore.format import MAX_PAYLOAD
+    from cdpcore.plan import Inode, Plan, Sources, Tree
+
+    pieces, ranges, flips, every = case
+    tmp = tmp_path_factory.mktemp("pb")
+    srcs = [bytes(random.Random(i).randbytes(20_000)) for i in range(2)]
+    sources = Sources(populate=False)
+    idx = []
+    for i, data in enumerate(srcs):
+        (tmp / f"{i}.seg").write_bytes(data)
+        idx.append(sources.add(str(tmp / f"{i}.seg")))
+    size = max([b for _a, b in ranges] + [p[0] + p[1] for p in pieces] + [0])
+    point = bytearray(size)
+    for a, n, f, src in pieces:
+        point[a : a + n] = srcs[f][src : src + n]
+    live = bytearray(point)
+    for x in flips:
+        if x < size:
+            live[x] ^= 0x5A
+    live = live[: max(0, size - short * 1000)]
+    (tmp / "live").write_bytes(bytes(live))
+    plan = Plan(1, None, Tree(), sources)
+    cols = list(zip(*[(1, a, n, idx[f], src, 0) for a, n, f, src in pieces])) or [(), (), (), (), (), ()]
+    plan.pieces = tuple(array("Q", c) for c in cols)
+    fd = os.open(tmp / "live", os.O_RDWR)
+    try:
+        recs, n, differs = plan.put_back(Inode(1), fd, ranges, every=every)
+        written = [bytes(live[a:b]) != bytes(point[a:b]) for a, b in ranges]
+        assert list(differs) == [int(w) for w in written]
+        assert _records_cover(recs, n) == _runs(point, [r for r, w in zip(ranges, written) if w or every])
+        for i in range(n):
+            assert recs[i].len <= MAX_PAYLOAD and recs[i].file_id == 0 and recs[i].ts == 0
+            if bytes(ffi.buffer(recs[i].payload, recs[i].len)) == bytes(recs[i].len) and recs[i].len > 65536:
+                # zeros longer than a hole record: must come from a source
+                assert any(a <= recs[i].offset < a + m for a, m, _f, _s in pieces)
+    finally:
+        os.close(fd)
+        sources.close()
+    expect = bytearray(live)
+    for a, b in ranges:
+        if a < b and len(expect) < b:
+            expect.extend(bytes(b - len(expect)))
+        expect[a:b] = point[a:b]
+    assert (tmp / "live").read_bytes() == bytes(expect)
+
+
 def test_killed_between_ranges_of_one_file_then_rerun(fast_tmp: Path) -> None:
     """A file with several ranges to put back, killed after each write: a
     rerun finds the ranges the killed run wrote already equal to the point,
