@@ -267,8 +267,8 @@ int cdp_populate_read(const uint8_t *p, uint64_t len);
  * one per fragment of the range (a piece's part, split at CDP_MAX_PAYLOAD;
  * a hole's, split at 64 KiB), whose payload points into the sources or into
  * a static block of zeros, adjoining fragments contiguous in their source
- * joined; their file_id and ts are 0, for the caller to set
- * (cdp_recs_bind). The records stay valid while the mappings do. *n_recs
+ * joined (an empty range has none); their file_id and ts are 0, for the
+ * caller to set (cdp_recs_bind). The records stay valid while the mappings do. *n_recs
  * receives their number and *done the ranges finished, so that after
  * CDP_EIO (errno set) the caller knows which writes happened. A piece
  * outside its map is CDP_EINVAL, before that range is written. */
