@@ -200,9 +200,15 @@ int cdp_compact_rows(uint64_t n, uint64_t *const *cols, uint64_t n_cols, uint64_
             if (hint_key == k && hint_at <= start[i]) {
                 /* rows in order (a checkpoint's pieces, most of them): walk
                  * on from the window found for the last row of this key
-                 * that started no later, not a binary search per row */
-                while (hint < w_hi[k] && w_end[hint] <= start[i])
+                 * that started no later, not a binary search per row; but
+                 * only a few steps, then search the rest: rows in no order
+                 * (the records since the checkpoint: random writes) walked
+                 * a third of 2,600 windows a row, 3-4 ms for 10,000 rows */
+                int steps = 0;
+                while (hint < w_hi[k] && w_end[hint] <= start[i] && steps++ < 8)
                     hint++;
+                if (hint < w_hi[k] && w_end[hint] <= start[i])
+                    hint = first_after(start[i], w_end, hint, w_hi[k]);
             } else {
                 hint = first_after(start[i], w_end, w_lo[k], w_hi[k]);
             }

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import scratch
-from hypothesis import given, note
+from hypothesis import example, given, note
 from hypothesis import strategies as st
 from test_restore_basic import Runner, Tree
 from test_restore_plan import big_op, tree_of
@@ -273,6 +273,58 @@ def test_touched_ranges_in_c_match_the_python_merge(rows: list[tuple[int, int, i
         assert _touched(r) == {k: merge_ranges(v) for k, v in sorted(want.items())}
     finally:
         r.close()
+
+
+@given(rows=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1500), st.integers(0, 30)), max_size=60),
+       windows=st.dictionaries(st.integers(0, 3), st.lists(st.tuples(st.integers(0, 20), st.integers(1, 20)),
+                                                          max_size=60)),
+       modes=st.lists(st.integers(0, 2), min_size=4, max_size=4), in_order=st.booleans())
+@example(rows=[(0, 0, 1), (0, 152, 1)], windows={0: [(5, 5)] * 20}, modes=[2, 0, 0, 0], in_order=True)  # a jump
+def test_compact_rows_matches_a_model(rows: list[tuple[int, int, int]], windows: dict[int, list[tuple[int, int]]],
+                                      modes: list[int], in_order: bool) -> None:
+    """cdp_compact_rows (which rows of a rollback's plan can matter): a row
+    is kept when its key's mode is 1 (the whole file), or 2 and the row is
+    non-empty and meets one of the key's windows (sorted, disjoint); kept
+    rows keep their order and every column; rows in order and in none
+    (both walk the windows from a hint, then search)."""
+    from array import array
+
+    from cdpcore._native import ffi
+    from cdpcore.plan import _compact
+
+    if in_order:
+        rows = sorted(rows)
+    n_keys = 4
+    w: dict[int, list[tuple[int, int]]] = {}
+    for k, gaps in windows.items():  # sorted, disjoint windows from gaps and lengths
+        at, out = 0, []
+        for gap, n in gaps:
+            out.append((at + gap, at + gap + n))
+            at += gap + n
+        w[k] = out
+    w_lo, w_hi, w_start, w_end = array("Q", bytes(8 * n_keys)), array("Q", bytes(8 * n_keys)), array("Q"), array("Q")
+    for k in range(n_keys):
+        w_lo[k] = len(w_start)
+        for a, b in w.get(k, []):
+            w_start.append(a)
+            w_end.append(b)
+        w_hi[k] = len(w_start)
+    cols = [array("Q", [r[0] for r in rows]), array("Q", [r[1] for r in rows]),
+            array("Q", [r[1] + r[2] for r in rows]), array("Q", range(len(rows)))]
+    mode = bytearray(modes)
+    u64 = "uint64_t[]"
+    windows_c = (mode, n_keys, ffi.from_buffer(u64, w_lo), ffi.from_buffer(u64, w_hi),
+                 ffi.from_buffer(u64, w_start or array("Q", [0])), ffi.from_buffer(u64, w_end or array("Q", [0])))
+
+    def meets(k: int, a: int, b: int) -> bool:
+        return a < b and any(x < b and a < y for x, y in w.get(k, []))
+
+    keep = [i for i, (k, a, n) in enumerate(rows) if modes[k] == 1 or (modes[k] == 2 and meets(k, a, a + n))]
+    m = _compact([ffi.from_buffer(u64, c or array("Q", [0])) for c in cols], len(rows), windows_c)
+    assert m == len(keep)
+    assert list(cols[3][:m]) == keep
+    assert [(cols[0][i], cols[1][i], cols[2][i]) for i in range(m)] == [(rows[i][0], rows[i][1], sum(rows[i][1:]))
+                                                                         for i in keep]
 
 
 def test_put_back_writes_only_the_ranges_that_differ(tmp_path: Path) -> None:
