@@ -176,9 +176,8 @@ def _rollback(j: Journal, to: PointLike, ts: int | None = None) -> RollbackResul
             return result
         # The root's changes must be on disk before the journal says they
         # happened (a rerun trusts the journal's bookmark), so the journal
-        # is written only after the root's fsync; but its records are
-        # collected (Python, 2,700 writes for 1 % of a 1 GiB file: 5-10
-        # ms) while that fsync runs, on a thread (os.fsync releases the GIL).
+        # is written only after the root's fsync; its records are collected
+        # while that fsync runs, on a thread (os.fsync releases the GIL).
         syncing = _Background(ops.sync)
         # one timestamp for the whole rollback: it is one event, and the
         # result can say when without reading the journal back
@@ -194,13 +193,21 @@ def _rollback(j: Journal, to: PointLike, ts: int | None = None) -> RollbackResul
             raise
         syncing.result()
         ops.step()
-        # by pointer: the payloads are bytes objects already (no copy), and
-        # joining 10 MB of them costs fresh memory (first commit of 2,662
-        # 4 KiB writes in a process: 14-22 ms joined, 9-11 ms by pointer)
+        # by pointer: the put-back records point into the plan's mapped
+        # sources (no copy of their 10 MB: fresh memory costs 4-7 us a page
+        # here), so the plan stays open until the commit
         b.commit(by_pointer=True)
         result.seq = b.last_seq
         result.records = b.last_seq - b.first_seq + 1
-        j.sync()
+        # the journal's fdatasync waits for the disk, unmapping the plan's
+        # sources (page tables over 64 segments: 10-18 ms) needs a CPU: both
+        # at once. (Nothing reads the mappings any more: the records are
+        # written.)
+        journal_sync = _Background(j.sync)
+        try:
+            want.close()
+        finally:
+            journal_sync.result()
     ops.step()
     os.unlink(intent_path)
     return result
@@ -210,7 +217,7 @@ class _Background:
     """fn() on a thread of its own; result() waits for it and raises what it
     raised."""
 
-    def __init__(self, fn: Callable[[], None]):
+    def __init__(self, fn: Callable[[], object]):
         self._error: BaseException | None = None
 
         def run() -> None:
