@@ -45,7 +45,7 @@ def main() -> int:
     for owner, name, label in ((rb, "build_rollback_plan", "plan"), (plan, "continue_plan", "plan: after the point"),
                                (plan.Validator, "finish", "wait for checks"), (rb, "write_durable", "intent"),
                                (rb, "_apply", "put back"), (rb._Ops, "sync", "fsync root (on a thread)"),
-                               (rb._Background, "result", "wait for the root's fsync"),
+                               (rb._Background, "result", "wait for threads (root fsync; journal sync)"),
                                (journal.Batch, "commit", "journal append"), (journal.Journal, "sync", "journal sync"),
                                (audit, "_enter", "audit")):
         wrap(owner, name, label)

@@ -126,6 +126,18 @@ int cdp_find_valid(const uint8_t *buf, uint64_t len, uint64_t start, uint64_t af
 
 /* ---- planning a restore (plan.py) ----------------------------------------- */
 
+/* One record to append; payload is not copied before the write(2). */
+struct cdp_rec {
+    uint8_t kind;
+    uint8_t flags;
+    uint64_t file_id;
+    uint64_t offset;
+    int64_t ts;             /* INT64_MIN: take CLOCK_REALTIME under the append lock */
+    const void *payload;
+    uint32_t len;
+};
+
+
 /* Where cdp_extract stopped, beyond the cdp_stop codes above. */
 enum cdp_extract_stop {
     CDP_STOP_KIND = 7       /* a record Python must apply itself (res.end is its offset) */
@@ -246,18 +258,25 @@ int cdp_populate_read(const uint8_t *p, uint64_t len);
  * [r_start[i], r_start[i] + r_len[i]) for i < n are sorted and disjoint;
  * pieces (p_start, p_len, p_file, p_src: the file's pieces of a plan, sorted
  * by start) say what the file holds at the point, zeros where none covers.
- * For each range the wanted bytes are laid into want (the ranges one after
- * another: sum of r_len bytes), fd's bytes there are read into scratch
- * (max r_len bytes), and if they differ (a short read differs) the wanted
- * bytes are written and differs[i] = 1, else 0. *done receives the ranges
- * finished, so that after CDP_EIO (errno set) the caller knows which
- * writes happened. A piece outside its map is CDP_EINVAL, before that
- * range is written. */
+ * For each range fd's bytes are read into scratch (max r_len bytes) and
+ * compared with the wanted bytes where they lie (in the mapped sources; no
+ * copy of them is made); if they differ (a short read differs), the wanted
+ * bytes are written, gathered from the sources (pwritev), and differs[i] =
+ * 1, else 0. For each range written (every range, with all), the WRITE
+ * records that say so are laid into recs (at most cap; CDP_ENOMEM past it):
+ * one per fragment of the range (a piece's part, split at CDP_MAX_PAYLOAD;
+ * a hole's, split at 64 KiB), whose payload points into the sources or into
+ * a static block of zeros, adjoining fragments contiguous in their source
+ * joined (an empty range has none); their file_id and ts are 0, for the
+ * caller to set (cdp_recs_bind). The records stay valid while the mappings do. *n_recs
+ * receives their number and *done the ranges finished, so that after
+ * CDP_EIO (errno set) the caller knows which writes happened. A piece
+ * outside its map is CDP_EINVAL, before that range is written. */
 int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_len,
                  uint64_t n_pieces, const uint64_t *p_start, const uint64_t *p_len,
                  const uint64_t *p_file, const uint64_t *p_src, const uint8_t *const *maps,
-                 const uint64_t *map_len, uint64_t n_maps, uint8_t *want, uint8_t *scratch,
-                 uint8_t *differs, uint64_t *done);
+                 const uint64_t *map_len, uint64_t n_maps, uint8_t *scratch, int all,
+                 uint8_t *differs, struct cdp_rec *recs, uint64_t cap, uint64_t *n_recs, uint64_t *done);
 
 /* ---- content-defined chunking (native/chunker.c) ------------------------ */
 
@@ -278,16 +297,8 @@ uint64_t cdp_chunk_mask(int bits);
 
 /* ---- writing ------------------------------------------------------------ */
 
-/* One record to append; payload is not copied before the write(2). */
-struct cdp_rec {
-    uint8_t kind;
-    uint8_t flags;
-    uint64_t file_id;
-    uint64_t offset;
-    int64_t ts;             /* INT64_MIN: take CLOCK_REALTIME under the append lock */
-    const void *payload;
-    uint32_t len;
-};
+/* (struct cdp_rec, one record to append, is declared with the planning
+ * functions above: cdp_put_back fills them in.) */
 
 struct cdp_append_result {
     uint64_t first_seq;
@@ -329,6 +340,11 @@ int cdp_writer_unlock(cdp_writer *w);
  * written and CDP_ESTALE is returned. */
 int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
                uint64_t expect_ns_gen, struct cdp_append_result *res);
+
+/* Set file_id and ts of n records (a rollback's WRITE records, made by
+ * cdp_put_back before the journal binds the file's id: a Python loop over
+ * thousands of cffi structs cost more than the append). */
+void cdp_recs_bind(struct cdp_rec *recs, uint64_t n, uint64_t file_id, int64_t ts);
 
 /* Append a buffer of records already laid out as on disk (headers with len,
  * ts, file_id, offset, kind, flags, marker; payloads; zero padding). Fills in

@@ -200,9 +200,15 @@ int cdp_compact_rows(uint64_t n, uint64_t *const *cols, uint64_t n_cols, uint64_
             if (hint_key == k && hint_at <= start[i]) {
                 /* rows in order (a checkpoint's pieces, most of them): walk
                  * on from the window found for the last row of this key
-                 * that started no later, not a binary search per row */
-                while (hint < w_hi[k] && w_end[hint] <= start[i])
+                 * that started no later, not a binary search per row; but
+                 * only a few steps, then search the rest: rows in no order
+                 * (the records since the checkpoint: random writes) walked
+                 * a third of 2,600 windows a row, 3-4 ms for 10,000 rows */
+                int steps = 0;
+                while (hint < w_hi[k] && w_end[hint] <= start[i] && steps++ < 8)
                     hint++;
+                if (hint < w_hi[k] && w_end[hint] <= start[i])
+                    hint = first_after(start[i], w_end, hint, w_hi[k]);
             } else {
                 hint = first_after(start[i], w_end, w_lo[k], w_hi[k]);
             }
@@ -499,39 +505,123 @@ static int64_t io_all(int fd, uint8_t *buf, uint64_t len, uint64_t at, int write
     return (int64_t)got;
 }
 
+/* Zeros for the holes a rollback puts back: the payload of a WRITE record
+ * that says "zeros here" points into this (read-only, shared by every call)
+ * instead of into a buffer of the caller's. */
+#define PB_ZEROS (1u << 16)
+static const uint8_t pb_zeros[PB_ZEROS];
+
+/* One fragment of a range's wanted bytes: a piece's part inside it (a
+ * pointer into its source) or a hole's (into pb_zeros, at most PB_ZEROS). */
+struct pb_frag {
+    const uint8_t *p;
+    uint64_t at, len;  /* at: offset in the file */
+};
+
+/* The next fragment of [a, b) at or after `at`, from pieces j.. (sorted by
+ * start; the caller has skipped those ending at or before a). Returns 0 at
+ * b; CDP_EINVAL (as -1) for a piece outside its map. */
+static int pb_next(uint64_t at, uint64_t b, uint64_t *j, uint64_t n_pieces, const uint64_t *p_start,
+                   const uint64_t *p_len, const uint64_t *p_file, const uint64_t *p_src,
+                   const uint8_t *const *maps, const uint64_t *map_len, uint64_t n_maps, struct pb_frag *out)
+{
+    if (at >= b)
+        return 0;
+    while (*j < n_pieces && p_start[*j] + p_len[*j] <= at)
+        (*j)++;
+    uint64_t k = *j;
+    if (k < n_pieces && p_start[k] <= at) {
+        uint64_t f = p_file[k];
+        if (f >= n_maps || !maps[f] || p_src[k] > map_len[f] || p_len[k] > map_len[f] - p_src[k])
+            return -1;
+        uint64_t end = p_start[k] + p_len[k] < b ? p_start[k] + p_len[k] : b;
+        if (end - at > CDP_MAX_PAYLOAD)
+            end = at + CDP_MAX_PAYLOAD;
+        *out = (struct pb_frag){ maps[f] + p_src[k] + (at - p_start[k]), at, end - at };
+        return 1;
+    }
+    uint64_t end = k < n_pieces && p_start[k] < b ? p_start[k] : b;  /* a hole up to the next piece */
+    if (end - at > PB_ZEROS)
+        end = at + PB_ZEROS;
+    *out = (struct pb_frag){ pb_zeros, at, end - at };
+    return 1;
+}
+
 int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_len,
                  uint64_t n_pieces, const uint64_t *p_start, const uint64_t *p_len,
                  const uint64_t *p_file, const uint64_t *p_src, const uint8_t *const *maps,
-                 const uint64_t *map_len, uint64_t n_maps, uint8_t *want, uint8_t *scratch,
-                 uint8_t *differs, uint64_t *done)
+                 const uint64_t *map_len, uint64_t n_maps, uint8_t *scratch, int all,
+                 uint8_t *differs, struct cdp_rec *recs, uint64_t cap, uint64_t *n_recs, uint64_t *done)
 {
-    if (!done)
+    struct iovec iov[IOV_MAX < 1024 ? IOV_MAX : 1024];
+    const int max_iov = (int)(sizeof iov / sizeof iov[0]);
+    if (!done || !n_recs)
         return CDP_EINVAL;
     *done = 0;
-    uint64_t k = 0;  /* the first piece that may meet the current range */
+    *n_recs = 0;
+    uint64_t j = 0, m = 0;  /* j: the first piece that may meet the current range */
     for (uint64_t i = 0; i < n; i++) {
         uint64_t a = r_start[i], len = r_len[i], b = a + len;
         if (b < a || (i && r_start[i - 1] + r_len[i - 1] > a))
             return CDP_EINVAL;  /* overflow, or not sorted and disjoint */
-        while (k < n_pieces && p_start[k] + p_len[k] <= a)
-            k++;
-        memset(want, 0, len);  /* holes read as zeros */
-        for (uint64_t j = k; j < n_pieces && p_start[j] < b; j++) {
-            uint64_t f = p_file[j];
-            if (f >= n_maps || !maps[f] || p_src[j] > map_len[f] || p_len[j] > map_len[f] - p_src[j])
-                return CDP_EINVAL;
-            uint64_t lo = p_start[j] > a ? p_start[j] : a;
-            uint64_t hi = p_start[j] + p_len[j] < b ? p_start[j] + p_len[j] : b;
-            if (lo < hi)
-                memcpy(want + (lo - a), maps[f] + p_src[j] + (lo - p_start[j]), hi - lo);
-        }
         int64_t got = io_all(fd, scratch, len, a, 0);
         if (got < 0)
             return CDP_EIO;
-        differs[i] = (uint64_t)got != len || memcmp(want, scratch, len) != 0;
-        if (differs[i] && io_all(fd, want, len, a, 1) != (int64_t)len)
-            return CDP_EIO;
-        want += len;
+        /* compare with the wanted bytes where they lie: no copy of them */
+        int differ = (uint64_t)got != len;
+        struct pb_frag fr;
+        uint64_t jj = j;
+        int r;
+        for (uint64_t at = a; !differ && (r = pb_next(at, b, &jj, n_pieces, p_start, p_len, p_file, p_src,
+                                                       maps, map_len, n_maps, &fr)) != 0; at += fr.len) {
+            if (r < 0)
+                return CDP_EINVAL;
+            differ = memcmp(fr.p, scratch + (fr.at - a), fr.len) != 0;
+        }
+        differs[i] = (uint8_t)differ;
+        /* write (gathered from the sources) and describe the range */
+        uint64_t at = a;
+        while (at < b && (differ || all)) {
+            int cnt = 0;
+            uint64_t w_at = at;
+            for (; cnt < max_iov && (r = pb_next(at, b, &j, n_pieces, p_start, p_len, p_file, p_src,
+                                                 maps, map_len, n_maps, &fr)) != 0; at += fr.len) {
+                if (r < 0)
+                    return CDP_EINVAL;
+                iov[cnt++] = (struct iovec){ (void *)fr.p, fr.len };
+                if (m && recs[m - 1].offset + recs[m - 1].len == fr.at &&
+                    (const uint8_t *)recs[m - 1].payload + recs[m - 1].len == fr.p && fr.p != pb_zeros &&
+                    recs[m - 1].len + fr.len <= CDP_MAX_PAYLOAD) {
+                    recs[m - 1].len += (uint32_t)fr.len;  /* contiguous in the source too: one record */
+                    continue;
+                }
+                if (m == cap)
+                    return CDP_ENOMEM;
+                recs[m++] = (struct cdp_rec){ CDP_WRITE, 0, 0, fr.at, 0, fr.p, (uint32_t)fr.len };
+            }
+            *n_recs = m;
+            struct iovec *v = iov;
+            while (differ && cnt) {  /* pwritev may write less than asked */
+                ssize_t w = pwritev(fd, v, cnt, (off_t)w_at);
+                if (w < 0 && errno == EINTR)
+                    continue;
+                if (w <= 0) {
+                    if (w == 0)
+                        errno = EIO;
+                    return CDP_EIO;
+                }
+                w_at += (uint64_t)w;
+                while (cnt && (uint64_t)w >= v->iov_len) {
+                    w -= (ssize_t)v->iov_len;
+                    v++;
+                    cnt--;
+                }
+                if (cnt) {
+                    v->iov_base = (uint8_t *)v->iov_base + w;
+                    v->iov_len -= (size_t)w;
+                }
+            }
+        }
         *done = i + 1;
     }
     return CDP_OK;

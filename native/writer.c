@@ -716,6 +716,14 @@ static void end_append(cdp_writer *w, uint64_t off, uint64_t next_seq, int64_t l
 }
 
 
+void cdp_recs_bind(struct cdp_rec *recs, uint64_t n, uint64_t file_id, int64_t ts)
+{
+    for (uint64_t i = 0; i < n; i++) {
+        recs[i].file_id = file_id;
+        recs[i].ts = ts;
+    }
+}
+
 int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
                uint64_t expect_ns_gen, struct cdp_append_result *res)
 {

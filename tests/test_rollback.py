@@ -20,11 +20,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
 from conftest import scratch
-from hypothesis import given, note
+from hypothesis import example, given, note
 from hypothesis import strategies as st
 from test_restore_basic import Runner, Tree
 from test_restore_plan import big_op, tree_of
@@ -274,6 +275,58 @@ def test_touched_ranges_in_c_match_the_python_merge(rows: list[tuple[int, int, i
         r.close()
 
 
+@given(rows=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1500), st.integers(0, 30)), max_size=60),
+       windows=st.dictionaries(st.integers(0, 3), st.lists(st.tuples(st.integers(0, 20), st.integers(1, 20)),
+                                                          max_size=60)),
+       modes=st.lists(st.integers(0, 2), min_size=4, max_size=4), in_order=st.booleans())
+@example(rows=[(0, 0, 1), (0, 152, 1)], windows={0: [(5, 5)] * 20}, modes=[2, 0, 0, 0], in_order=True)  # a jump
+def test_compact_rows_matches_a_model(rows: list[tuple[int, int, int]], windows: dict[int, list[tuple[int, int]]],
+                                      modes: list[int], in_order: bool) -> None:
+    """cdp_compact_rows (which rows of a rollback's plan can matter): a row
+    is kept when its key's mode is 1 (the whole file), or 2 and the row is
+    non-empty and meets one of the key's windows (sorted, disjoint); kept
+    rows keep their order and every column; rows in order and in none
+    (both walk the windows from a hint, then search)."""
+    from array import array
+
+    from cdpcore._native import ffi
+    from cdpcore.plan import _compact
+
+    if in_order:
+        rows = sorted(rows)
+    n_keys = 4
+    w: dict[int, list[tuple[int, int]]] = {}
+    for k, gaps in windows.items():  # sorted, disjoint windows from gaps and lengths
+        at, out = 0, []
+        for gap, n in gaps:
+            out.append((at + gap, at + gap + n))
+            at += gap + n
+        w[k] = out
+    w_lo, w_hi, w_start, w_end = array("Q", bytes(8 * n_keys)), array("Q", bytes(8 * n_keys)), array("Q"), array("Q")
+    for k in range(n_keys):
+        w_lo[k] = len(w_start)
+        for a, b in w.get(k, []):
+            w_start.append(a)
+            w_end.append(b)
+        w_hi[k] = len(w_start)
+    cols = [array("Q", [r[0] for r in rows]), array("Q", [r[1] for r in rows]),
+            array("Q", [r[1] + r[2] for r in rows]), array("Q", range(len(rows)))]
+    mode = bytearray(modes)
+    u64 = "uint64_t[]"
+    windows_c = (mode, n_keys, ffi.from_buffer(u64, w_lo), ffi.from_buffer(u64, w_hi),
+                 ffi.from_buffer(u64, w_start or array("Q", [0])), ffi.from_buffer(u64, w_end or array("Q", [0])))
+
+    def meets(k: int, a: int, b: int) -> bool:
+        return a < b and any(x < b and a < y for x, y in w.get(k, []))
+
+    keep = [i for i, (k, a, n) in enumerate(rows) if modes[k] == 1 or (modes[k] == 2 and meets(k, a, a + n))]
+    m = _compact([ffi.from_buffer(u64, c or array("Q", [0])) for c in cols], len(rows), windows_c)
+    assert m == len(keep)
+    assert list(cols[3][:m]) == keep
+    assert [(cols[0][i], cols[1][i], cols[2][i]) for i in range(m)] == [(rows[i][0], rows[i][1], sum(rows[i][1:]))
+                                                                         for i in keep]
+
+
 def test_put_back_writes_only_the_ranges_that_differ(tmp_path: Path) -> None:
     """Plan.put_back (C: read back, compare, write) against what the file
     holds: equal ranges are not written, differing and short ones are, a
@@ -302,15 +355,19 @@ def test_put_back_writes_only_the_ranges_that_differ(tmp_path: Path) -> None:
     ranges = [(0, 100), (4096, 8192), (8192, 9000), (10000, 12000)]
     fd = os.open(live, os.O_RDWR)
     try:
-        data, differs = plan.put_back(ino, fd, ranges)
+        recs, n, differs = plan.put_back(ino, fd, ranges)
+        assert list(differs) == [1, 1, 0, 1]
+        # the records say exactly what was written: the differing ranges
+        assert _records_cover(recs, n) == _runs(point, [r for r, d in zip(ranges, differs) if d])
+        recs, n, every = plan.put_back(ino, fd, ranges, every=True)
+        assert list(every) == [0, 0, 0, 0]
+        assert _records_cover(recs, n) == _runs(point, ranges)
     finally:
         os.close(fd)
-    assert list(differs) == [1, 1, 0, 1]
-    assert bytes(data) == b"".join(bytes(point[a:b]) for a, b in ranges)
     assert live.read_bytes() == bytes(point)
     fd = os.open(live, os.O_RDONLY)
     try:
-        assert list(plan.put_back(ino, fd, ranges)[1]) == [0, 0, 0, 0]  # nothing to write: no error
+        assert list(plan.put_back(ino, fd, ranges)[2]) == [0, 0, 0, 0]  # nothing to write: no error
         with open(live, "r+b") as w:
             w.seek(1)
             w.write(b"z")
@@ -319,6 +376,129 @@ def test_put_back_writes_only_the_ranges_that_differ(tmp_path: Path) -> None:
     finally:
         os.close(fd)
         sources.close()
+
+
+def _runs(data: bytes | bytearray, ranges: list[tuple[int, int]]) -> dict[int, bytes]:
+    """{start: bytes} of data over the non-empty ranges, adjoining ones
+    joined (an empty range gets no record)."""
+    out: dict[int, bytes] = {}
+    start = end = -1
+    for a, b in ranges:
+        if a == b:
+            continue
+        if a == end:
+            out[start] += bytes(data[a:b])
+        else:
+            start = a
+            out[a] = bytes(data[a:b])
+        end = b
+    return out
+
+
+def _records_cover(recs: Any, n: int) -> dict[int, bytes]:
+    """The WRITE records of Plan.put_back as {start: bytes} of runs of
+    adjoining records (checked: WRITE kind, in offset order, no overlap)."""
+    from cdpcore._native import ffi
+
+    out: dict[int, bytes] = {}
+    start = end = -1
+    for i in range(n):
+        r = recs[i]
+        assert r.kind == Kind.WRITE and r.offset >= end and 0 < r.len
+        data = bytes(ffi.buffer(r.payload, r.len))
+        if r.offset == end:
+            out[start] += data
+        else:
+            start = r.offset
+            out[start] = data
+        end = r.offset + r.len
+    return out
+
+
+@st.composite
+def _put_back_case(draw: st.DrawFn) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]], list[int], bool]:
+    """Pieces (start, len, source, src) sorted and disjoint, with holes
+    between them (some longer than the 64 KiB a hole record holds); ranges
+    sorted and disjoint, some touching; the live file (a mutation of the
+    point's bytes, maybe short); `every`."""
+    pieces: list[tuple[int, int, int, int]] = []
+    at = 0
+    for _ in range(draw(st.integers(0, 6))):
+        at += draw(st.sampled_from([0, 0, 1, 100, 70_000]))
+        n = draw(st.integers(1, 5000))
+        pieces.append((at, n, draw(st.integers(0, 1)), draw(st.integers(0, 20_000 - n))))
+        at += n
+    size = at + draw(st.sampled_from([0, 10, 70_000]))
+    ranges: list[tuple[int, int]] = []
+    at = 0
+    for _ in range(draw(st.integers(0, 8))):
+        a = at + draw(st.sampled_from([0, 1, 50, 3000]))
+        b = a + draw(st.integers(0, 80_000))
+        if b > size:
+            break
+        ranges.append((a, b))
+        at = b
+    flips = draw(st.lists(st.integers(0, max(size - 1, 0)), max_size=5)) if size else []
+    return pieces, ranges, flips, draw(st.booleans())
+
+
+@given(case=_put_back_case(), short=st.integers(0, 3))
+def test_put_back_matches_a_model(tmp_path_factory: pytest.TempPathFactory,
+                                  case: tuple[list[tuple[int, int, int, int]], list[tuple[int, int]], list[int], bool],
+                                  short: int) -> None:
+    """cdp_put_back against a Python model: the file ends up with the
+    point's bytes in every range and unchanged elsewhere; a range is
+    written (flagged) exactly when its bytes differ or the file is short
+    there; the records cover, in order, exactly the ranges written (every
+    range with every=True) with the point's bytes, none over the largest
+    payload, hole records at most 64 KiB."""
+    from array import array
+
+    from cdpcore._native import ffi
+    from cdpcore.format import MAX_PAYLOAD
+    from cdpcore.plan import Inode, Plan, Sources, Tree
+
+    pieces, ranges, flips, every = case
+    tmp = tmp_path_factory.mktemp("pb")
+    srcs = [bytes(random.Random(i).randbytes(20_000)) for i in range(2)]
+    sources = Sources(populate=False)
+    idx = []
+    for i, data in enumerate(srcs):
+        (tmp / f"{i}.seg").write_bytes(data)
+        idx.append(sources.add(str(tmp / f"{i}.seg")))
+    size = max([b for _a, b in ranges] + [p[0] + p[1] for p in pieces] + [0])
+    point = bytearray(size)
+    for a, n, f, src in pieces:
+        point[a : a + n] = srcs[f][src : src + n]
+    live = bytearray(point)
+    for x in flips:
+        if x < size:
+            live[x] ^= 0x5A
+    live = live[: max(0, size - short * 1000)]
+    (tmp / "live").write_bytes(bytes(live))
+    plan = Plan(1, None, Tree(), sources)
+    cols = list(zip(*[(1, a, n, idx[f], src, 0) for a, n, f, src in pieces])) or [(), (), (), (), (), ()]
+    plan.pieces = tuple(array("Q", c) for c in cols)
+    fd = os.open(tmp / "live", os.O_RDWR)
+    try:
+        recs, n, differs = plan.put_back(Inode(1), fd, ranges, every=every)
+        written = [bytes(live[a:b]) != bytes(point[a:b]) for a, b in ranges]
+        assert list(differs) == [int(w) for w in written]
+        assert _records_cover(recs, n) == _runs(point, [r for r, w in zip(ranges, written) if w or every])
+        for i in range(n):
+            assert recs[i].len <= MAX_PAYLOAD and recs[i].file_id == 0 and recs[i].ts == 0
+            if bytes(ffi.buffer(recs[i].payload, recs[i].len)) == bytes(recs[i].len) and recs[i].len > 65536:
+                # zeros longer than a hole record: must come from a source
+                assert any(a <= recs[i].offset < a + m for a, m, _f, _s in pieces)
+    finally:
+        os.close(fd)
+        sources.close()
+    expect = bytearray(live)
+    for a, b in ranges:
+        if a < b and len(expect) < b:
+            expect.extend(bytes(b - len(expect)))
+        expect[a:b] = point[a:b]
+    assert (tmp / "live").read_bytes() == bytes(expect)
 
 
 def test_killed_between_ranges_of_one_file_then_rerun(fast_tmp: Path) -> None:

@@ -77,6 +77,19 @@ from cdpcore.segment import STOP_REASONS, Segment
 FILE_ID_BLOCK = 64
 OPEN_SEGMENTS = 32  # segment mappings kept open (LRU)
 _NS_LOCAL = frozenset({Kind.CREATE, Kind.RENAME, Kind.UNLINK, Kind.RMDIR, Kind.LINK, Kind.SYMLINK, Kind.BASE})
+_RECS = -1  # a Batch op: WRITE records made in C (Batch.append_write_records)
+_REC_SIZE = ffi.sizeof("struct cdp_rec")
+
+
+@dataclass(slots=True)
+class _BoundRecs:
+    """WRITE records made in C, as _encode hands them to Writer.append_records:
+    their file id and timestamp are set there (cdp_recs_bind)."""
+
+    recs: Any  # struct cdp_rec[]
+    n: int
+    file_id: int
+    ts: int
 _NORM_CACHE: dict[str, str] = {}  # norm_path of recently appended paths
 # Batches whose payloads average this many bytes are appended by pointer
 # (cdp_append) instead of being copied into one buffer (cdp_append_encoded).
@@ -283,11 +296,24 @@ class Writer:
         r = self.result
         return r.first_seq, r.last_seq, r.ns_gen
 
-    def append_records(self, recs: list[tuple[Any, ...]], expect_gen: int) -> tuple[int, int, int]:
+    def append_records(self, recs: list[Any], expect_gen: int) -> tuple[int, int, int]:
         """cdp_append of (kind, flags, file_id, offset, ts, payload pointer,
-        len) tuples; the pointers' owners are kept alive by recs."""
-        check(lib.cdp_append(self.handle, ffi.new("struct cdp_rec[]", recs), len(recs), expect_gen,
-                             self.result), "append")
+        len) tuples, and of runs of records made in C (_BoundRecs); the
+        pointers' owners are kept alive by recs."""
+        if any(type(r) is _BoundRecs for r in recs):
+            arr = ffi.new("struct cdp_rec[]", sum(r.n if type(r) is _BoundRecs else 1 for r in recs))
+            i = 0
+            for r in recs:
+                if type(r) is _BoundRecs:
+                    ffi.memmove(arr + i, r.recs, r.n * _REC_SIZE)
+                    lib.cdp_recs_bind(arr + i, r.n, r.file_id, r.ts)
+                    i += r.n
+                else:
+                    arr[i] = r
+                    i += 1
+        else:
+            arr = ffi.new("struct cdp_rec[]", recs)
+        check(lib.cdp_append(self.handle, arr, len(arr), expect_gen, self.result), "append")
         r = self.result
         return r.first_seq, r.last_seq, r.ns_gen
 
@@ -355,6 +381,7 @@ class Batch:
         self._j = journal
         self._ops: list[tuple[Any, ...]] = []
         self._bytes = 0  # WRITE payload bytes collected
+        self._recs = False  # an append_write_records among the ops
         self.first_seq = 0
         self.last_seq = 0
 
@@ -379,10 +406,12 @@ class Batch:
         if self._ops:
             if by_pointer is None:
                 by_pointer = self._bytes >= BY_POINTER_MIN * len(self._ops)
+            by_pointer = by_pointer or self._recs  # (records made in C exist as pointers only)
             marks = [bytes(op[4]).decode() for op in self._ops if op[0] == Kind.BOOKMARK]
             self.first_seq, self.last_seq = self._j._commit(self._ops, by_pointer)
             self._ops = []
             self._bytes = 0
+            self._recs = False
             if marks:
                 self._j._audit_bookmarks(marks, self.first_seq, self.last_seq)
         return self.first_seq, self.last_seq
@@ -403,6 +432,17 @@ class Batch:
             return
         for i in range(0, len(mv), MAX_PAYLOAD):
             self._ops.append((Kind.WRITE, p, True, offset + i, mv[i : i + MAX_PAYLOAD], t))
+
+    def append_write_records(self, path: str, recs: Any, n: int, ts: int | datetime | None = None) -> None:
+        """WRITE records to `path` already laid out in C (a struct cdp_rec[]
+        of n, as cdp_put_back makes them: kind, offset, payload pointer and
+        length set; file id and timestamp set here at commit). The memory
+        their payloads point to must stay mapped and unchanged until the
+        batch commits (a rollback's plan keeps its sources mapped until
+        then); the batch is then written by pointer, without a copy."""
+        if n:
+            self._recs = True
+            self._ops.append((_RECS, _norm(path), True, 0, (recs, n), _ts(ts)))
 
     def append_truncate(self, path: str, length: int, ts: int | datetime | None = None) -> None:
         if length < 0:
@@ -876,6 +916,9 @@ class Journal:
                     paths[path] = fid
             elif needs_id == "new":
                 fid = self._alloc_id()
+            if kind == _RECS:  # (by pointer only: Batch.commit sees to it)
+                parts.append(_BoundRecs(payload[0], payload[1], fid, INT64_MIN if ts is None else ts))
+                continue
             pack(parts, kind, fid, offset, payload, ts)
             if kind in _NS_LOCAL:
                 self._apply_ns(kind, path, fid)

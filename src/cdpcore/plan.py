@@ -381,36 +381,47 @@ class Plan:
             i += 1
         return bytes(out)
 
-    def put_back(self, ino: Inode, fd: int, ranges: list[tuple[int, int]]) -> tuple[bytearray, bytearray]:
+    def put_back(self, ino: Inode, fd: int, ranges: list[tuple[int, int]],
+                 every: bool = False) -> tuple[Any, int, bytearray]:
         """Make fd hold this file's bytes in each range (sorted, disjoint,
         below its size), writing only the ranges whose bytes differ (one C
-        call: native/extent.c cdp_put_back). Returns the wanted bytes of
-        all ranges one after another, and a flag per range: 1 if written.
-        On a failed write the ranges before it are done, and OSError says
-        why: nothing is journaled for them, and a rerun of the rollback
-        finds them equal and goes on."""
+        call: native/extent.c cdp_put_back, which compares and writes from
+        the mapped sources, without copying the wanted bytes). Returns the
+        WRITE records that say what was written (with `every`, what every
+        range holds now): a struct cdp_rec[] of n records whose payloads
+        point into this plan's sources (valid until close(); their file id
+        and timestamp are unset, for Batch.append_write_records), then a
+        flag per range: 1 if written. On a failed write the ranges before
+        it are done, and OSError says why: nothing is journaled for them,
+        and a rerun of the rollback finds them equal and goes on."""
         n = len(ranges)
         r_start = array("Q", (a for a, _b in ranges))
         r_len = array("Q", (b - a for a, b in ranges))
-        want = bytearray(sum(r_len))
         scratch = bytearray(max(r_len, default=0))
         differs = bytearray(n)
         lo, hi = self.piece_range(ino)
+        # fragments: of each piece and hole a range meets (ranges and pieces
+        # are both sorted and disjoint), holes split at 64 KiB, pieces at
+        # the largest payload
+        cap = 3 * n + 2 * (hi - lo) + sum(r_len) // (1 << 16) + 2
+        recs = ffi.new("struct cdp_rec[]", cap)
         _k, start, length, file, src, _r = (ffi.from_buffer("uint64_t[]", c) for c in self.pieces)
         ptrs, lens = self.sources.pointers(self.pieces[3][lo:hi])
-        done = ffi.new("uint64_t *")
+        n_recs, done = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         u64 = "uint64_t[]"
         status = lib.cdp_put_back(fd, n, ffi.from_buffer(u64, r_start or array("Q", [0])),
                                   ffi.from_buffer(u64, r_len or array("Q", [0])), hi - lo,
                                   start + lo, length + lo, file + lo, src + lo, ptrs, lens, len(self.sources.paths),
-                                  ffi.from_buffer(want or bytearray(1)), ffi.from_buffer(scratch or bytearray(1)),
-                                  ffi.from_buffer(differs or bytearray(1)), done)
+                                  ffi.from_buffer(scratch or bytearray(1)), every,
+                                  ffi.from_buffer(differs or bytearray(1)), recs, cap, n_recs, done)
         if status == lib.CDP_EIO:
             err = ffi.errno
             raise OSError(err, f"rollback: putting back bytes: {os.strerror(err)}")
+        if status == lib.CDP_ENOMEM:
+            raise AssertionError("rollback: more records than the bound on them")  # (a bug, not a state)
         if status != lib.CDP_OK:
             raise CorruptJournal("rollback plan names bytes outside its source files")
-        return want, differs
+        return recs, int(n_recs[0]), differs
 
     def layout(self, ino: Inode | None) -> tuple[list[tuple[int, int, tuple[str, int]]], int]:
         """(start, end, identity) of each data piece, and the size. Two
