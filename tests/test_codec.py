@@ -750,7 +750,7 @@ def test_zstd_ref_bases_name_recent_chunks_by_distance_and_keep_the_history_when
     assert blen & BASES_FLAG and not blen & NO_HISTORY_FLAG
     at = REF_HDR.size + hlen + (blen & ((1 << 30) - 1))
     n = int.from_bytes(g.body[at:at + 4], "little")
-    assert n == 1 and g.body[at + 4] == 3  # the third chunk back
+    assert n == 1 and g.body[at + 4] == 3 + 2  # the third chunk back (k = distance + 2)
     assert d.decompress("zstd-ref", g.body, g.raw, g.reset, resolve=v.chunks.get) == body
 
 
@@ -809,15 +809,31 @@ def test_zstd_ref_a_base_that_differs_at_the_receiver_is_caught():
         Decompressor(chunk_key=KEY).decompress("zstd-ref", f.body, f.raw, True, resolve={cid: bytes(other)}.get)
 
 
-@pytest.mark.parametrize("blist", [b"\x80", b"\x00" + bytes(31), b"\x04", b"\x80\x80\x80\x80\x80\x01"],
-                         ids=["cut-varint", "cut-id", "no-such-recent", "huge-distance"])
+@pytest.mark.parametrize("blist", [b"\x80", b"\x00" + bytes(31), b"\x06", b"\x80\x80\x80\x80\x80\x01",
+                                   b"\x02\x00\x01", b"\x01\x05base/\x00\x00", b"\x01\x05base/\x00\x81\x80\x04",
+                                   b"\x01\xff\x7f", b"\x01\x09base/"],
+                         ids=["cut-varint", "cut-id", "no-such-recent", "huge-distance", "same-file-as-none",
+                              "zero-length", "over-max-length", "path-too-long", "cut-path"])
 def test_zstd_ref_malformed_base_lists_are_refused(blist):
     r = _Recent()
     r.add([bytes([k]) * 32 for k in range(3)])
     with pytest.raises(ProtocolError):
         _decode_bases(blist, r)
-    assert _decode_bases(_encode_bases([bytes([1]) * 32, b"z" * 32], r), r) == [bytes([1]) * 32, b"z" * 32]
-    assert _encode_bases([bytes([1]) * 32, b"z" * 32], r) == b"\x02\x00" + b"z" * 32
+
+
+def test_zstd_ref_base_lists_byte_for_byte():
+    """Ids, recent chunks by distance, and places in the replica's base
+    (the second in the same file without its path) round-trip, pinned."""
+    from cdpcore.codec import BaseAt
+    r = _Recent()
+    r.add([bytes([k]) * 32 for k in range(3)])
+    keys = [bytes([1]) * 32, b"z" * 32, BaseAt("base/0001/db", 8192, 8192), BaseAt("base/0001/db", 300, 4096),
+            BaseAt("base/0001/wal", 0, 100)]
+    blist = _encode_bases(keys, r)
+    assert blist == (b"\x04" + b"\x00" + b"z" * 32 + b"\x01\x0cbase/0001/db\x80\x40\x80\x40"
+                     + b"\x02\xac\x02\x80\x20" + b"\x01\x0dbase/0001/wal\x00\x64")
+    assert _decode_bases(blist, r) == keys
+    assert _decode_bases(_encode_bases(keys, None), None) == keys  # no dedupe key: ids whole
 
 
 @pytest.mark.parametrize("damage", ["no-history-alone", "list-length", "list-cut"])
@@ -838,3 +854,24 @@ def test_zstd_ref_malformed_base_sections_are_refused(damage):
         body = body[:at + 6]
     with pytest.raises(ProtocolError):
         Decompressor(chunk_key=KEY).decompress("zstd-ref", body, f.raw, True, resolve={cid: old}.get)
+
+
+def test_zstd_ref_a_base_named_by_place_is_read_from_the_replica():
+    """A page's previous version in the vault's base is named by place
+    (BaseAt): the receiver reads it from its replica, hashing nothing; a
+    place it does not hold is a protocol error (the sender names only
+    complete bases), as is a body with places and no replica to read."""
+    from cdpcore.codec import BaseAt
+    old = os.urandom(8192)
+    at = BaseAt("base/0000000000000001/data/db", 8192, 8192)
+    p = packing.pack(run_of([_edited(old, 4)]), KEY)
+    body = p.encode()
+    f = Compressor("zstd-ref", 1, chunk_key=KEY).compress(body, prefix=packing.prefix_plan(p), bases=[(at, old)])
+    assert len(f.body) < 300
+    replica = {at: old}
+    assert Decompressor(chunk_key=KEY).decompress("zstd-ref", f.body, f.raw, True, resolve={}.get,
+                                                  read_base=replica.get) == body
+    for read_base in ({}.get, None, {at: old[:4096]}.get):
+        with pytest.raises(ProtocolError, match="not in the replica"):
+            Decompressor(chunk_key=KEY).decompress("zstd-ref", f.body, f.raw, True, resolve={}.get,
+                                                   read_base=read_base)

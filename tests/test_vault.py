@@ -1047,3 +1047,33 @@ def test_seal_checks_the_next_segment(fast_tmp):
     with pytest.raises(ProtocolError, match="sealed ending at seq"):
         rep.seal(1, len(data))
     assert rep.position()["segments"][0][3] is False
+
+
+def test_read_base_reads_only_complete_bases_without_following_links(fast_tmp):
+    """zstd-ref's bases named by place (codec.BaseAt) are read from the
+    replica's complete bases only: no '..', no other directory, no
+    symlink, no incomplete base, nothing past a file's end."""
+    from cdpcore.codec import BaseAt
+    from cdpcore.errors import ProtocolError
+    rnd = random.Random(9)
+    src = build_source(fast_tmp, rnd, 20, segment_size=1 << 20)
+    vault = Vault(fast_tmp / "v", create=True)
+    rep = Sender(src, rnd).ship(vault.open_source("a", uuid_of(src), False))
+    (name,) = rep.bases()
+    pic = (fast_tmp / "root" / "sub" / "pic.dcm").read_bytes()
+    assert rep.read_base(BaseAt(f"base/{name}/sub/pic.dcm", 1000, 4096)) == pic[1000:5096]
+    assert rep.read_base(BaseAt(f"base/{name}/sub/pic.dcm", 19_000, 4096)) is None  # past the end
+    assert rep.read_base(BaseAt(f"base/{name}/link", 0, 10)) is None  # a symlink in the base
+    assert rep.read_base(BaseAt(f"base/{name}/sub/none", 0, 10)) is None
+    assert rep.read_base(BaseAt("base/0000000000000099/seed.txt", 0, 10)) is None  # no such base
+    assert rep.read_base(BaseAt("segments/0000000000000001.seg", 0, 10)) is None  # not a base
+    jdir = fast_tmp / "v" / "a" / "journal"
+    (jdir / "base" / (name + ".incoming")).mkdir()
+    (jdir / "base" / (name + ".incoming") / "x").write_bytes(b"y" * 100)
+    assert rep.read_base(BaseAt(f"base/{name}.incoming/x", 0, 10)) is None  # not complete
+    os.symlink(jdir / "segments", jdir / "base" / name / "sub" / "out")
+    assert rep.read_base(BaseAt(f"base/{name}/sub/out/0000000000000001.seg", 0, 10)) is None
+    for bad in (f"base/{name}/../../segments/0000000000000001.seg", f"/base/{name}/seed.txt", f"base/{name}//seed.txt"):
+        with pytest.raises(ProtocolError):
+            rep.read_base(BaseAt(bad, 0, 10))
+    rep.close()

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 from cdpcore import packing
-from cdpcore.codec import HISTORY
+from cdpcore.codec import HISTORY, BaseAt
 from cdpcore.format import BASE_DIR, SEGMENT_DIR, Kind, encode_record, segment_name
 from cdpcore.versions import Versions, _alike
 
@@ -25,7 +25,8 @@ class Sender:
         (self.journal / SEGMENT_DIR).mkdir(parents=True)
         self.seg = self.journal / SEGMENT_DIR / segment_name(1)
         self.seg.write_bytes(b"")
-        self.v = Versions(str(self.journal), KEY)
+        self.complete: set[str] = set()  # the bases the vault holds complete
+        self.v = Versions(str(self.journal), lambda: self.complete)
         self.seq = 1
         self.held: set[bytes] = set()
 
@@ -89,24 +90,50 @@ def test_a_page_the_body_carries_twice_or_already_references_gets_no_base(fast_t
     s.v.close()
 
 
-def test_a_range_first_written_after_the_base_gets_the_base_files_pages(fast_tmp: Path) -> None:
-    """The base's database file is shipped cut at 4 KiB pages (feed): the
-    ids computed here must be those, or the vault cannot resolve them."""
+def test_a_range_first_written_after_the_base_gets_the_base_files_bytes_by_place(fast_tmp: Path) -> None:
+    """A range not written since the sender started: its bytes in the
+    journal's newest base, named by place, once the vault holds that base
+    complete (and only then: it reads them from its replica)."""
     s = Sender(fast_tmp)
-    base = s.journal / BASE_DIR / "0000000000000001" / "data"
+    base = s.journal / BASE_DIR / "0000000000000002" / "data"
     base.mkdir(parents=True)
+    (s.journal / BASE_DIR / "0000000000000001").mkdir()  # an older base
     db = os.urandom(64 << 10)
     (base / "db").write_bytes(db)
-    (base / "odd").write_bytes(db[:-100])  # not whole pages: cut by content, not at pages
-    s.run([(9, 0, b"data/db"), (10, 0, b"data/odd")], kind=Kind.FILEMAP)
-    shipped = packing.pack(db, KEY, records=False, page=4096)
-    want = [(p.id, db[p.start:p.end]) for p in shipped.pieces if p.start in (8192, 12288)]
-    assert s.run([(9, 8192, edited(db[8192:16384], 1))]) == want
-    assert {c for c, _ in want} <= s.v.base_file_ids
-    assert s.run([(10, 8192, edited(db[8192:16384], 1))]) == []
-    assert s.run([(9, 4096 + 100, edited(db[4196:8292], 1))]) == []  # not at a page boundary
-    s.v.use_base_files = False  # (after a NEED for one of them)
-    assert s.run([(9, 32768, edited(db[32768:40960], 1))]) == []
+    s.run([(9, 0, b"data/db"), (10, 0, b"data/none")], kind=Kind.FILEMAP)
+    new = edited(db[8192:16384], 1)
+    assert s.run([(9, 8192, new)]) == []  # the vault does not hold that base yet
+    s.complete.update({"0000000000000001", "0000000000000002"})
+    s.filler()
+    want = (BaseAt("base/0000000000000002/data/db", 8192, 8192), db[8192:16384])
+    assert s.run([(9, 16384, edited(db[16384:24576], 1))]) == [
+        (BaseAt("base/0000000000000002/data/db", 16384, 8192), db[16384:24576])]
+    assert s.run([(9, 100, edited(db[100:4196], 1))]) == [(BaseAt("base/0000000000000002/data/db", 100, 4096),
+                                                           db[100:4196])]  # any place, not only pages
+    assert s.run([(10, 0, os.urandom(4096))]) == []  # not in the base
+    assert s.run([(9, 65536 - 100, os.urandom(512))]) == []  # past the file's end
+    assert want[1] != new and s.run([(9, 8192, os.urandom(8192))]) == []  # in the map now, not alike
+    s.v.close()
+
+
+def test_a_file_whose_base_bytes_never_match_is_seldom_tried(fast_tmp: Path) -> None:
+    """A WAL file recycled in the base holds other bytes at every offset:
+    after MIN_TRIES misses the sender reads it for one write in
+    PROBE_EVERY only."""
+    from cdpcore.versions import MIN_TRIES, PROBE_EVERY
+    s = Sender(fast_tmp)
+    wal = s.journal / BASE_DIR / "0000000000000001" / "wal"
+    wal.mkdir(parents=True)
+    (wal / "seg").write_bytes(os.urandom(1 << 20))
+    s.complete.add("0000000000000001")
+    s.run([(3, 0, b"wal/seg")], kind=Kind.FILEMAP)
+    reads = []
+    read = s.v._read
+    s.v._read = lambda *a: reads.append(a) or read(*a)  # type: ignore[method-assign]
+    n = MIN_TRIES + 3 * PROBE_EVERY
+    for k in range(n):
+        assert s.run([(3, k * 8192, os.urandom(8192))]) == []
+    assert len(reads) == MIN_TRIES + 3
     s.v.close()
 
 

@@ -184,7 +184,7 @@ class Compressor:
 
     def compress(self, body: bytes, prefix: tuple[bytes, bytes] | None = None,
                  new_ids: list[bytes] | None = None, records: bool = False,
-                 bases: list[tuple[bytes, bytes]] | None = None) -> Compressed:
+                 bases: list[tuple[bytes | BaseAt, bytes]] | None = None) -> Compressed:
         """One DATA body. prefix (zstd-ref only): (bitmap, bytes) from
         packing.prefix_plan for this body. new_ids (zstd-ref with a
         chunk_key, optional): the ids of the chunks the body carries as
@@ -192,11 +192,12 @@ class Compressor:
         they must be what new_chunk_ids(body) gives. records (zstd-ref):
         the body is a run of whole segment records, whose CRCs the receiver
         can recompute: they are left out (to_columns). bases (zstd-ref):
-        (id, bytes) of chunks the receiver holds, added to the dictionary
-        after the referenced ones: the previous versions of the pages this
-        body carries (versions.Versions), which no reference brings in.
-        Each must be a chunk the vault holds before this body is applied,
-        and none may be one this body carries."""
+        (key, bytes) of what the receiver holds, added to the dictionary
+        after the referenced chunks: the previous versions of the pages
+        this body carries (versions.Versions), which no reference brings
+        in. A key is a chunk id (a chunk the vault holds before this body
+        is applied, not one this body carries) or a BaseAt (bytes of a
+        file of a base the vault holds complete)."""
         reset = self._reset
         self._reset = False
         if self.codec == "zstd-ref":
@@ -215,14 +216,14 @@ class Compressor:
         return Compressed(self.codec, self.level, reset, len(body), out)
 
     def _ref_body(self, body: bytes, bits: bytes, refs: bytes, new_ids: list[bytes] | None = None,
-                  records: bool = False, bases: list[tuple[bytes, bytes]] = []) -> bytes:
+                  records: bool = False, bases: list[tuple[bytes | BaseAt, bytes]] = []) -> bytes:
         split = packing.head_size(body)
         if self._ctx is None:
             self._ctx = self._context()
         h = body[:split]
         # the base list names recent chunks by distance as the head does,
         # so it is written before this body's own chunks join the table
-        blist = _encode_bases([cid for cid, _ in bases], self._recent if self.chunk_key is not None else None)
+        blist = _encode_bases([key for key, _ in bases], self._recent if self.chunk_key is not None else None)
         if self.chunk_key is not None:
             if new_ids is None:
                 new_ids = new_chunk_ids(body, self.chunk_key)
@@ -391,47 +392,94 @@ def _unvarint(data: bytes) -> int:
     raise ProtocolError("zstd-ref head: malformed short reference")
 
 
-def _encode_bases(ids: list[bytes], recent: _Recent | None) -> bytes:
-    """A zstd-ref base list: per base, a varint d; d >= 1 names the chunk
-    this connection carried d new chunks back (as the head's short
-    references do), d = 0 is followed by its 32-byte id."""
+@dataclass(frozen=True, slots=True)
+class BaseAt:
+    """A zstd-ref base named by where the receiver's replica holds it:
+    bytes [off, off + length) of `path`, a file of one of its complete
+    bases (path relative to the journal: base/NAME/...)."""
+
+    path: str
+    off: int
+    length: int
+
+
+MAX_BASE_AT = 1 << 16  # bytes one BaseAt may name (packing.ONE_CHUNK_UP_TO: a page write)
+_MAX_BASE_PATH = 4096
+
+
+def _encode_bases(keys: list[bytes | BaseAt], recent: _Recent | None) -> bytes:
+    """A zstd-ref base list: per base a varint k (7 bits a byte, low
+    first): 0, then its 32-byte id; 1, then a location in the replica's
+    base (varint path length, the path in UTF-8, varint offset, varint
+    length); 2, then varint offset and length in the previous location's
+    file; k >= 3 names the chunk this connection carried k - 2 new chunks
+    back (as the head's short references count)."""
     out = bytearray()
     end = recent.base + len(recent.ids) if recent is not None else 0
-    for cid in ids:
-        n = recent.where.get(cid) if recent is not None else None
+    last_path = None
+    for key in keys:
+        if isinstance(key, BaseAt):
+            if key.path == last_path:
+                out += b"\x02"
+            else:
+                name = key.path.encode("utf-8", "surrogateescape")
+                out += b"\x01" + _varint(len(name)) + name
+                last_path = key.path
+            out += _varint(key.off) + _varint(key.length)
+            continue
+        n = recent.where.get(key) if recent is not None else None
         if n is not None and 0 < end - n <= RECENT:
-            out += _varint(end - n)
+            out += _varint(end - n + 2)
         else:
-            out += b"\x00" + cid
+            out += b"\x00" + key
     return bytes(out)
 
 
-def _decode_bases(data: bytes, recent: _Recent | None) -> list[bytes]:
-    """The ids of a base list (_encode_bases), or ProtocolError."""
-    ids: list[bytes] = []
+def _decode_bases(data: bytes, recent: _Recent | None) -> list[bytes | BaseAt]:
+    """The bases of a base list (_encode_bases), or ProtocolError."""
+    out: list[bytes | BaseAt] = []
     end = recent.base + len(recent.ids) if recent is not None else 0
     pos = 0
-    while pos < len(data):
-        d = shift = 0
+    last_path: str | None = None
+
+    def varint() -> int:
+        nonlocal pos
+        n = shift = 0
         while True:
-            if pos >= len(data) or shift > 28:
-                raise ProtocolError("zstd-ref base list: malformed distance")
+            if pos >= len(data) or shift > 56:
+                raise ProtocolError("zstd-ref base list: malformed varint")
             b = data[pos]
             pos += 1
-            d |= (b & 0x7F) << shift
+            n |= (b & 0x7F) << shift
             shift += 7
             if not b & 0x80:
-                break
-        if d == 0:
+                return n
+
+    while pos < len(data):
+        k = varint()
+        if k == 0:
             if pos + packing.ID_SIZE > len(data):
                 raise ProtocolError("zstd-ref base list: an id runs past its end")
-            ids.append(bytes(data[pos:pos + packing.ID_SIZE]))
+            out.append(bytes(data[pos:pos + packing.ID_SIZE]))
             pos += packing.ID_SIZE
-        elif recent is None or not d <= min(RECENT, len(recent.ids)):
-            raise ProtocolError(f"zstd-ref base list: distance {d} names no recent chunk")
+        elif k in (1, 2):
+            if k == 1:
+                n = varint()
+                if n > _MAX_BASE_PATH or pos + n > len(data):
+                    raise ProtocolError("zstd-ref base list: a path runs past its end or is too long")
+                last_path = bytes(data[pos:pos + n]).decode("utf-8", "surrogateescape")
+                pos += n
+            elif last_path is None:
+                raise ProtocolError("zstd-ref base list: a location in the same file as none")
+            off, length = varint(), varint()
+            if not 0 < length <= MAX_BASE_AT:
+                raise ProtocolError(f"zstd-ref base list: a location of {length} bytes")
+            out.append(BaseAt(last_path, off, length))
+        elif recent is None or not k - 2 <= min(RECENT, len(recent.ids)):
+            raise ProtocolError(f"zstd-ref base list: distance {k - 2} names no recent chunk")
         else:
-            ids.append(recent.ids[end - d - recent.base])
-    return ids
+            out.append(recent.ids[end - (k - 2) - recent.base])
+    return out
 
 
 def new_chunk_ids(body: bytes, chunk_key: bytes) -> list[bytes]:
@@ -512,10 +560,13 @@ class Decompressor:
         self.crcs: int | None = None
 
     def decompress(self, codec: str, body: bytes, raw: int, reset: bool = False,
-                   resolve: Callable[[bytes], bytes | None] | None = None) -> bytes:
+                   resolve: Callable[[bytes], bytes | None] | None = None,
+                   read_base: Callable[[BaseAt], bytes | None] | None = None) -> bytes:
         """The body of one DATA frame, exactly `raw` bytes, or ProtocolError.
         resolve (zstd-ref): a chunk's bytes from the receiver's store, or
-        None (then MissingRefs)."""
+        None (then MissingRefs). read_base (zstd-ref): the bytes a BaseAt
+        names in the replica, or None (a ProtocolError: the sender names
+        only complete bases)."""
         if self._broken:
             raise ProtocolError("the compressed stream failed earlier; the connection must close")
         if type(raw) is not int or not 0 <= raw <= self.max_body:
@@ -528,7 +579,7 @@ class Decompressor:
         elif codec == "zstd":
             out = self._zstd_body(body, raw, reset)
         elif codec == "zstd-ref":
-            out = self._ref_body(body, raw, reset, resolve)
+            out = self._ref_body(body, raw, reset, resolve, read_base)
         else:
             raise ProtocolError(f"unknown codec {codec!r}")
         if len(out) != raw:
@@ -548,7 +599,8 @@ class Decompressor:
         return out
 
     def _ref_body(self, body: bytes, raw: int, reset: bool,
-                  resolve: Callable[[bytes], bytes | None] | None) -> bytes:
+                  resolve: Callable[[bytes], bytes | None] | None,
+                  read_base: Callable[[BaseAt], bytes | None] | None = None) -> bytes:
         if resolve is None:
             raise ProtocolError("codec zstd-ref needs the receiver's chunk store")
         if reset:
@@ -598,7 +650,13 @@ class Decompressor:
         for cid in wanted:
             if type(cid) is _Local:
                 raise ProtocolError("zstd-ref body: a chunk of the body itself marked as held")
-            data = resolve(cid)
+            if type(cid) is BaseAt:
+                data = read_base(cid) if read_base is not None else None
+                if data is None or len(data) != cid.length:
+                    raise ProtocolError(f"zstd-ref base list: {cid.path} at {cid.off} (+{cid.length}) "
+                                        "is not in the replica")
+            else:
+                data = resolve(cid)
             if data is None:
                 missing.append(cid)
                 continue

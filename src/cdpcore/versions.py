@@ -15,58 +15,72 @@ The map is keyed by (file id, offset, length) of a WRITE record whose
 payload is one chunk (packing: LITERAL_BELOW <= length <= ONE_CHUNK_UP_TO)
 and holds where those bytes are: the record's payload in its segment file
 (segments are append-only, so the bytes stay what they were), with the
-chunk's id. A range not written since this process started is looked up in
-the newest base (cut into 4 KiB chunks when it looks like a database:
-feed._page_size), whose chunks the vault holds if it holds the base. A
-guess that the vault does not hold costs one NEED and a resend without
-bases (the caller then stops using base files); a wrong guess never
-changes the replica, since the receiver decodes with exactly the bytes
-its store has for those ids (zstd's checksum catches any mismatch).
+chunk's id, which names it to the vault. A range not written since this
+process started is looked up in the journal's newest base, when the vault
+holds that base complete (Feed.complete_bases: bases are shipped before
+the records after them, and the vault applies frames in order): the base
+names it by place (codec.BaseAt: path, offset, length), which the vault
+reads from its replica of the base, so nothing is hashed and nothing is
+guessed. A base whose bytes at the receiver differ (a damaged replica) is
+caught by zstd's checksum, never decoded into other bytes.
 """
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from cdpcore.crypto import chunk_id
+from cdpcore.codec import HISTORY, BaseAt
 from cdpcore.format import BASE_DIR, REC_HDR_SIZE, SEGMENT_DIR, Kind, align8, segment_name
-from cdpcore.codec import HISTORY
 from cdpcore.packing import LITERAL_BELOW, ONE_CHUNK_UP_TO, Pack
 
+MIN_TRIES = 32  # base-file guesses per file before its success rate counts
+PROBE_EVERY = 64  # a file whose guesses seldom match still tries one in this many
 MAX_ENTRIES = 1 << 20  # ranges remembered (~150 bytes each); past it the map starts afresh
-BASE_PAGE = 4096  # feed.DB_PAGE: the chunk size of a database file in a base
 _OPEN_FILES = 16  # segment and base files kept open for reading back
 _SAMPLE = 32  # _alike compares every this-many-th byte
 _NAMING = (Kind.CREATE, Kind.FILEMAP)  # records that bind a file id to a path (their payload)
 
 
-@dataclass(frozen=True, slots=True)
-class _Where:
-    id: bytes  # the chunk id of the bytes
-    path: str  # the segment file holding them
-    off: int
-    length: int
-    at: int  # where they were in the stream of runs this map saw (Versions.bases)
+# A range's last version: (chunk id, segment number, offset in the segment,
+# its place in the stream of runs this map saw). A tuple: a frozen
+# dataclass's __init__ was a tenth of bases()'s time on pgbench.
+_Where = tuple[bytes, int, int, int]
+
+
+@dataclass
+class _Tries:
+    """How a file's base-file guesses fared (a WAL file's recycled
+    segments never match; a table's pages do)."""
+
+    tried: int = 0  # guesses read and compared
+    alike: int = 0  # of which alike
+    skipped: int = 0  # guesses not made
+
+    def worth(self) -> bool:
+        if self.tried < MIN_TRIES or self.alike * 8 >= self.tried:
+            return True
+        self.skipped += 1
+        return self.skipped % PROBE_EVERY == 0
 
 
 class Versions:
     """One per connection (the map outlives reconnects: ids stay valid)."""
 
-    def __init__(self, journal: str, chunk_key: bytes) -> None:
+    def __init__(self, journal: str, complete_bases: Callable[[], Collection[str]] = frozenset) -> None:
+        """complete_bases: the names of the bases the vault holds complete
+        (or will, before the next body is applied)."""
         self._journal = journal
         self._segdir = os.path.join(journal, SEGMENT_DIR)
-        self._key = chunk_key
+        self._complete = complete_bases
         self._map: dict[tuple[int, int, int], _Where] = {}
         self._pos = 0  # bytes of runs seen so far
         self._paths: dict[int, str] = {}  # file id -> its path under the root
+        self._tries: dict[str, _Tries] = {}  # path -> how its base-file guesses fared
         self._fds: OrderedDict[str, int] = OrderedDict()
-        self._base: str | None = None  # the newest base's directory ("": none), per run
-        self._sizes: dict[str, int | None] = {}  # base file -> its size (None: absent)
-        self._sizes_of = ""  # the base those sizes are of
-        self.use_base_files = True  # cleared once the vault lacked a base file's chunk
-        self.base_file_ids: set[bytes] = set()  # ids taken from base files (NEED tells them apart)
+        self._base: str | None = None  # the newest complete base's name ("": none), per run
+        self._tries_of = ""  # the base self._tries are about
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -74,12 +88,13 @@ class Versions:
         self._fds.clear()
 
     def bases(self, seg: int, off: int, buf: bytes, pk: Pack, new: set[bytes],
-              held: Callable[[bytes], bool]) -> list[tuple[bytes, bytes]]:
+              held: Callable[[bytes], bool]) -> list[tuple[bytes | BaseAt, bytes]]:
         """For a run of whole records (segment `seg`, at `off`), packed as
         pk, of which the chunks in `new` travel as bytes: the (id, bytes) of
         the previous version of each such chunk's range, where one is known
-        and the vault holds every id of it before this body is applied:
-        held(id) says so, or the id is a base file's page (a guess).
+        and the vault holds it before this body is applied: a chunk id for
+        which held(id) says so (not one of this body), or a place in a
+        complete base.
         Then remembers this run's versions.
 
         A previous version is left out when zstd sees it anyway (in this
@@ -92,10 +107,9 @@ class Versions:
         the useful ones out."""
         starts = {p.start: p.id for p in pk.pieces if p.id is not None}
         in_body = set(starts.values())
-        segpath = os.path.join(self._segdir, segment_name(seg))
         self._base = None  # looked up again at most once a run: a prune may make a new one
         near = self._pos - HISTORY  # versions after this are in reach already
-        out: list[tuple[bytes, bytes]] = []
+        out: list[tuple[bytes | BaseAt, bytes]] = []
         taken: set[bytes] = set()
         pos, n = 0, len(buf)
         while pos + REC_HDR_SIZE <= n:
@@ -112,57 +126,54 @@ class Versions:
                     if cid in new and cid not in taken:
                         taken.add(cid)
                         prev = self._previous(key, near, buf[pstart:pstart + plen])
-                        if prev and all(b not in in_body and (held(b) or b in self.base_file_ids) for b, _ in prev):
-                            out += prev
+                        if prev is not None and (type(prev[0]) is BaseAt or
+                                                 (prev[0] not in in_body and held(prev[0]))):
+                            out.append(prev)
                     if len(self._map) >= MAX_ENTRIES:
                         self._map.clear()
-                        self.base_file_ids.clear()
-                    self._map[key] = _Where(cid, segpath, off + pstart, plen, self._pos + pos)
+                    self._map[key] = (cid, seg, off + pstart, self._pos + pos)
             pos += align8(REC_HDR_SIZE + plen)
         self._pos += n
         return out
 
-    def _previous(self, key: tuple[int, int, int], near: int, new: bytes) -> list[tuple[bytes, bytes]] | None:
-        """The previous version of key's range as (id, bytes) pieces, when
+    def _previous(self, key: tuple[int, int, int], near: int, new: bytes) -> tuple[bytes | BaseAt, bytes] | None:
+        """The previous version of key's range, (id or place, bytes), when
         one is known, out of zstd's reach and alike."""
         w = self._map.get(key)
         if w is not None:
-            if w.at >= near:
+            cid, seg, off, at = w
+            if at >= near:
                 return None
-            data = self._read(w.path, w.off, w.length)
-            return [(w.id, data)] if data is not None and _alike(new, data) else None
-        if not self.use_base_files:
-            return None
+            data = self._read(os.path.join(self._segdir, segment_name(seg)), off, key[2])
+            return (cid, data) if data is not None and _alike(new, data) else None
         return self._from_base(key, new)
 
-    def _from_base(self, key: tuple[int, int, int], new: bytes) -> list[tuple[bytes, bytes]] | None:
+    def _from_base(self, key: tuple[int, int, int], new: bytes) -> tuple[BaseAt, bytes] | None:
         fid, off, length = key
         rel = self._paths.get(fid)
-        if rel is None or off % BASE_PAGE or length % BASE_PAGE:
+        if rel is None:
+            return None
+        tries = self._tries.get(rel)
+        if tries is None:
+            tries = self._tries[rel] = _Tries()
+        if not tries.worth():
             return None
         if self._base is None:
-            self._base = _newest_base(self._journal) or ""
-            if self._base != self._sizes_of:
-                self._sizes.clear()
-                self._sizes_of = self._base
+            name = _newest_base(self._journal)
+            self._base = name if name is not None and name in self._complete() else ""
+            if self._base != self._tries_of:
+                self._tries.clear()  # another base: other bytes
+                self._tries_of = self._base
+                tries = self._tries[rel] = _Tries()
         if not self._base:
             return None
-        path = os.path.join(self._base, rel)
-        size = self._sizes.get(path, -1)
-        if size == -1:
-            try:
-                size = self._sizes[path] = os.stat(path).st_size
-            except OSError:
-                size = self._sizes[path] = None
-        # feed._page_size: only such files are cut at pages in a base
-        if size is None or size < 16 * BASE_PAGE or size % BASE_PAGE or off + length > size:
-            return None
-        data = self._read(path, off, length)
+        where = f"{BASE_DIR}/{self._base}/{rel}"
+        data = self._read(os.path.join(self._journal, where), off, length)
+        tries.tried += 1
         if data is None or not _alike(new, data):
-            return None  # hashed only when it will be used
-        out = [(chunk_id(self._key, data[i:i + BASE_PAGE]), data[i:i + BASE_PAGE]) for i in range(0, length, BASE_PAGE)]
-        self.base_file_ids.update(cid for cid, _ in out)
-        return out
+            return None
+        tries.alike += 1
+        return BaseAt(where, off, length), data
 
     def _read(self, path: str, off: int, length: int) -> bytes | None:
         fd = self._fds.get(path)
@@ -193,9 +204,9 @@ def _alike(new: bytes, old: bytes) -> bool:
 
 
 def _newest_base(journal: str) -> str | None:
-    top = os.path.join(journal, BASE_DIR)
+    """The name of the journal's newest base (Feed._live_bases' rule)."""
     try:
-        names = sorted(n for n in os.listdir(top) if not n.startswith(".") and n.isdigit())
+        names = sorted(n for n in os.listdir(os.path.join(journal, BASE_DIR)) if not n.startswith(".") and n.isdigit())
     except OSError:
         return None
-    return os.path.join(top, names[-1]) if names else None
+    return names[-1] if names else None

@@ -443,9 +443,10 @@ class _Connection:
             assert self.decompressor is not None
             try:
                 # zstd-ref reads the referenced chunks from the store (the
-                # replica's resolver checks each against its id)
+                # replica's resolver checks each against its id), and bases
+                # named by place from the replica's complete bases
                 body = self.decompressor.decompress(frame.codec, frame.body, frame.raw, frame.reset,
-                                                    resolve=r.resolve)
+                                                    resolve=r.resolve, read_base=r.read_base)
             except MissingRefs as e:
                 missing = e.ids
             else:

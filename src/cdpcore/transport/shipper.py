@@ -55,7 +55,7 @@ from typing import Any
 import trio
 
 from cdpcore import packing
-from cdpcore.codec import LADDER, AdaptiveLevel, Compressed, Compressor
+from cdpcore.codec import LADDER, AdaptiveLevel, BaseAt, Compressed, Compressor
 from cdpcore.crypto import Keys, key_id
 from cdpcore.errors import AuthError, CdpError, KeyFileError, LinkError, ProtocolError, ShipRunning, VaultError
 from cdpcore.offers import OfferPolicy
@@ -393,7 +393,7 @@ def _codec(ladder_codec: str, encrypted: bool) -> str:
 
 def _timed_compress(compressor: Compressor, body: bytes, prefix: tuple[bytes, bytes] | None,
                     new_ids: list[bytes] | None, records: bool = False,
-                    bases: list[tuple[bytes, bytes]] | None = None) -> tuple[Compressed, float]:
+                    bases: list[tuple[bytes | BaseAt, bytes]] | None = None) -> tuple[Compressed, float]:
     """Compress one body and measure the CPU it cost, in the thread that
     does the work: the compression runs in a worker thread, and the trio
     thread's own CPU clock, read around the await, sees almost none of it.
@@ -428,6 +428,7 @@ class _Session:
         self.key: bytes | None = None
         self.known: set[bytes] = set()
         self.versions: Versions | None = None  # zstd-ref's base chunks (unencrypted sources)
+        self.complete_bases: set[str] = set()
         self.offers: dict[int, _Pending] = {}
         self.next_req = 1
         self.unacked: deque[_Unacked] = deque()
@@ -521,8 +522,11 @@ class _Session:
         self.compressor = Compressor(_codec(rung.codec, s.keys is not None), max(rung.level, 1),
                                      window_log=min(self.limits.window_log, 31), chunk_key=self.key)
         if s.keys is None:
-            self.versions = Versions(s.journal, self.key)
+            # a base the vault holds complete: listed in WELCOME, or its
+            # BASE frame sent (the vault applies frames in order)
+            self.versions = Versions(s.journal, lambda: self.complete_bases)
         pos = welcome.position
+        self.complete_bases = set(pos.bases)
         s._acked = Position.parse(pos._wire())
         self.seg_crc = {p.seg: p.header_crc for p in pos.segments}
         s.stats["source"] = welcome.source
@@ -665,10 +669,6 @@ class _Session:
             if u.target == target and u.off == f.off:
                 self.known.difference_update(f.ids)
                 ids = frozenset(f.ids)
-                if self.versions is not None and not ids.isdisjoint(self.versions.base_file_ids):
-                    # the vault lacks a page of the base (pruned, or never
-                    # shipped): guessing from base files costs a NEED each
-                    self.versions.use_base_files = False
                 body = u.pack.encode(frozenset(), resend=ids)
                 nids = u.pack.new_ids(frozenset(), ids) if u.pack.keys is None else None
                 # the two sides' zstd-ref histories parted at the refused frame
@@ -841,6 +841,7 @@ class _Session:
                                    kind=item.kind, target=item.target))
         elif isinstance(item, BaseItem):
             await self.send(F.Base(name=item.name))
+            self.complete_bases.add(item.name)
         elif isinstance(item, PruneItem):
             for seg, crc, _size in item.segments:
                 self.seg_crc[seg] = crc
@@ -851,7 +852,7 @@ class _Session:
             pk = p.pack
             held = p.held
             body, nids = await self.s.sync(lambda: (pk.encode(held), pk.new_ids(held) if pk.keys is None else None))
-            bases: list[tuple[bytes, bytes]] = []
+            bases: list[tuple[bytes | BaseAt, bytes]] = []
             v = self.versions
             if v is not None and nids is not None and isinstance(item, RunItem):
                 bases = await self.s.sync(v.bases, item.seg, item.off, item.buf, pk, set(nids),
@@ -879,7 +880,7 @@ class _Session:
     async def send_data(self, item: RunItem | FileItem, body: bytes, pk: packing.Pack,
                         resend: _Unacked | None = None, prefix: tuple[bytes, bytes] | None = None,
                         new_ids: list[bytes] | None = None, background: bool = False,
-                        refs: bool = True, bases: list[tuple[bytes, bytes]] | None = None) -> None:
+                        refs: bool = True, bases: list[tuple[bytes | BaseAt, bytes]] | None = None) -> None:
         """Compress a body and send its DATA frame. With background, return
         once it is compressed and the frame is queued behind the previous
         one: the caller goes on with the next frame's CPU work while this

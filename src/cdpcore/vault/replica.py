@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cdpcore._native import INT64_MIN, check, ffi, fill_crcs, lib
+from cdpcore.codec import BaseAt
 from cdpcore.crypto import chunk_id
 from cdpcore.errors import CorruptJournal, NotAJournal, ProtocolError, UnsupportedVersion, VaultError
 from cdpcore.journal import fsync_dir, read_json, write_durable
@@ -579,18 +580,19 @@ class Replica:
         self._new_dirs.add(os.path.dirname(os.path.join(self.jdir, t.key)))
         return fd
 
-    def _open_below(self, parts: list[str], directory: bool = False) -> int:
-        """Open (creating) journal/PARTS one component at a time with
-        O_NOFOLLOW: no symlink, even one made by an earlier base entry, is
-        followed on the way."""
+    def _open_below(self, parts: list[str], directory: bool = False, create: bool = True) -> int:
+        """Open (creating, unless not create) journal/PARTS one component at
+        a time with O_NOFOLLOW: no symlink, even one made by an earlier base
+        entry, is followed on the way."""
         dfd = os.open(self.jdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for i, p in enumerate(parts[:-1] if not directory else parts):
-                try:
-                    os.mkdir(p, 0o755, dir_fd=dfd)
-                    self._new_dirs.add(os.path.join(self.jdir, *parts[:i]))
-                except FileExistsError:
-                    pass
+                if create:
+                    try:
+                        os.mkdir(p, 0o755, dir_fd=dfd)
+                        self._new_dirs.add(os.path.join(self.jdir, *parts[:i]))
+                    except FileExistsError:
+                        pass
                 try:
                     nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
                 except OSError:
@@ -605,6 +607,31 @@ class Replica:
                 raise ProtocolError(f"{'/'.join(parts)} is not a regular file") from None
         finally:
             os.close(dfd)
+
+    def read_base(self, at: BaseAt) -> bytes | None:
+        """The bytes a zstd-ref base names by place (codec.BaseAt): a range
+        of a file of one of this replica's complete bases, read without
+        following a symlink on the way; None if it is not there whole."""
+        parts = _rel_parts(at.path)
+        if len(parts) < 3 or parts[0] != BASE_DIR or parts[1] not in self.bases():
+            return None
+        try:
+            fd = self._open_below(parts[:-1], directory=True, create=False)
+        except (ProtocolError, OSError):
+            return None
+        try:
+            ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        try:
+            data = os.pread(ffd, at.length, at.off)
+        except OSError:
+            return None
+        finally:
+            os.close(ffd)
+        return data if len(data) == at.length else None
 
     def resolve(self, cid: bytes) -> bytes | None:
         """A referenced chunk's bytes, read back from the replica (or a
