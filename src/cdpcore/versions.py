@@ -27,12 +27,13 @@ caught by zstd's checksum, never decoded into other bytes.
 from __future__ import annotations
 
 import os
+import struct
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from cdpcore.codec import HISTORY, BaseAt
-from cdpcore.format import BASE_DIR, REC_HDR_SIZE, SEGMENT_DIR, Kind, align8, segment_name
+from cdpcore.format import BASE_DIR, REC_HDR, REC_HDR_SIZE, SEGMENT_DIR, Kind, segment_name
 from cdpcore.packing import LITERAL_BELOW, ONE_CHUNK_UP_TO, Pack
 
 MIN_TRIES = 32  # base-file guesses per file before its success rate counts
@@ -40,6 +41,8 @@ PROBE_EVERY = 64  # a file whose guesses seldom match still tries one in this ma
 MAX_ENTRIES = 1 << 20  # ranges remembered (~150 bytes each); past it the map starts afresh
 _OPEN_FILES = 16  # segment and base files kept open for reading back
 _SAMPLE = 32  # _alike compares every this-many-th byte
+_HDR = struct.Struct("<4xI16xQQB")  # of format.REC_HDR: payload length, file id, offset, kind
+assert _HDR.size == REC_HDR.size - 7
 _NAMING = (Kind.CREATE, Kind.FILEMAP)  # records that bind a file id to a path (their payload)
 
 
@@ -112,27 +115,26 @@ class Versions:
         out: list[tuple[bytes | BaseAt, bytes]] = []
         taken: set[bytes] = set()
         pos, n = 0, len(buf)
+        unpack, naming, write, paths, vmap = _HDR.unpack_from, _NAMING, Kind.WRITE, self._paths, self._map
         while pos + REC_HDR_SIZE <= n:
-            plen = int.from_bytes(buf[pos + 4:pos + 8], "little")
-            fid = int.from_bytes(buf[pos + 24:pos + 32], "little")
-            kind = buf[pos + 40]
+            plen, fid, foff, kind = unpack(buf, pos)
             pstart = pos + REC_HDR_SIZE
-            if kind in _NAMING and fid:
-                self._paths[fid] = os.fsdecode(bytes(buf[pstart:pstart + plen]))
-            elif kind == Kind.WRITE and LITERAL_BELOW <= plen <= ONE_CHUNK_UP_TO:
+            if kind == write and LITERAL_BELOW <= plen <= ONE_CHUNK_UP_TO:
                 cid = starts.get(pstart)
                 if cid is not None:
-                    key = (fid, int.from_bytes(buf[pos + 32:pos + 40], "little"), plen)
+                    key = (fid, foff, plen)
                     if cid in new and cid not in taken:
                         taken.add(cid)
                         prev = self._previous(key, near, buf[pstart:pstart + plen])
                         if prev is not None and (type(prev[0]) is BaseAt or
                                                  (prev[0] not in in_body and held(prev[0]))):
                             out.append(prev)
-                    if len(self._map) >= MAX_ENTRIES:
-                        self._map.clear()
-                    self._map[key] = (cid, seg, off + pstart, self._pos + pos)
-            pos += align8(REC_HDR_SIZE + plen)
+                    if len(vmap) >= MAX_ENTRIES:
+                        vmap.clear()
+                    vmap[key] = (cid, seg, off + pstart, self._pos + pos)
+            elif kind in naming and fid:
+                paths[fid] = os.fsdecode(bytes(buf[pstart:pstart + plen]))
+            pos += (REC_HDR_SIZE + plen + 7) & ~7  # format.align8
         self._pos += n
         return out
 
