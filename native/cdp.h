@@ -271,12 +271,17 @@ int cdp_populate_read(const uint8_t *p, uint64_t len);
  * caller to set (cdp_recs_bind). The records stay valid while the mappings do. *n_recs
  * receives their number and *done the ranges finished, so that after
  * CDP_EIO (errno set) the caller knows which writes happened. A piece
- * outside its map is CDP_EINVAL, before that range is written. */
+ * outside its map is CDP_EINVAL, before that range is written. With kick >
+ * 0, every time kick bytes have been written (and after the last range) the
+ * file's writeback of them is started (sync_file_range WRITE, not waited
+ * for; its errors are left to the caller's fsync), so that the disk works
+ * while the rest is put back and the fsync after finds less to do. */
 int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_len,
                  uint64_t n_pieces, const uint64_t *p_start, const uint64_t *p_len,
                  const uint64_t *p_file, const uint64_t *p_src, const uint8_t *const *maps,
                  const uint64_t *map_len, uint64_t n_maps, uint8_t *scratch, int all,
-                 uint8_t *differs, struct cdp_rec *recs, uint64_t cap, uint64_t *n_recs, uint64_t *done);
+                 uint8_t *differs, struct cdp_rec *recs, uint64_t cap, uint64_t *n_recs, uint64_t *done,
+                 uint64_t kick);
 
 /* ---- content-defined chunking (native/chunker.c) ------------------------ */
 

@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #include "cdp.h"
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -551,9 +552,11 @@ int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_
                  uint64_t n_pieces, const uint64_t *p_start, const uint64_t *p_len,
                  const uint64_t *p_file, const uint64_t *p_src, const uint8_t *const *maps,
                  const uint64_t *map_len, uint64_t n_maps, uint8_t *scratch, int all,
-                 uint8_t *differs, struct cdp_rec *recs, uint64_t cap, uint64_t *n_recs, uint64_t *done)
+                 uint8_t *differs, struct cdp_rec *recs, uint64_t cap, uint64_t *n_recs, uint64_t *done,
+                 uint64_t kick)
 {
     struct iovec iov[IOV_MAX < 1024 ? IOV_MAX : 1024];
+    uint64_t kick_lo = 0, kick_hi = 0, kick_n = 0;  /* written since the last kick */
     const int max_iov = (int)(sizeof iov / sizeof iov[0]);
     if (!done || !n_recs)
         return CDP_EINVAL;
@@ -610,7 +613,11 @@ int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_
                         errno = EIO;
                     return CDP_EIO;
                 }
+                if (!kick_n)
+                    kick_lo = w_at;
+                kick_n += (uint64_t)w;
                 w_at += (uint64_t)w;
+                kick_hi = w_at;
                 while (cnt && (uint64_t)w >= v->iov_len) {
                     w -= (ssize_t)v->iov_len;
                     v++;
@@ -623,6 +630,13 @@ int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_
             }
         }
         *done = i + 1;
+        if (kick && (kick_n >= kick || (i + 1 == n && kick_n))) {
+            /* start the writeback of what was written since the last kick
+             * (ranges are sorted: it lies in [kick_lo, kick_hi)); advice
+             * only, the caller's fsync is what makes it durable */
+            sync_file_range(fd, (off_t)kick_lo, (off_t)(kick_hi - kick_lo), SYNC_FILE_RANGE_WRITE);
+            kick_n = 0;
+        }
     }
     return CDP_OK;
 }

@@ -382,7 +382,7 @@ class Plan:
         return bytes(out)
 
     def put_back(self, ino: Inode, fd: int, ranges: list[tuple[int, int]],
-                 every: bool = False) -> tuple[Any, int, bytearray]:
+                 every: bool = False, kick: int = 0) -> tuple[Any, int, bytearray]:
         """Make fd hold this file's bytes in each range (sorted, disjoint,
         below its size), writing only the ranges whose bytes differ (one C
         call: native/extent.c cdp_put_back, which compares and writes from
@@ -393,7 +393,9 @@ class Plan:
         and timestamp are unset, for Batch.append_write_records), then a
         flag per range: 1 if written. On a failed write the ranges before
         it are done, and OSError says why: nothing is journaled for them,
-        and a rerun of the rollback finds them equal and goes on."""
+        and a rerun of the rollback finds them equal and goes on. With
+        `kick` > 0, the file's writeback is started after every `kick`
+        bytes written (not waited for: the caller still fsyncs)."""
         n = len(ranges)
         r_start = array("Q", (a for a, _b in ranges))
         r_len = array("Q", (b - a for a, b in ranges))
@@ -413,7 +415,7 @@ class Plan:
                                   ffi.from_buffer(u64, r_len or array("Q", [0])), hi - lo,
                                   start + lo, length + lo, file + lo, src + lo, ptrs, lens, len(self.sources.paths),
                                   ffi.from_buffer(scratch or bytearray(1)), every,
-                                  ffi.from_buffer(differs or bytearray(1)), recs, cap, n_recs, done)
+                                  ffi.from_buffer(differs or bytearray(1)), recs, cap, n_recs, done, kick)
         if status == lib.CDP_EIO:
             err = ffi.errno
             raise OSError(err, f"rollback: putting back bytes: {os.strerror(err)}")
