@@ -207,17 +207,19 @@ def _rollback(j: Journal, to: PointLike, ts: int | None = None) -> RollbackResul
             raise
         syncing.result()
         ops.step()
-        # by pointer: the put-back records point into the plan's mapped
-        # sources (no copy of their 10 MB: fresh memory costs 4-7 us a page
-        # here), so the plan stays open until the commit
-        # (its writeback started as it goes: the journal's fdatasync right
-        # after then waits for little more than the last megabyte)
+        # by pointer: the put-back records point into the plan's sources
+        # (its buffer of the records read, plan.gather_records; no second
+        # copy of their 10 MB: fresh memory costs 4-7 us a page here), so
+        # the plan stays open until the commit. Its writeback is started as
+        # it goes: the journal's fdatasync right after then waits for
+        # little more than the last megabyte.
         b.commit(by_pointer=True, writeback=JOURNAL_KICK)
         result.seq = b.last_seq
         result.records = b.last_seq - b.first_seq + 1
-        # the journal's fdatasync waits for the disk, unmapping the plan's
-        # sources (page tables over 64 segments: 10-18 ms) needs a CPU: both
-        # at once. (Nothing reads the mappings any more: the records are
+        # the journal's fdatasync waits for the disk, closing the plan (its
+        # buffer, and the segments still mapped: those since the
+        # checkpoint, or all of them past GATHER_MAX) needs a CPU: both at
+        # once. (Nothing reads the sources any more: the records are
         # written.)
         journal_sync = _Background(j.sync)
         try:
@@ -368,7 +370,7 @@ class _Ops:
         """Make the file at rel hold the point's bytes in these ranges,
         writing (and journaling) only those that differ: one C call reads
         back, compares and writes (Plan.put_back), and lays out the journal
-        records of what it wrote, pointing into the plan's mapped sources
+        records of what it wrote, pointing into the plan's sources
         (no copy of the bytes, no Python object per range: 10 MB over 2,662
         ranges cost 20-25 ms in bytes copies and per-range journaling).
         Completing a killed rollback, every range is journaled, written or
