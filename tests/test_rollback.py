@@ -713,3 +713,40 @@ def test_read_records_refuses_damage(tmp_path: Path) -> None:
         finally:
             os.close(fd)
         assert st_ == lib.CDP_EINVAL and bad[0] == 0
+
+
+def test_damage_after_the_point_is_named_where_it_lies(journal_dirs: tuple[Path, Path]) -> None:
+    """The records after a rollback's point are checked on the validator's
+    thread through a mapping that starts at the page of the first of them
+    (not at the segment's start): damage there stops the rollback before
+    the root is touched, named by its offset in the segment."""
+    from cdpcore.errors import CorruptJournal
+    from cdpcore.format import REC_HDR
+
+    jpath, root = journal_dirs
+    with Journal.create(jpath, root, segment_size=1 << 16) as j:
+        for i in range(8):
+            j.append_write("db", i * 3000, bytes([65 + i]) * 3000)  # 24 KB into the segment: pos > a page
+        point = j.append_flush()
+        for i in range(30):  # into a second segment: the first is sealed (open scans only the last)
+            j.append_write("db", (i % 8) * 3000, bytes([97 + i]) * 3000)
+        j.sync()
+        make_live(j)
+    seg = min((jpath / "segments").glob("*.seg"))
+    raw = bytearray(seg.read_bytes())
+    off, victim = 64, None
+    while off + 48 <= len(raw):
+        _crc, n, seq, *_rest = REC_HDR.unpack_from(raw, off)
+        if seq == point + 3:
+            victim = off
+            break
+        off += (48 + n + 7) & ~7
+    assert victim is not None and victim > 8192
+    raw[victim + 48 + 5] ^= 0xFF
+    seg.write_bytes(bytes(raw))
+    before = (root / "db").read_bytes()
+    with Journal.open(jpath) as j:
+        with pytest.raises(CorruptJournal) as err:
+            rollback(j, f"seq:{point}")
+    assert (err.value.segment, err.value.offset) == (int(seg.stem, 16), victim)
+    assert (root / "db").read_bytes() == before and not (jpath / INTENT).exists()
