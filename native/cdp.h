@@ -215,6 +215,25 @@ int cdp_compact_rows(uint64_t n, uint64_t *const *cols, uint64_t n_cols, uint64_
                      const uint8_t *mode, uint64_t n_keys, const uint64_t *w_lo, const uint64_t *w_hi,
                      const uint64_t *w_start, const uint64_t *w_end, uint64_t *n_out, uint64_t *n_rec_out);
 
+/* Read the records that pieces come from into one buffer, with pread(2)
+ * (a rollback's few thousand records lie scattered over every segment:
+ * mapping the segments cost a page-table page and a fault per record, and
+ * tearing the mappings down as much again). For each piece i whose source
+ * has a descriptor (fds[file[i]] >= 0; -1 for base files, which are not
+ * read), the record whose payload starts at rec[i] in that file, header and
+ * padded payload, is read to the next 8-aligned offset of buf, and o_file[i]
+ * = buf_file, o_src[i] and o_rec[i] say where the piece and its record's
+ * payload lie in buf; a piece whose record is the previous piece's shares
+ * it. Other pieces keep file, src and rec. The records are not checked
+ * here (cdp_check_records, over buf, does that). *used receives the bytes
+ * of buf used. CDP_ENOMEM when buf (cap bytes) is too small (the caller
+ * retries with a larger one), CDP_EIO (errno) on a failed read, CDP_EINVAL
+ * for a piece outside its record or a record that does not fit its file
+ * (damage: *bad = that piece). */
+int cdp_read_records(const int *fds, uint64_t n_fds, uint64_t n, const uint64_t *file, const uint64_t *src,
+                     const uint64_t *len, const uint64_t *rec, uint8_t *buf, uint64_t cap, uint64_t buf_file,
+                     uint64_t *o_file, uint64_t *o_src, uint64_t *o_rec, uint64_t *used, uint64_t *bad);
+
 /* Check the WRITE record that piece i comes from, for every piece whose
  * source maps[file[i]] is not NULL (segments; NULL for base files): the
  * record's payload starts at payload[i] (a piece's p_rec). Marker, kind,
@@ -271,12 +290,17 @@ int cdp_populate_read(const uint8_t *p, uint64_t len);
  * caller to set (cdp_recs_bind). The records stay valid while the mappings do. *n_recs
  * receives their number and *done the ranges finished, so that after
  * CDP_EIO (errno set) the caller knows which writes happened. A piece
- * outside its map is CDP_EINVAL, before that range is written. */
+ * outside its map is CDP_EINVAL, before that range is written. With kick >
+ * 0, every time kick bytes have been written (and after the last range) the
+ * file's writeback of them is started (sync_file_range WRITE, not waited
+ * for; its errors are left to the caller's fsync), so that the disk works
+ * while the rest is put back and the fsync after finds less to do. */
 int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_len,
                  uint64_t n_pieces, const uint64_t *p_start, const uint64_t *p_len,
                  const uint64_t *p_file, const uint64_t *p_src, const uint8_t *const *maps,
                  const uint64_t *map_len, uint64_t n_maps, uint8_t *scratch, int all,
-                 uint8_t *differs, struct cdp_rec *recs, uint64_t cap, uint64_t *n_recs, uint64_t *done);
+                 uint8_t *differs, struct cdp_rec *recs, uint64_t cap, uint64_t *n_recs, uint64_t *done,
+                 uint64_t kick);
 
 /* ---- content-defined chunking (native/chunker.c) ------------------------ */
 
@@ -326,6 +350,14 @@ typedef struct cdp_writer cdp_writer;
  * segments/ already exist and the head is initialised). */
 int cdp_writer_open(const char *dir, cdp_writer **out);
 void cdp_writer_close(cdp_writer *w);
+
+/* With bytes > 0, cdp_append starts the writeback of the records it has
+ * written every `bytes` bytes (sync_file_range WRITE, not waited for), so
+ * that the sync after a large append finds less to do: the disk works
+ * while the rest is appended. 0 (the default) turns it off: a capture's
+ * small appends must not wait for a disk queue. Only the appending thread
+ * may change it. */
+void cdp_writer_set_writeback(cdp_writer *w, uint64_t bytes);
 
 /* Initialise the head from a recovery scan (caller holds the lock). */
 int cdp_writer_set_state(cdp_writer *w, const struct cdp_state *st);

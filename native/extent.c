@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #include "cdp.h"
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -505,6 +506,81 @@ static int64_t io_all(int fd, uint8_t *buf, uint64_t len, uint64_t at, int write
     return (int64_t)got;
 }
 
+int cdp_read_records(const int *fds, uint64_t n_fds, uint64_t n, const uint64_t *file, const uint64_t *src,
+                     const uint64_t *len, const uint64_t *rec, uint8_t *buf, uint64_t cap, uint64_t buf_file,
+                     uint64_t *o_file, uint64_t *o_src, uint64_t *o_rec, uint64_t *used, uint64_t *bad)
+{
+    uint64_t at = 0, prev = UINT64_MAX;  /* prev: the last piece read */
+    *used = 0;
+    *bad = UINT64_MAX;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t f = file[i];
+        o_file[i] = f;
+        o_src[i] = src[i];
+        o_rec[i] = rec[i];
+        if (f >= n_fds || fds[f] < 0)
+            continue;
+        if (rec[i] < CDP_REC_HDR_SIZE || src[i] < rec[i] || src[i] - rec[i] > CDP_MAX_PAYLOAD ||
+            len[i] > CDP_MAX_PAYLOAD - (src[i] - rec[i])) {
+            *bad = i;
+            return CDP_EINVAL;
+        }
+        uint64_t need = src[i] - rec[i] + len[i];  /* of the payload, to the piece's end */
+        if (prev == UINT64_MAX || file[prev] != f || rec[prev] != rec[i]) {
+            /* one pread of the header and the payload as far as the piece
+             * needs it (4 KiB at least: the usual write); a second for the
+             * rest when the header says the record is longer */
+            uint64_t want = CDP_REC_HDR_SIZE + (need > 4096 ? need : 4096);
+            want = (want + 7) & ~(uint64_t)7;
+            if (cap - at < CDP_REC_HDR_SIZE + ((need + 7) & ~(uint64_t)7))
+                return CDP_ENOMEM;
+            if (want > cap - at)
+                want = cap - at;
+            int64_t got = io_all(fds[f], buf + at, want, rec[i] - CDP_REC_HDR_SIZE, 0);
+            if (got < 0)
+                return CDP_EIO;
+            uint32_t plen;
+            if ((uint64_t)got < CDP_REC_HDR_SIZE) {
+                *bad = i;
+                return CDP_EINVAL;
+            }
+            memcpy(&plen, buf + at + 4, 4);
+            uint64_t size = ((uint64_t)CDP_REC_HDR_SIZE + plen + 7) & ~(uint64_t)7;
+            if (plen > CDP_MAX_PAYLOAD || need > plen) {
+                *bad = i;
+                return CDP_EINVAL;
+            }
+            if (size > (uint64_t)got) {
+                if (size > cap - at)
+                    return CDP_ENOMEM;
+                uint64_t more = size - (uint64_t)got;
+                int64_t r = io_all(fds[f], buf + at + got, more, rec[i] - CDP_REC_HDR_SIZE + (uint64_t)got, 0);
+                if (r < 0)
+                    return CDP_EIO;
+                if ((uint64_t)r != more) {
+                    *bad = i;  /* the file ends inside the record */
+                    return CDP_EINVAL;
+                }
+            }
+            prev = i;
+            o_rec[i] = at + CDP_REC_HDR_SIZE;
+            at += size;
+        } else {
+            uint32_t plen;
+            memcpy(&plen, buf + o_rec[prev] - CDP_REC_HDR_SIZE + 4, 4);
+            if (need > plen) {
+                *bad = i;
+                return CDP_EINVAL;
+            }
+            o_rec[i] = o_rec[prev];
+        }
+        o_file[i] = buf_file;
+        o_src[i] = o_rec[i] + (src[i] - rec[i]);
+        *used = at;
+    }
+    return CDP_OK;
+}
+
 /* Zeros for the holes a rollback puts back: the payload of a WRITE record
  * that says "zeros here" points into this (read-only, shared by every call)
  * instead of into a buffer of the caller's. */
@@ -551,9 +627,11 @@ int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_
                  uint64_t n_pieces, const uint64_t *p_start, const uint64_t *p_len,
                  const uint64_t *p_file, const uint64_t *p_src, const uint8_t *const *maps,
                  const uint64_t *map_len, uint64_t n_maps, uint8_t *scratch, int all,
-                 uint8_t *differs, struct cdp_rec *recs, uint64_t cap, uint64_t *n_recs, uint64_t *done)
+                 uint8_t *differs, struct cdp_rec *recs, uint64_t cap, uint64_t *n_recs, uint64_t *done,
+                 uint64_t kick)
 {
     struct iovec iov[IOV_MAX < 1024 ? IOV_MAX : 1024];
+    uint64_t kick_lo = 0, kick_hi = 0, kick_n = 0;  /* written since the last kick */
     const int max_iov = (int)(sizeof iov / sizeof iov[0]);
     if (!done || !n_recs)
         return CDP_EINVAL;
@@ -610,7 +688,11 @@ int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_
                         errno = EIO;
                     return CDP_EIO;
                 }
+                if (!kick_n)
+                    kick_lo = w_at;
+                kick_n += (uint64_t)w;
                 w_at += (uint64_t)w;
+                kick_hi = w_at;
                 while (cnt && (uint64_t)w >= v->iov_len) {
                     w -= (ssize_t)v->iov_len;
                     v++;
@@ -623,6 +705,13 @@ int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_
             }
         }
         *done = i + 1;
+        if (kick && (kick_n >= kick || (i + 1 == n && kick_n))) {
+            /* start the writeback of what was written since the last kick
+             * (ranges are sorted: it lies in [kick_lo, kick_hi)); advice
+             * only, the caller's fsync is what makes it durable */
+            sync_file_range(fd, (off_t)kick_lo, (off_t)(kick_hi - kick_lo), SYNC_FILE_RANGE_WRITE);
+            kick_n = 0;
+        }
     }
     return CDP_OK;
 }

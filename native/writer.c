@@ -94,6 +94,7 @@ struct cdp_writer {
     uint64_t fs_seg;           /* segment whose file system fs_dev/fs_ext4 describe */
     uint64_t fs_dev;
     int fs_ext4;
+    uint64_t writeback;        /* cdp_writer_set_writeback: 0, off */
 };
 
 /* The stage file: this header, then `cap` bytes of records from STAGE_DATA. */
@@ -741,6 +742,7 @@ int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
     uint64_t seq = hget(w, H_NEXT_SEQ), first_seq = seq;
     uint64_t off = hget(w, H_SEG_OFF), seg_size = hget(w, H_SEG_SIZE), bumps = 0, base_bumps = 0;
     int64_t now = cdp_now_us(), last_ts = INT64_MIN;
+    uint64_t kick_lo = off;  /* written since the last writeback kick, from here */
     size_t i = 0;
     while (i < n) {
         int cnt = 0, g = 0;
@@ -753,7 +755,7 @@ int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
                     break; /* write what we have, then rotate */
                 if ((r = rotate(w, seq, off)) != CDP_OK)
                     goto fail;
-                off = CDP_SEG_HDR_SIZE;
+                off = kick_lo = CDP_SEG_HDR_SIZE;  /* (sealing synced the old one) */
             }
             uint8_t *h = hdrs[g];
             int64_t ts = rc->ts == INT64_MIN ? now : rc->ts;
@@ -788,11 +790,21 @@ int cdp_append(cdp_writer *w, const struct cdp_rec *recs, size_t n,
         if (cnt && (r = write_all(w->seg_fd, iov, cnt, off)) != CDP_OK)
             goto fail;
         off += run;
+        if (w->writeback && off - kick_lo >= w->writeback) {
+            /* advice only: the caller's sync is what makes it durable */
+            sync_file_range(w->seg_fd, (off_t)kick_lo, (off_t)(off - kick_lo), SYNC_FILE_RANGE_WRITE);
+            kick_lo = off;
+        }
     }
     end_append(w, off, seq, last_ts, bumps, base_bumps, res, first_seq);
     return CDP_OK;
 fail:
     return abandon_append(w, r);
+}
+
+void cdp_writer_set_writeback(cdp_writer *w, uint64_t bytes)
+{
+    w->writeback = bytes;
 }
 
 int cdp_append_encoded(cdp_writer *w, uint8_t *buf, size_t len,

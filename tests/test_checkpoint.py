@@ -298,8 +298,11 @@ def test_rollback_refuses_to_put_back_damaged_bytes(journal_dirs: tuple[Path, Pa
     raw[off + 48 + 7] ^= 0xFF
     seg.write_bytes(bytes(raw))
     with Journal.open(jpath) as j:
-        with pytest.raises(CorruptJournal, match="damaged"):
+        with pytest.raises(CorruptJournal, match="damaged") as err:
             rollback(j, f"seq:{point}")
+        # named where it lies in the journal, not in the buffer the
+        # rollback read the records into (plan.gather_records)
+        assert (err.value.segment, err.value.offset) == (int(seg.stem, 16), off)
         assert j.last_seq == last + 1  # only the audit log's anchor of the failure
     assert (root / "db").read_bytes() == b"B" * 3000
     assert not (jpath / "rollback.json").exists()

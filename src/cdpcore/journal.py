@@ -296,6 +296,11 @@ class Writer:
         r = self.result
         return r.first_seq, r.last_seq, r.ns_gen
 
+    def set_writeback(self, nbytes: int) -> None:
+        """cdp_writer_set_writeback: start the disk's writeback every
+        nbytes appended (0: off)."""
+        lib.cdp_writer_set_writeback(self.handle, nbytes)
+
     def append_records(self, recs: list[Any], expect_gen: int) -> tuple[int, int, int]:
         """cdp_append of (kind, flags, file_id, offset, ts, payload pointer,
         len) tuples, and of runs of records made in C (_BoundRecs); the
@@ -395,20 +400,23 @@ class Batch:
         if exc_type is None:
             self.commit()
 
-    def commit(self, by_pointer: bool | None = None) -> tuple[int, int]:
+    def commit(self, by_pointer: bool | None = None, writeback: int = 0) -> tuple[int, int]:
         """Write the collected records; returns (first_seq, last_seq).
         Bookmarks among them are entered in the audit log (cdpcore.audit).
         by_pointer forces how: None decides by the payloads' average size
         (BY_POINTER_MIN, tuned on a stream of batches, whose joined buffer
         malloc recycles); True suits one large batch in a process (a
         rollback's megabytes of 4 KiB writes), where joining means faulting
-        in fresh memory for a copy of every byte."""
+        in fresh memory for a copy of every byte. writeback > 0 starts the
+        disk's writeback of the records every that many bytes appended
+        (by_pointer appends only; cdp_writer_set_writeback), for a large
+        batch that is synced right after."""
         if self._ops:
             if by_pointer is None:
                 by_pointer = self._bytes >= BY_POINTER_MIN * len(self._ops)
             by_pointer = by_pointer or self._recs  # (records made in C exist as pointers only)
             marks = [bytes(op[4]).decode() for op in self._ops if op[0] == Kind.BOOKMARK]
-            self.first_seq, self.last_seq = self._j._commit(self._ops, by_pointer)
+            self.first_seq, self.last_seq = self._j._commit(self._ops, by_pointer, writeback)
             self._ops = []
             self._bytes = 0
             self._recs = False
@@ -946,7 +954,7 @@ class Journal:
         elif kind == Kind.BASE:
             paths.clear()
 
-    def _commit(self, ops: list[tuple[Any, ...]], by_pointer: bool = False) -> tuple[int, int]:
+    def _commit(self, ops: list[tuple[Any, ...]], by_pointer: bool = False, writeback: int = 0) -> tuple[int, int]:
         # The path -> file id cache and the file-id block are this object's:
         # threads take turns from encoding to the append's result, or one
         # thread's FILEMAP could land after another's record that relies on it.
@@ -957,7 +965,14 @@ class Journal:
             self._paths.clear()
             self._ns_gen = UINT64_MAX
         with self._append_lock:
-            return self._commit_locked(ops, by_pointer)
+            if not writeback:
+                return self._commit_locked(ops, by_pointer)
+            writer = self._need_writer()
+            writer.set_writeback(writeback)
+            try:
+                return self._commit_locked(ops, by_pointer)
+            finally:
+                writer.set_writeback(0)
 
     def _commit_locked(self, ops: list[tuple[Any, ...]], by_pointer: bool) -> tuple[int, int]:
         writer = self._need_writer()

@@ -74,6 +74,20 @@ from cdpcore.point import PointLike, format_us
 CAPTURE_LOCK = "capture.lock"
 INTENT = "rollback.json"
 STAGE = ".cdpcore-rollback"
+# Put back starts the root's writeback every this many bytes written
+# (cdp_put_back's kick: sync_file_range WRITE), so that the disk writes
+# them while the rest is put back, instead of all of them in the fsync
+# after, which no CPU work overlapped (35-60 ms of waiting for 10.6 MB of
+# random pages). Measured on the benchmark's rollback (docs/benchmarks.md,
+# section 6, rb4): put back + the wait for the fsync 75-87 ms without,
+# 45-75 with 16-64 KiB, worse again at 256 KiB-4 MiB (each kick then
+# blocks longer on a queue of requests the disk has not taken yet).
+PUT_BACK_KICK = 1 << 16
+# The rollback's journal append starts its writeback every this many bytes
+# (cdp_writer_set_writeback): its fdatasync waited 12-17 ms for 10.6 MB
+# written in one go, 2-4 ms after this. Sequential, so larger steps than
+# put back's.
+JOURNAL_KICK = 1 << 20
 # Test hook: SIGKILL this process after that many operations (crash tests).
 KILL_ENV = "CDPCORE_ROLLBACK_KILL_AFTER"
 
@@ -193,15 +207,19 @@ def _rollback(j: Journal, to: PointLike, ts: int | None = None) -> RollbackResul
             raise
         syncing.result()
         ops.step()
-        # by pointer: the put-back records point into the plan's mapped
-        # sources (no copy of their 10 MB: fresh memory costs 4-7 us a page
-        # here), so the plan stays open until the commit
-        b.commit(by_pointer=True)
+        # by pointer: the put-back records point into the plan's sources
+        # (its buffer of the records read, plan.gather_records; no second
+        # copy of their 10 MB: fresh memory costs 4-7 us a page here), so
+        # the plan stays open until the commit. Its writeback is started as
+        # it goes: the journal's fdatasync right after then waits for
+        # little more than the last megabyte.
+        b.commit(by_pointer=True, writeback=JOURNAL_KICK)
         result.seq = b.last_seq
         result.records = b.last_seq - b.first_seq + 1
-        # the journal's fdatasync waits for the disk, unmapping the plan's
-        # sources (page tables over 64 segments: 10-18 ms) needs a CPU: both
-        # at once. (Nothing reads the mappings any more: the records are
+        # the journal's fdatasync waits for the disk, closing the plan (its
+        # buffer, and the segments still mapped: those since the
+        # checkpoint, or all of them past GATHER_MAX) needs a CPU: both at
+        # once. (Nothing reads the sources any more: the records are
         # written.)
         journal_sync = _Background(j.sync)
         try:
@@ -352,7 +370,7 @@ class _Ops:
         """Make the file at rel hold the point's bytes in these ranges,
         writing (and journaling) only those that differ: one C call reads
         back, compares and writes (Plan.put_back), and lays out the journal
-        records of what it wrote, pointing into the plan's mapped sources
+        records of what it wrote, pointing into the plan's sources
         (no copy of the bytes, no Python object per range: 10 MB over 2,662
         ranges cost 20-25 ms in bytes copies and per-range journaling).
         Completing a killed rollback, every range is journaled, written or
@@ -364,7 +382,7 @@ class _Ops:
         total = 0
         for i in range(0, len(ranges), step):
             part = ranges[i : i + step]
-            recs, n, differs = want.put_back(ino, self._fd(rel), part, every=self.resumed)
+            recs, n, differs = want.put_back(ino, self._fd(rel), part, every=self.resumed, kick=PUT_BACK_KICK)
             if any(differs) or self.resumed:  # (the killed run's writes may be in the page cache only)
                 self.dirty_fds.append(rel)
             if n:
