@@ -19,7 +19,6 @@ the per-pair ratios NEW / OLD. Nothing is kept.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -27,6 +26,8 @@ import subprocess
 import sys
 
 import _bench
+from _restore_bench import Snapshot
+from compare_builds import ROLLBACK
 
 BUILD = """
 import os, shutil, sys
@@ -43,47 +44,7 @@ with Journal.open(built["path"]) as j:
 os.sync()
 """
 
-ROLLBACK = """
-import json, os, sys, time
-from cdpcore import Journal
-from cdpcore.rollback import rollback
-path, to = sys.argv[1:3]
-with Journal.open(path) as j:
-    back = f"seq:{j.last_seq}"
-    t0, c0 = time.perf_counter(), time.process_time()
-    rollback(j, to)
-    t, c = time.perf_counter() - t0, time.process_time() - c0
-    rollback(j, back)
-os.sync()
-print(json.dumps([t, c]))
-"""
-
-
-class Snapshot:
-    """The journal's files that a rollback and its roll forward change, kept
-    aside to put back: every other file is only ever added to."""
-
-    SMALL = ("head", "journal.json", "audit.log")
-
-    def __init__(self, path: str, keep: str):
-        self.path, self.keep = path, keep
-        os.makedirs(keep)
-        self.segments = set(os.listdir(os.path.join(path, "segments")))
-        self.checkpoints = set(os.listdir(os.path.join(path, "checkpoints")))
-        self.last = max(s for s in self.segments if s.endswith(".seg"))
-        for name in self.SMALL:
-            shutil.copy2(os.path.join(path, name), keep)
-        shutil.copy2(os.path.join(path, "segments", self.last), keep)
-
-    def restore(self) -> None:
-        for sub, known in (("segments", self.segments), ("checkpoints", self.checkpoints)):
-            for name in set(os.listdir(os.path.join(self.path, sub))) - known:
-                os.unlink(os.path.join(self.path, sub, name))
-        shutil.copyfile(os.path.join(self.keep, self.last), os.path.join(self.path, "segments", self.last))
-        for name in self.SMALL:
-            shutil.copyfile(os.path.join(self.keep, name), os.path.join(self.path, name))
-        if os.path.exists(os.path.join(self.path, "rollback.json")):
-            raise SystemExit("a rollback left its intent: see its error above")
+# one rollback of the fixed journal, timed (wall, CPU): compare_builds' child
 
 
 def main() -> int:
@@ -107,7 +68,7 @@ def main() -> int:
                     sys.stderr.write(out.stderr)
                     return 1
                 snap.restore()
-                wall, cpu = json.loads(out.stdout)
+                wall, cpu = (float(x) for x in out.stdout.split())
                 runs[name].append((wall, cpu))
                 print(f"pair {i + 1} {name}: {1000 * wall:.0f} ms, CPU {1000 * cpu:.0f} ms; "
                       f"load {os.getloadavg()[0]:.2f}", flush=True)

@@ -393,6 +393,21 @@ int cdp_cover(uint64_t n, const uint64_t *key, const uint64_t *start, const uint
     return CDP_OK;
 }
 
+/* Skip the first w bytes of the iovec array at *v (*cnt entries): what a
+ * short pwritev wrote, so that the next call goes on from there. */
+static void iov_advance(struct iovec **v, int *cnt, size_t w)
+{
+    while (*cnt && w >= (*v)->iov_len) {
+        w -= (*v)->iov_len;
+        (*v)++;
+        (*cnt)--;
+    }
+    if (*cnt) {
+        (*v)->iov_base = (uint8_t *)(*v)->iov_base + w;
+        (*v)->iov_len -= w;
+    }
+}
+
 int cdp_copy_out(int fd, uint64_t n, const uint64_t *dst, const uint64_t *len,
                  const uint64_t *file, const uint64_t *src, const uint8_t *const *maps,
                  const uint64_t *map_len, uint64_t n_maps, uint64_t *written)
@@ -429,15 +444,7 @@ int cdp_copy_out(int fd, uint64_t n, const uint64_t *dst, const uint64_t *len,
             }
             total += (uint64_t)w;
             at += (uint64_t)w;
-            while (cnt && (uint64_t)w >= v->iov_len) {
-                w -= (ssize_t)v->iov_len;
-                v++;
-                cnt--;
-            }
-            if (cnt) {
-                v->iov_base = (uint8_t *)v->iov_base + w;
-                v->iov_len -= (size_t)w;
-            }
+            iov_advance(&v, &cnt, (size_t)w);
         }
     }
     *written = total;
@@ -693,15 +700,7 @@ int cdp_put_back(int fd, uint64_t n, const uint64_t *r_start, const uint64_t *r_
                 kick_n += (uint64_t)w;
                 w_at += (uint64_t)w;
                 kick_hi = w_at;
-                while (cnt && (uint64_t)w >= v->iov_len) {
-                    w -= (ssize_t)v->iov_len;
-                    v++;
-                    cnt--;
-                }
-                if (cnt) {
-                    v->iov_base = (uint8_t *)v->iov_base + w;
-                    v->iov_len -= (size_t)w;
-                }
+                iov_advance(&v, &cnt, (size_t)w);
             }
         }
         *done = i + 1;
