@@ -109,6 +109,13 @@ def restore_measure(path: str, writes: int, rounds: int = 5, fractions: tuple[fl
                                                        "plan_s": series[0]["restore_s"]}}
 
 
+def _names(d: str) -> set[str]:
+    try:
+        return set(os.listdir(d))
+    except FileNotFoundError:
+        return set()
+
+
 class Snapshot:
     """The journal's files that a rollback and its roll forward change, kept
     aside to put back: every other file is only ever added to."""
@@ -118,8 +125,8 @@ class Snapshot:
     def __init__(self, path: str, keep: str):
         self.path, self.keep = path, keep
         os.makedirs(keep)
-        self.segments = set(os.listdir(os.path.join(path, "segments")))
-        self.checkpoints = set(os.listdir(os.path.join(path, "checkpoints")))
+        self.segments = _names(os.path.join(path, "segments"))
+        self.checkpoints = _names(os.path.join(path, "checkpoints"))  # none until a checkpoint is made
         self.last = max(s for s in self.segments if s.endswith(".seg"))
         for name in self.SMALL:
             shutil.copy2(os.path.join(path, name), keep)
@@ -127,7 +134,7 @@ class Snapshot:
 
     def restore(self) -> None:
         for sub, known in (("segments", self.segments), ("checkpoints", self.checkpoints)):
-            for name in set(os.listdir(os.path.join(self.path, sub))) - known:
+            for name in _names(os.path.join(self.path, sub)) - known:
                 os.unlink(os.path.join(self.path, sub, name))
         shutil.copyfile(os.path.join(self.keep, self.last), os.path.join(self.path, "segments", self.last))
         for name in self.SMALL:
