@@ -69,7 +69,8 @@ class _Tries:
 
 
 class Versions:
-    """One per connection (the map outlives reconnects: ids stay valid)."""
+    """One per connection: a reconnect starts afresh (what the vault holds
+    is learned again from its WELCOME)."""
 
     def __init__(self, journal: str, complete_bases: Callable[[], Collection[str]] = frozenset) -> None:
         """complete_bases: the names of the bases the vault holds complete
