@@ -594,7 +594,7 @@ class Feed:
         live.update(self._incoming)
         self._incoming = {}
         self._vault = live
-        bases = sorted(self._live_bases())
+        bases = sorted(self.live_bases())
         self._bases &= set(bases)
         return PruneItem([(n, c, sz) for n, (c, sz, _) in sorted(live.items())], bases)
 
@@ -649,7 +649,8 @@ class Feed:
 
     # ---- bases ------------------------------------------------------------------
 
-    def _live_bases(self) -> list[str]:
+    def live_bases(self) -> list[str]:
+        """The journal's complete bases, oldest first."""
         try:
             names = os.listdir(self._basedir)
         except FileNotFoundError:
@@ -658,7 +659,7 @@ class Feed:
                       and not n.startswith(".") and os.path.isdir(os.path.join(self._basedir, n)))
 
     def _base_items(self) -> Iterator[Item]:
-        for name in self._live_bases():
+        for name in self.live_bases():
             if name in self._bases:
                 continue
             try:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cdpcore.codec import HISTORY, BaseAt
@@ -72,12 +72,13 @@ class Versions:
     """One per connection: a reconnect starts afresh (what the vault holds
     is learned again from its WELCOME)."""
 
-    def __init__(self, journal: str, complete_bases: Callable[[], Collection[str]] = frozenset) -> None:
-        """complete_bases: the names of the bases the vault holds complete
-        (or will, before the next body is applied)."""
+    def __init__(self, journal: str, newest_base: Callable[[], str | None] = lambda: None) -> None:
+        """newest_base: the name of the journal's newest base when the
+        vault holds it complete (or will, before the next body is
+        applied), else None."""
         self._journal = journal
         self._segdir = os.path.join(journal, SEGMENT_DIR)
-        self._complete = complete_bases
+        self._newest_base = newest_base
         self._map: dict[tuple[int, int, int], _Where] = {}
         self._pos = 0  # bytes of runs seen so far
         self._paths: dict[int, str] = {}  # file id -> its path under the root
@@ -126,7 +127,7 @@ class Versions:
                     key = (fid, foff, plen)
                     if cid in new and cid not in taken:
                         taken.add(cid)
-                        prev = self._previous(key, near, buf[pstart:pstart + plen])
+                        prev = self._previous(key, near, buf, pstart)
                         if prev is not None and (type(prev[0]) is BaseAt or
                                                  (prev[0] not in in_body and held(prev[0]))):
                             out.append(prev)
@@ -139,41 +140,41 @@ class Versions:
         self._pos += n
         return out
 
-    def _previous(self, key: tuple[int, int, int], near: int, new: bytes) -> tuple[bytes | BaseAt, bytes] | None:
-        """The previous version of key's range, (id or place, bytes), when
-        one is known, out of zstd's reach and alike."""
+    def _previous(self, key: tuple[int, int, int], near: int, buf: bytes,
+                  start: int) -> tuple[bytes | BaseAt, bytes] | None:
+        """The previous version of key's range (its new bytes at buf[start:]),
+        (id or place, bytes), when one is known, out of zstd's reach and
+        alike."""
         w = self._map.get(key)
         if w is not None:
             cid, seg, off, at = w
             if at >= near:
                 return None
             data = self._read(os.path.join(self._segdir, segment_name(seg)), off, key[2])
-            return (cid, data) if data is not None and _alike(new, data) else None
-        return self._from_base(key, new)
+            return (cid, data) if data is not None and _alike(buf, start, data) else None
+        return self._from_base(key, buf, start)
 
-    def _from_base(self, key: tuple[int, int, int], new: bytes) -> tuple[BaseAt, bytes] | None:
+    def _from_base(self, key: tuple[int, int, int], buf: bytes, start: int) -> tuple[BaseAt, bytes] | None:
         fid, off, length = key
         rel = self._paths.get(fid)
         if rel is None:
+            return None
+        if self._base is None:
+            self._base = self._newest_base() or ""
+            if self._base != self._tries_of:
+                self._tries.clear()  # another base: other bytes
+                self._tries_of = self._base
+        if not self._base:
             return None
         tries = self._tries.get(rel)
         if tries is None:
             tries = self._tries[rel] = _Tries()
         if not tries.worth():
             return None
-        if self._base is None:
-            name = _newest_base(self._journal)
-            self._base = name if name is not None and name in self._complete() else ""
-            if self._base != self._tries_of:
-                self._tries.clear()  # another base: other bytes
-                self._tries_of = self._base
-                tries = self._tries[rel] = _Tries()
-        if not self._base:
-            return None
         where = f"{BASE_DIR}/{self._base}/{rel}"
         data = self._read(os.path.join(self._journal, where), off, length)
         tries.tried += 1
-        if data is None or not _alike(new, data):
+        if data is None or not _alike(buf, start, data):
             return None
         tries.alike += 1
         return BaseAt(where, off, length), data
@@ -194,22 +195,13 @@ class Versions:
         return data if len(data) == length else None
 
 
-def _alike(new: bytes, old: bytes) -> bool:
-    """At least half of a sample of bytes (every 32nd) equal at the same
-    offsets: a page's next version (a few rows and hint bits changed),
-    not another page. Sampled: comparing every byte in Python cost an
-    eighth of the sender's CPU on pgbench."""
-    if len(new) != len(old):
+def _alike(buf: bytes, start: int, old: bytes) -> bool:
+    """At least half of a sample of bytes (every 32nd) of buf[start:] and
+    old equal at the same offsets: a page's next version (a few rows and
+    hint bits changed), not another page. Sampled in place: comparing
+    every byte in Python cost an eighth of the sender's CPU on pgbench."""
+    if start + len(old) > len(buf):
         return False
-    a, b = new[::_SAMPLE], old[::_SAMPLE]
+    a, b = buf[start:start + len(old):_SAMPLE], old[::_SAMPLE]
     x = (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
     return 2 * x.count(0) >= len(a)
-
-
-def _newest_base(journal: str) -> str | None:
-    """The name of the journal's newest base (Feed._live_bases' rule)."""
-    try:
-        names = sorted(n for n in os.listdir(os.path.join(journal, BASE_DIR)) if not n.startswith(".") and n.isdigit())
-    except OSError:
-        return None
-    return names[-1] if names else None

@@ -522,9 +522,7 @@ class _Session:
         self.compressor = Compressor(_codec(rung.codec, s.keys is not None), max(rung.level, 1),
                                      window_log=min(self.limits.window_log, 31), chunk_key=self.key)
         if s.keys is None:
-            # a base the vault holds complete: listed in WELCOME, or its
-            # BASE frame sent (the vault applies frames in order)
-            self.versions = Versions(s.journal, lambda: self.complete_bases)
+            self.versions = Versions(s.journal, self.newest_complete_base)
         pos = welcome.position
         self.complete_bases = set(pos.bases)
         s._acked = Position.parse(pos._wire())
@@ -556,6 +554,13 @@ class _Session:
             if self.versions is not None:
                 self.versions.close()
         return finished
+
+    def newest_complete_base(self) -> str | None:
+        """The journal's newest base if the vault holds it complete: listed
+        in WELCOME, or its BASE frame sent (the vault applies frames in
+        order)."""
+        live = self.s.feed.live_bases()
+        return live[-1] if live and live[-1] in self.complete_bases else None
 
     async def welcome(self) -> F.Welcome:
         with trio.fail_after(self.s.idle_limit):
