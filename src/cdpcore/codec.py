@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,7 +209,7 @@ class Compressor:
         if self.codec == "zstd-ref":
             if prefix is None:
                 raise ValueError("codec zstd-ref needs the body's prefix (packing.prefix_plan)")
-            out = self._ref_body(body, *prefix, new_ids, records, bases or [])
+            out = self._ref_body(body, *prefix, new_ids, records, bases or ())
             return Compressed(self.codec, self.level, reset, len(body), out)
         if self.codec == "none":
             out = bytes(body)
@@ -222,7 +222,7 @@ class Compressor:
         return Compressed(self.codec, self.level, reset, len(body), out)
 
     def _ref_body(self, body: bytes, bits: bytes, refs: bytes, new_ids: list[bytes] | None = None,
-                  records: bool = False, bases: list[tuple[bytes | BaseAt, bytes]] = []) -> bytes:
+                  records: bool = False, bases: Sequence[tuple[bytes | BaseAt, bytes]] = ()) -> bytes:
         split = packing.head_size(body)
         if self._ctx is None:
             self._ctx = self._context()
@@ -386,16 +386,25 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _unvarint(data: bytes) -> int:
+def _read_varint(data: bytes, pos: int, error: str) -> tuple[int, int]:
+    """The varint (_varint, at most 9 bytes) at data[pos:] and where it
+    ends, or ProtocolError(error)."""
     n = shift = 0
-    for i, b in enumerate(data):
+    while pos < len(data) and shift <= 56:
+        b = data[pos]
+        pos += 1
         n |= (b & 0x7F) << shift
         shift += 7
         if not b & 0x80:
-            if i != len(data) - 1:
-                break
-            return n
-    raise ProtocolError("zstd-ref head: malformed short reference")
+            return n, pos
+    raise ProtocolError(error)
+
+
+def _unvarint(data: bytes) -> int:
+    n, end = _read_varint(data, 0, "zstd-ref head: malformed short reference")
+    if end != len(data):
+        raise ProtocolError("zstd-ref head: malformed short reference")
+    return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,16 +459,8 @@ def _decode_bases(data: bytes, recent: _Recent | None) -> list[bytes | BaseAt]:
 
     def varint() -> int:
         nonlocal pos
-        n = shift = 0
-        while True:
-            if pos >= len(data) or shift > 56:
-                raise ProtocolError("zstd-ref base list: malformed varint")
-            b = data[pos]
-            pos += 1
-            n |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return n
+        n, pos = _read_varint(data, pos, "zstd-ref base list: malformed varint")
+        return n
 
     while pos < len(data):
         k = varint()
