@@ -270,9 +270,26 @@ def test_touched_ranges_in_c_match_the_python_merge(rows: list[tuple[int, int, i
         r.add(k, a, b, HOLE if cut else 0, 0, 0, 0, 0)
         want.setdefault(k, []).append((a, b))
     try:
-        assert _touched(r) == {k: merge_ranges(v) for k, v in sorted(want.items())}
+        got = {k: s.pairs() for k, s in _touched(r).items()}
+        assert got == {k: merge_ranges(v) for k, v in sorted(want.items())}
     finally:
         r.close()
+
+
+@given(cuts=st.lists(st.integers(0, 5000), max_size=40, unique=True), size=st.integers(0, 5200))
+def test_spans_clip_matches_the_list_model(cuts: list[int], size: int) -> None:
+    """Spans.clip (a rollback's ranges of a file cut shorter since) keeps
+    what lies below size, as the list of pairs it replaced did; slices and
+    lengths agree with the pairs."""
+    from cdpcore.plan import Spans
+
+    edges = sorted(cuts)
+    ranges = list(zip(edges[0::2], edges[1::2]))
+    spans = Spans.of(ranges)
+    assert spans.clip(size).pairs() == [(a, min(b, size)) for a, b in ranges if a < size]
+    assert list(spans.lengths()) == [b - a for a, b in ranges]
+    assert spans[1:3].pairs() == ranges[1:3] and len(spans) == len(ranges)
+    assert bool(spans.clip(size)) == any(a < size for a, _b in ranges)
 
 
 @given(rows=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1500), st.integers(0, 30)), max_size=60),
@@ -333,7 +350,7 @@ def test_put_back_writes_only_the_ranges_that_differ(tmp_path: Path) -> None:
     hole reads as zeros, and a write that fails raises the OS error."""
     from array import array
 
-    from cdpcore.plan import Inode, Plan, Sources, Tree
+    from cdpcore.plan import Inode, Plan, Sources, Spans, Tree
 
     src_path = tmp_path / "src.seg"
     src_path.write_bytes(bytes(range(256)) * 64)  # 16 KiB of source
@@ -355,11 +372,11 @@ def test_put_back_writes_only_the_ranges_that_differ(tmp_path: Path) -> None:
     ranges = [(0, 100), (4096, 8192), (8192, 9000), (10000, 12000)]
     fd = os.open(live, os.O_RDWR)
     try:
-        recs, n, differs = plan.put_back(ino, fd, ranges)
+        recs, n, differs = plan.put_back(ino, fd, Spans.of(ranges))
         assert list(differs) == [1, 1, 0, 1]
         # the records say exactly what was written: the differing ranges
         assert _records_cover(recs, n) == _runs(point, [r for r, d in zip(ranges, differs) if d])
-        recs, n, every = plan.put_back(ino, fd, ranges, every=True)
+        recs, n, every = plan.put_back(ino, fd, Spans.of(ranges), every=True)
         assert list(every) == [0, 0, 0, 0]
         assert _records_cover(recs, n) == _runs(point, ranges)
     finally:
@@ -367,12 +384,12 @@ def test_put_back_writes_only_the_ranges_that_differ(tmp_path: Path) -> None:
     assert live.read_bytes() == bytes(point)
     fd = os.open(live, os.O_RDONLY)
     try:
-        assert list(plan.put_back(ino, fd, ranges)[2]) == [0, 0, 0, 0]  # nothing to write: no error
+        assert list(plan.put_back(ino, fd, Spans.of(ranges))[2]) == [0, 0, 0, 0]  # nothing to write: no error
         with open(live, "r+b") as w:
             w.seek(1)
             w.write(b"z")
         with pytest.raises(OSError, match="putting back"):
-            plan.put_back(ino, fd, ranges)
+            plan.put_back(ino, fd, Spans.of(ranges))
     finally:
         os.close(fd)
         sources.close()
@@ -457,7 +474,7 @@ def test_put_back_matches_a_model(tmp_path_factory: pytest.TempPathFactory,
 
     from cdpcore._native import ffi
     from cdpcore.format import MAX_PAYLOAD
-    from cdpcore.plan import Inode, Plan, Sources, Tree
+    from cdpcore.plan import Inode, Plan, Sources, Spans, Tree
 
     pieces, ranges, flips, every = case
     tmp = tmp_path_factory.mktemp("pb")
@@ -482,7 +499,7 @@ def test_put_back_matches_a_model(tmp_path_factory: pytest.TempPathFactory,
     plan.pieces = tuple(array("Q", c) for c in cols)
     fd = os.open(tmp / "live", os.O_RDWR)
     try:
-        recs, n, differs = plan.put_back(Inode(1), fd, ranges, every=every, kick=kick)
+        recs, n, differs = plan.put_back(Inode(1), fd, Spans.of(ranges), every=every, kick=kick)
         written = [bytes(live[a:b]) != bytes(point[a:b]) for a, b in ranges]
         assert list(differs) == [int(w) for w in written]
         assert _records_cover(recs, n) == _runs(point, [r for r, w in zip(ranges, written) if w or every])
@@ -749,4 +766,59 @@ def test_damage_after_the_point_is_named_where_it_lies(journal_dirs: tuple[Path,
         with pytest.raises(CorruptJournal) as err:
             rollback(j, f"seq:{point}")
     assert (err.value.segment, err.value.offset) == (int(seg.stem, 16), victim)
+    assert (root / "db").read_bytes() == before and not (jpath / INTENT).exists()
+
+
+@pytest.mark.parametrize("damage", [False, True])
+def test_records_gathered_in_parts(journal_dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                   damage: bool) -> None:
+    """plan.gather_records reads the records a rollback puts back in parts,
+    each on a thread into a buffer of its own: the rollback puts back the
+    point's bytes from every part, and damage to a record that a later part
+    reads stops it before the root is touched, named by its segment and
+    offset (not by its place in that part's buffer)."""
+    from cdpcore import plan
+    from cdpcore.errors import CorruptJournal
+    from cdpcore.format import REC_HDR
+
+    monkeypatch.setattr(plan, "GATHER_SPLIT", 1)  # parts even for a few pieces
+    monkeypatch.setattr(plan, "GATHER_PARTS", 3)
+    jpath, root = journal_dirs
+    rnd = random.Random(7)
+    with Journal.create(jpath, root, segment_size=1 << 15) as j:
+        for i in reversed(range(40)):  # the point's pages, over several segments (the last first)
+            j.append_write("db", i * 1000, bytes([i]) * 1000)
+        point = j.append_flush()
+        for i in rnd.sample(range(39), 24) + [39]:  # the damage to undo
+            j.append_write("db", i * 1000 + 10, rnd.randbytes(500))
+        j.sync()
+        make_live(j)
+    want = b"".join(bytes([i]) * 1000 for i in range(40))
+    if not damage:
+        with Journal.open(jpath) as j:
+            res = rollback(j, f"seq:{point}")
+        assert (root / "db").read_bytes() == want and res.bytes_written == 25 * 500
+        return
+    # damage the record of page 39: the last piece, read by the last part,
+    # in the first segment (a sealed one: opening the journal scans the last)
+    segs = sorted((jpath / "segments").glob("*.seg"))
+    victim = None
+    for seg in segs:
+        raw = bytearray(seg.read_bytes())
+        off = 64
+        while off + 48 <= len(raw):
+            _crc, n, seq, *_rest = REC_HDR.unpack_from(raw, off)
+            if n == 1000 and raw[off + 48 : off + 48 + n] == bytes([39]) * 1000:
+                victim = (seg, off)
+            off += (48 + n + 7) & ~7
+    assert victim is not None and victim[0] == segs[0]
+    seg, off = victim
+    raw = bytearray(seg.read_bytes())
+    raw[off + 48 + 20] ^= 0xFF
+    seg.write_bytes(bytes(raw))
+    before = (root / "db").read_bytes()
+    with Journal.open(jpath) as j:
+        with pytest.raises(CorruptJournal) as err:
+            rollback(j, f"seq:{point}")
+    assert (err.value.segment, err.value.offset) == (int(seg.stem, 16), off)
     assert (root / "db").read_bytes() == before and not (jpath / INTENT).exists()

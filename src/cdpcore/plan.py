@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import mmap
+import operator
 import os
 import queue
 import threading
@@ -381,7 +382,7 @@ class Plan:
             i += 1
         return bytes(out)
 
-    def put_back(self, ino: Inode, fd: int, ranges: list[tuple[int, int]],
+    def put_back(self, ino: Inode, fd: int, ranges: Spans,
                  every: bool = False, kick: int = 0) -> tuple[Any, int, bytearray]:
         """Make fd hold this file's bytes in each range (sorted, disjoint,
         below its size), writing only the ranges whose bytes differ (one C
@@ -397,8 +398,7 @@ class Plan:
         `kick` > 0, the file's writeback is started after every `kick`
         bytes written (not waited for: the caller still fsyncs)."""
         n = len(ranges)
-        r_start = array("Q", (a for a, _b in ranges))
-        r_len = array("Q", (b - a for a, b in ranges))
+        r_start, r_len = ranges.start, ranges.lengths()
         scratch = bytearray(max(r_len, default=0))
         differs = bytearray(n)
         lo, hi = self.piece_range(ino)
@@ -643,9 +643,8 @@ def build_rollback_plan(j: Journal, seq: int, later: int, validator: Validator) 
         for k in sorted(now.ranges):
             if k < n_keys and mode[k] == 2:
                 w_lo[k] = len(w_start)
-                for a, b in now.ranges[k]:
-                    w_start.append(a)
-                    w_end.append(b)
+                w_start.extend(now.ranges[k].start)
+                w_end.extend(now.ranges[k].end)
                 w_hi[k] = len(w_start)
         u64 = "uint64_t[]"
         windows = (mode, n_keys, ffi.from_buffer(u64, w_lo), ffi.from_buffer(u64, w_hi),
@@ -690,73 +689,120 @@ def build_rollback_plan(j: Journal, seq: int, later: int, validator: Validator) 
 GATHER_MAX = 256 << 20
 
 
+# gather_records reads in this many parts at once, one per thread (the
+# calling thread reads the first), when there are at least GATHER_SPLIT
+# pieces: the preads and the buffer's fresh pages are CPU work (copies and
+# zeroing), which a second CPU halves.
+GATHER_PARTS = 2
+GATHER_SPLIT = 256
+
+
 def gather_records(plan: Plan) -> tuple[Any, Any] | None:
     """Read the records that the plan's pieces in segments come from into
-    one buffer (pread, native/extent.c cdp_read_records), a source of the
-    plan's own, and point those pieces at it. A rollback's 2,600 pieces lie
-    in records scattered over every segment: through mappings, each record
+    buffers (pread, native/extent.c cdp_read_records), sources of the plan's
+    own, and point those pieces at them. A rollback's 2,600 pieces lie in
+    records scattered over every segment: through mappings, each record
     cost a fault and a page-table page (11-15 ms for the check that reads
     them first), and unmapping 64 segments 9-11 ms more, which the journal's
     append and fdatasync no longer hide once that fdatasync has little left
     to do (rollback.JOURNAL_KICK). The reads and the buffer's fresh memory
     cost about as much as the faults (10-14 ms: 2,600 preads of 3-4 us,
     11 MB of huge pages at 0.5 ms a MB), but nothing is left to unmap, and
-    the CPU per rollback drops by about a tenth. Returns the pieces' file
-    and rec columns as they were (to name a damaged record's segment), or
-    None if nothing was read: no piece in a segment, or more than
-    GATHER_MAX bytes of records."""
+    the CPU per rollback drops by about a tenth; the pieces are read in
+    GATHER_PARTS parts on as many threads, each into a buffer of its own.
+    Returns the pieces' file and rec columns as they were (to name a
+    damaged record's segment), or None if nothing was read: no piece in a
+    segment, or more than GATHER_MAX bytes of records."""
     _k, _s, length, file, src, rec = plan.pieces
     sources = plan.sources
     n = len(file)
     segs = [i for i in sorted(distinct(file, range(len(sources.paths)))) if sources.paths[i].endswith(".seg")]
     if not segs:
         return None
-    # enough for every piece's own record, header and 4 KiB at least
-    cap = sum(length) + sum(src) - sum(rec) + n * (REC_HDR.size + 4096 + 8)
+    parts = GATHER_PARTS if n >= GATHER_SPLIT else 1
+    bounds = [n * p // parts for p in range(parts + 1)]
     fds = array("i", [-1] * len(sources.paths))
-    u64 = "uint64_t[]"
     outs = [array("Q", bytes(8 * n)) for _ in range(3)]
-    used, bad = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    first = len(sources.paths)  # the index of part p's buffer: first + p
+    read: list[tuple[mmap.mmap, int] | None] = [None] * parts
+    errors: list[BaseException | None] = [None] * parts
+
+    def run(p: int) -> None:
+        try:
+            read[p] = _read_part(sources.paths, fds, plan.pieces, bounds[p], bounds[p + 1], first + p, outs)
+        except BaseException as e:  # raised on the calling thread
+            errors[p] = e
+
+    threads = []
     try:
         for i in segs:
             fds[i] = os.open(sources.paths[i], os.O_RDONLY | os.O_CLOEXEC)
-        while True:
-            if cap > GATHER_MAX:
-                return None
-            # private: shared anonymous memory (mmap's default) is shmem,
-            # which gets no huge pages here (shmem_enabled: never)
-            buf = mmap.mmap(-1, cap, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            if _MADV_HUGEPAGE is not None:
-                buf.madvise(_MADV_HUGEPAGE)
-            cbuf = ffi.from_buffer(buf)
-            status = lib.cdp_read_records(ffi.from_buffer("int[]", fds), len(fds), n,
-                                          ffi.from_buffer(u64, file), ffi.from_buffer(u64, src),
-                                          ffi.from_buffer(u64, length), ffi.from_buffer(u64, rec), cbuf, cap,
-                                          len(sources.paths), *(ffi.from_buffer(u64, o) for o in outs), used, bad)
-            ffi.release(cbuf)
-            if status == lib.CDP_ENOMEM:  # records longer than the pieces need: room for them
-                buf.close()
-                cap *= 4
-                continue
-            if status == lib.CDP_EIO:
-                err = ffi.errno
-                buf.close()
-                raise OSError(err, f"rollback plan: reading records: {os.strerror(err)}")
-            if status != lib.CDP_OK:
-                buf.close()
-                i = bad[0]
-                raise CorruptJournal("a record that the restore copies from is damaged",
-                                     int(os.path.basename(sources.paths[file[i]]).split(".")[0], 16),
-                                     rec[i] - REC_HDR.size)
-            break
+        threads = [threading.Thread(target=run, args=(p,), name="cdpcore-gather", daemon=True)
+                   for p in range(1, parts)]
+        for t in threads:
+            t.start()
+        run(0)
     finally:
+        for t in threads:
+            t.join()
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
-    sources.add_records(buf, int(used[0]))
+    try:
+        for e in errors:
+            if e is not None:
+                raise e
+        if any(r is None for r in read):  # more than GATHER_MAX: the mappings as before
+            return None
+    except BaseException:
+        for r in read:
+            if r is not None:
+                r[0].close()
+        raise
+    for buf, used in read:  # type: ignore[misc]
+        sources.add_records(buf, used)
     origin = (array("Q", file), array("Q", rec))
     plan.pieces = (*plan.pieces[:3], *outs)
     return origin
+
+
+def _read_part(paths: list[str], fds: array, pieces: tuple[Any, ...], lo: int, hi: int, buf_file: int,
+               outs: list[array]) -> tuple[mmap.mmap, int] | None:
+    """gather_records' part: pieces [lo, hi) read into a buffer of their own
+    (source buf_file), their new places written to outs[..][lo:hi]. Returns
+    the buffer and the bytes used, None past GATHER_MAX."""
+    _k, _s, length, file, src, rec = (c[lo:hi] for c in pieces)
+    n = hi - lo
+    # enough for every piece's own record, header and 4 KiB at least
+    cap = sum(length) + sum(src) - sum(rec) + n * (REC_HDR.size + 4096 + 8)
+    u64 = "uint64_t[]"
+    used, bad = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    while True:
+        if cap > GATHER_MAX:
+            return None
+        # private: shared anonymous memory (mmap's default) is shmem, which
+        # gets no huge pages here (shmem_enabled: never)
+        buf = mmap.mmap(-1, cap, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if _MADV_HUGEPAGE is not None:
+            buf.madvise(_MADV_HUGEPAGE)
+        cbuf = ffi.from_buffer(buf)
+        status = lib.cdp_read_records(ffi.from_buffer("int[]", fds), len(fds), n, ffi.from_buffer(u64, file),
+                                      ffi.from_buffer(u64, src), ffi.from_buffer(u64, length),
+                                      ffi.from_buffer(u64, rec), cbuf, cap, buf_file,
+                                      *(ffi.from_buffer(u64, o) + lo for o in outs), used, bad)
+        ffi.release(cbuf)
+        if status == lib.CDP_OK:
+            return buf, int(used[0])
+        buf.close()
+        if status == lib.CDP_ENOMEM:  # records longer than the pieces need: room for them
+            cap *= 4
+            continue
+        if status == lib.CDP_EIO:
+            err = ffi.errno
+            raise OSError(err, f"rollback plan: reading records: {os.strerror(err)}")
+        i = bad[0]
+        raise CorruptJournal("a record that the restore copies from is damaged",
+                             int(os.path.basename(paths[file[i]]).split(".")[0], 16), rec[i] - REC_HDR.size)
 
 
 def _compact(ptrs: list[Any], n: int, windows: tuple[Any, ...]) -> int:
@@ -854,6 +900,44 @@ def _forward(j: Journal, seq: int, plan: Plan, tree: PlanTree, rows: _Rows, prog
     return start_seq
 
 
+@dataclass(slots=True)
+class Spans:
+    """Sorted, disjoint byte ranges [start[i], end[i]) of one file, as two
+    u64 columns: a rollback handles thousands of them per file, and passes
+    them to C as they are (as lists of tuples they cost it 4-6 ms in Python
+    per 2,600 ranges, between _touched, clipping and put_back's arrays)."""
+
+    start: array
+    end: array
+
+    @classmethod
+    def of(cls, ranges: Iterable[tuple[int, int]]) -> Spans:
+        pairs = list(ranges)
+        return cls(array("Q", (a for a, _b in pairs)), array("Q", (b for _a, b in pairs)))
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def __getitem__(self, i: slice) -> Spans:
+        return Spans(self.start[i], self.end[i])
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return list(zip(self.start, self.end))
+
+    def lengths(self) -> array:
+        return array("Q", map(operator.sub, self.end, self.start))
+
+    def clip(self, size: int) -> Spans:
+        """The parts below size (a file cut shorter since)."""
+        n = bisect.bisect_left(self.start, size)
+        if n == len(self.start) and (not n or self.end[-1] <= size):
+            return self
+        start, end = self.start[:n], self.end[:n]
+        if n and end[-1] > size:
+            end[-1] = size
+        return Spans(start, end)
+
+
 @dataclass
 class After:
     """What the records after a plan's point did: the tree at a later seq,
@@ -864,7 +948,7 @@ class After:
     seq: int
     tree: Tree
     sizes: dict[int, int]  # of the inodes the records touched
-    ranges: dict[int, list[tuple[int, int]]]
+    ranges: dict[int, Spans]
     before: array  # the plan's sizes, for the inodes they did not touch
 
     def size_of(self, ino: Inode) -> int:
@@ -907,7 +991,7 @@ def continue_plan(j: Journal, plan: Plan, seq: int, validator: Validator | None 
     return After(seq, tree, sizes, ranges, plan.sizes)
 
 
-def _touched(rows: _Rows) -> dict[int, list[tuple[int, int]]]:
+def _touched(rows: _Rows) -> dict[int, Spans]:
     """Per key, the merged byte ranges the rows wrote or cut (C: sorting
     and joining the rows of the records after a rollback's point took
     Python 4 us a row)."""
@@ -921,12 +1005,15 @@ def _touched(rows: _Rows) -> dict[int, list[tuple[int, int]]]:
         if status != lib.CDP_OK:
             raise CorruptJournal(f"rollback plan: bad rows (status {status})")
         m = int(n_out[0])
-        ks, starts, ends = (c[:m].tolist() for c in out.cols)
+        ks, starts, ends = (array("Q", c[:m]) for c in out.cols)
     finally:
         out.close()
-    ranges: dict[int, list[tuple[int, int]]] = {}
-    for k, a, b in zip(ks, starts, ends):
-        ranges.setdefault(k, []).append((a, b))
+    ranges: dict[int, Spans] = {}
+    i = 0
+    for k, group in itertools.groupby(ks):  # (sorted by key)
+        n = sum(1 for _ in group)
+        ranges[k] = Spans(starts[i : i + n], ends[i : i + n])
+        i += n
     return ranges
 
 

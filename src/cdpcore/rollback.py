@@ -45,6 +45,7 @@ the intent's seq just removes it.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -66,6 +67,7 @@ from cdpcore.plan import (
     Link,
     Node,
     Plan,
+    Spans,
     Validator,
     build_rollback_plan,
 )
@@ -366,7 +368,7 @@ class _Ops:
         self.dirty_fds.append(rel)
         self._done("append_write", (rel, offset, data))
 
-    def put_back(self, rel: str, want: Plan, ino: Inode, ranges: list[tuple[int, int]]) -> int:
+    def put_back(self, rel: str, want: Plan, ino: Inode, ranges: Spans) -> int:
         """Make the file at rel hold the point's bytes in these ranges,
         writing (and journaling) only those that differ: one C call reads
         back, compares and writes (Plan.put_back), and lays out the journal
@@ -387,7 +389,7 @@ class _Ops:
                 self.dirty_fds.append(rel)
             if n:
                 self._done("append_write_records", (rel, recs, n))
-            total += sum(b - a for (a, b), d in zip(part, differs) if d)
+            total += sum(itertools.compress(part.lengths(), differs))
         return total
 
     def truncate(self, rel: str, size: int) -> None:
@@ -536,7 +538,8 @@ def _rewrite(now: After, want: Plan, ino: Inode, rel: str, ops: _Ops, result: Ro
     size = want.size_of(ino)
     # ranges rewritten with the same bytes (a rollback's own writes, say)
     # are left alone: put_back compares before it writes
-    ranges = [(a, min(b, size)) for a, b in now.ranges.get(ino.key, []) if a < size]
+    spans = now.ranges.get(ino.key)
+    ranges = spans.clip(size) if spans is not None else None
     written = ops.put_back(rel, want, ino, ranges) if ranges else 0
     result.bytes_written += written
     wrote = written > 0
