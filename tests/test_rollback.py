@@ -140,6 +140,10 @@ def test_killed_at_every_step_then_rerun(fast_tmp: Path) -> None:
         with Journal.open(jp) as j:
             check_rolled_back(j, work, j.resolve(to), from_seq, 0, f"k{n}")
             assert not (jp / INTENT).exists()
+            # all or nothing: the records of one run only (a killed run's,
+            # written while it rewrote the root, were never published)
+            stamps = {r.ts for r in j.records(since=f"seq:{from_seq + 1}") if r.kind not in (Kind.AUDIT, Kind.FILEMAP)}
+            assert len(stamps) == 1, (n, stamps)
         steps = n
     assert steps > 5  # the rollback had that many steps, each one killed once
 
