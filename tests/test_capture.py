@@ -3,6 +3,7 @@ protected root; the latest point restores to the same tree byte for byte,
 flush points restore to databases that pass their own checks."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -401,6 +402,12 @@ def test_cli_protect_exit_codes_and_static_warning(jr, tmp_path, capsys, monkeyp
     assert (root / "hi").read_text() == "hi\n"
     assert cdpctl(["protect", str(jpath)]) == 2
     assert "needs a program" in capsys.readouterr().err
+    # the options where the usage puts them, between JOURNAL and "--" (until
+    # session 7 argparse handed them to the program: "--no-resync: program
+    # not found", exit 14)
+    assert cdpctl(["protect", str(jpath), "--no-resync", "--json", "--", "sh", "-c", f"echo x > {root}/x"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["argv"][0] == "sh" and doc["resync"] is None
     assert cdpctl(["protect", str(jpath), "--", "/no/such/program"]) == 14
     assert cdpctl(["protect", str(tmp_path / "nope"), "--", "true"]) == 3
     static = tmp_path / "static"

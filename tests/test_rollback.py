@@ -224,6 +224,24 @@ def test_cli(tmp_path: Path) -> None:
         os.close(fd)
     assert_error(("rollback", tmp_path / "j"), 2, "UsageError")  # no --to
     assert_error(("rollback", tmp_path / "j", "--to", "bookmark:nope"), 6, "PointError")
+    # a killed rollback's intent: no capture may start on the half-rolled-back
+    # root (its writes would go on top of bytes the journal does not say),
+    # until the rollback is run again
+    last = Journal.open(tmp_path / "j", readonly=True)
+    before = last.last_seq
+    last.close()
+    (tmp_path / "j" / INTENT).write_text(f'{{"to": {good}, "from": {before}}}')
+    r = cli("protect", tmp_path / "j", "--", "touch", root / "new")
+    assert r.code == 7 and r.out == "" and r.err.count("\n") == 1, r
+    assert r.err.startswith("cdpctl: error: an interrupted rollback") and f"seq:{good}" in r.err
+    r = cli("protect", tmp_path / "j", "--json", "--", "touch", root / "new")
+    assert r.code == 7 and r.doc["error"]["type"] == "RestoreError", r
+    assert not (root / "new").exists()
+    assert cli("rollback", tmp_path / "j", "--to", f"seq:{good}").code == 0
+    assert not (tmp_path / "j" / INTENT).exists()
+    r = cli("protect", tmp_path / "j", "--no-baseline", "--", "touch", root / "new")
+    assert r.code == 0, r.err
+    assert (root / "new").exists()
 
 
 def test_names_removed_with_a_directory_are_bound_afresh(journal_dirs: tuple[Path, Path]) -> None:

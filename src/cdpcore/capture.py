@@ -496,6 +496,10 @@ class Protection:
                 if is_static(prog) else None)
             self._do_resync = resync
             self._lock_fd = hold_capture_lock(j.path)
+            # (under the lock: no rollback runs now, and none can start)
+            from cdpcore.rollback import refuse_if_interrupted
+
+            refuse_if_interrupted(j)
             self.first_seq = j.last_seq + 1
             self._staged = False
             stage_size = int(os.environ.get("CDPCORE_STAGE_SIZE", STAGE_SIZE))

@@ -262,6 +262,17 @@ def _bookmark(to_seq: int) -> str:
     return f"rollback-to-{to_seq}"
 
 
+def refuse_if_interrupted(j: Journal) -> None:
+    """Raise RestoreError while a killed rollback of j's root awaits its
+    rerun (JOURNAL/rollback.json): the root then holds bytes that the run
+    wrote and the journal does not say (they are journaled by the rerun),
+    so a program must not run on it, nor a capture journal on top of it."""
+    intent = _read_intent(os.path.join(j.path, INTENT))
+    if intent is not None:
+        raise RestoreError(f"an interrupted rollback of {j.root} to seq {intent['to']} must be completed first "
+                           f"(run the rollback to seq:{intent['to']} again)")
+
+
 def _read_intent(path: str) -> dict[str, int] | None:
     doc = read_json(path, RestoreError, "rollback intent")
     if doc is None:

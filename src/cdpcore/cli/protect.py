@@ -1,4 +1,4 @@
-"""cdpctl protect JOURNAL [--no-baseline] [--no-resync] -- CMD [ARGS...]:
+"""cdpctl protect JOURNAL [--no-baseline] [--no-resync] [--json] -- CMD [ARGS...]:
 run CMD with every change under the journal's root captured."""
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def render(doc: Doc) -> Iterator[str]:
 
 def run(args: argparse.Namespace, out: Output) -> int:
     argv = list(args.argv)
+    # argparse's REMAINDER takes every word after JOURNAL, the options that
+    # the usage puts between JOURNAL and "--" too: they are read here
+    options = {"--no-baseline": "no_baseline", "--no-resync": "no_resync"}
+    while argv and argv[0] in (*options, "--json"):
+        word = argv.pop(0)
+        if word == "--json":
+            out.json_mode = True
+        else:
+            setattr(args, options[word], True)
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
