@@ -966,7 +966,9 @@ def continue_plan(j: Journal, plan: Plan, seq: int, validator: Validator | None 
     tree = copy.deepcopy(plan.tree)
     assert isinstance(tree, PlanTree)
     rows = _Rows(seq - plan.seq + 64)
-    later = Plan(seq, None, tree, Sources())
+    # not populated: MAP_POPULATE of the whole segment (64 MiB) for the
+    # records after a rollback's point (its last 10 MB, say) cost 3 ms
+    later = Plan(seq, None, tree, Sources(populate=False))
     try:
         _forward(j, seq, later, tree, rows, None, validator, first=plan.seq + 1)
         ranges = _touched(rows)
