@@ -215,6 +215,16 @@ int cdp_compact_rows(uint64_t n, uint64_t *const *cols, uint64_t n_cols, uint64_
                      const uint8_t *mode, uint64_t n_keys, const uint64_t *w_lo, const uint64_t *w_hi,
                      const uint64_t *w_start, const uint64_t *w_end, uint64_t *n_out, uint64_t *n_rec_out);
 
+/* cdp_compact_rows for rows sorted by (key, start) and disjoint within a
+ * key (a checkpoint's pieces), all of them counted as the first n_rec: the
+ * same rows kept, found by a binary search per key and per window instead
+ * of a pass over every row (a rollback's 2,662 windows in a checkpoint of
+ * 262,144 pieces). Rows that break the order give a wrong answer, not an
+ * error: the caller vouches for it (a checkpoint is checksummed). */
+int cdp_compact_sorted(uint64_t n, uint64_t *const *cols, uint64_t n_cols, const uint8_t *mode,
+                       uint64_t n_keys, const uint64_t *w_lo, const uint64_t *w_hi, const uint64_t *w_start,
+                       const uint64_t *w_end, uint64_t *n_out);
+
 /* Read the records that pieces come from into one buffer, with pread(2)
  * (a rollback's few thousand records lie scattered over every segment:
  * mapping the segments cost a page-table page and a fault per record, and

@@ -231,6 +231,60 @@ int cdp_compact_rows(uint64_t n, uint64_t *const *cols, uint64_t n_cols, uint64_
     return CDP_OK;
 }
 
+/* The first row in [lo, hi) with v[row] > a (v sorted). */
+static uint64_t first_above(const uint64_t *v, uint64_t a, uint64_t lo, uint64_t hi)
+{
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (v[mid] <= a)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+int cdp_compact_sorted(uint64_t n, uint64_t *const *cols, uint64_t n_cols, const uint8_t *mode,
+                       uint64_t n_keys, const uint64_t *w_lo, const uint64_t *w_hi, const uint64_t *w_start,
+                       const uint64_t *w_end, uint64_t *n_out)
+{
+    if (n_cols < 3)
+        return CDP_EINVAL;
+    const uint64_t *key = cols[0], *start = cols[1], *end = cols[2];
+    uint64_t out = 0;
+    for (uint64_t i = 0; i < n;) {
+        uint64_t k = key[i];
+        if (k >= n_keys)
+            return CDP_EINVAL;
+        uint64_t hi = first_above(key, k, i, n);  /* the key's rows: [i, hi) */
+        uint64_t r = i;
+        if (mode[k] == 1) {
+            for (; r < hi; r++, out++)
+                if (out != r)
+                    for (uint64_t c = 0; c < n_cols; c++)
+                        cols[c][out] = cols[c][r];
+        } else if (mode[k] == 2) {
+            for (uint64_t w = w_lo[k]; w < w_hi[k] && r < hi; w++) {
+                /* rows meeting the window: from the first ending past its
+                 * start (disjoint rows: their ends are sorted too) while
+                 * they start before its end; each row kept once */
+                r = first_above(end, w_start[w], r, hi);
+                for (; r < hi && start[r] < w_end[w]; r++) {
+                    if (end[r] <= start[r])
+                        continue;
+                    if (out != r)
+                        for (uint64_t c = 0; c < n_cols; c++)
+                            cols[c][out] = cols[c][r];
+                    out++;
+                }
+            }
+        }
+        i = hi;
+    }
+    *n_out = out;
+    return CDP_OK;
+}
+
 /* Long runs of rows already sorted by (key, start) (a checkpoint's pieces:
  * most of a plan's rows) are merged with the other rows, sorted on their
  * own, instead of being sorted again: one pass over them, not three or

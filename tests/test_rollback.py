@@ -319,6 +319,7 @@ def test_spans_clip_matches_the_list_model(cuts: list[int], size: int) -> None:
                                                           max_size=60)),
        modes=st.lists(st.integers(0, 2), min_size=4, max_size=4), in_order=st.booleans())
 @example(rows=[(0, 0, 1), (0, 152, 1)], windows={0: [(5, 5)] * 20}, modes=[2, 0, 0, 0], in_order=True)  # a jump
+@example(rows=[(0, 5, 3), (0, 9, 2)], windows={0: [(0, 5), (4, 2)]}, modes=[2, 0, 0, 0], in_order=True)  # touching
 def test_compact_rows_matches_a_model(rows: list[tuple[int, int, int]], windows: dict[int, list[tuple[int, int]]],
                                       modes: list[int], in_order: bool) -> None:
     """cdp_compact_rows (which rows of a rollback's plan can matter): a row
@@ -364,6 +365,23 @@ def test_compact_rows_matches_a_model(rows: list[tuple[int, int, int]], windows:
     assert list(cols[3][:m]) == keep
     assert [(cols[0][i], cols[1][i], cols[2][i]) for i in range(m)] == [(rows[i][0], rows[i][1], sum(rows[i][1:]))
                                                                          for i in keep]
+    if in_order:
+        # rows as a checkpoint's pieces are (sorted by key and start, each
+        # key's disjoint): cdp_compact_sorted keeps the same, by search
+        from cdpcore.plan import _compact_sorted
+
+        pieces, ends = [], {}
+        for k, a, n in rows:
+            a = max(a, ends.get(k, 0))
+            pieces.append((k, a, n))
+            ends[k] = a + n
+        cols = [array("Q", [r[0] for r in pieces]), array("Q", [r[1] for r in pieces]),
+                array("Q", [r[1] + r[2] for r in pieces]), array("Q", range(len(pieces)))]
+        keep = [i for i, (k, a, n) in enumerate(pieces) if modes[k] == 1 or (modes[k] == 2 and meets(k, a, a + n))]
+        m = _compact_sorted([ffi.from_buffer(u64, c or array("Q", [0])) for c in cols], len(pieces), windows_c)
+        assert list(cols[3][:m]) == keep
+        assert [tuple(c[i] for c in cols[:3]) for i in range(m)] == [(pieces[i][0], pieces[i][1], sum(pieces[i][1:]))
+                                                                    for i in keep]
 
 
 def test_put_back_writes_only_the_ranges_that_differ(tmp_path: Path) -> None:

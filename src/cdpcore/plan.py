@@ -653,7 +653,7 @@ def build_rollback_plan(j: Journal, seq: int, later: int, validator: Validator) 
         # rows), then the rows read since, then each kept file's size
         if ck is not None and plan.records != seq - ck.start_seq + 1:
             ck = None  # a BASE after the checkpoint replaced its state
-        m = _compact([ffi.from_buffer(u64, c) for c in ck.pieces], len(ck.pieces[0]), windows) if ck else 0
+        m = _compact_sorted([ffi.from_buffer(u64, c) for c in ck.pieces], len(ck.pieces[0]), windows) if ck else 0
         n = _compact(rows.pointers(0), rows.n, windows)
         laid = _Rows(m + n + n_keys + 1)
         if m:
@@ -813,6 +813,19 @@ def _compact(ptrs: list[Any], n: int, windows: tuple[Any, ...]) -> int:
     status = lib.cdp_compact_rows(n, cols, len(ptrs), 0, ffi.from_buffer(mode), *rest, n_out, n_rec_out)
     if status != lib.CDP_OK:
         raise CorruptJournal(f"rollback plan: bad rows (status {status})")
+    return int(n_out[0])
+
+
+def _compact_sorted(ptrs: list[Any], n: int, windows: tuple[Any, ...]) -> int:
+    """cdp_compact_sorted over a checkpoint's pieces (sorted by key and
+    start, disjoint: checkpoint.py's format): the rows kept, found by binary
+    search (a pass over its 262,144 pieces cost 2-3 ms a rollback)."""
+    cols = ffi.new("uint64_t *[]", [ffi.cast("uint64_t *", p) for p in ptrs])
+    n_out = ffi.new("uint64_t *")
+    mode, *rest = windows
+    status = lib.cdp_compact_sorted(n, cols, len(ptrs), ffi.from_buffer(mode), *rest, n_out)
+    if status != lib.CDP_OK:
+        raise CorruptJournal(f"rollback plan: bad checkpoint rows (status {status})")
     return int(n_out[0])
 
 
