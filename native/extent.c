@@ -168,9 +168,10 @@ int cdp_row_sizes(uint64_t n, const uint64_t *key, const uint64_t *start, const 
     return CDP_OK;
 }
 
-/* The first of the windows [w_start[i], w_end[i]) for i in [lo, hi)
- * (sorted, disjoint) that ends after a: [a, b) meets one of them iff that
- * one starts before b. */
+/* The first i in [lo, hi) with w_end[i] > a (w_end sorted). Of windows
+ * [w_start[i], w_end[i]) (sorted, disjoint): the first that ends after a,
+ * so that [a, b) meets one of them iff that one starts before b. Also the
+ * end of a key's rows in a sorted key column (the first key above it). */
 static uint64_t first_after(uint64_t a, const uint64_t *w_end, uint64_t lo, uint64_t hi)
 {
     uint64_t l = lo, h = hi;
@@ -231,19 +232,6 @@ int cdp_compact_rows(uint64_t n, uint64_t *const *cols, uint64_t n_cols, uint64_
     return CDP_OK;
 }
 
-/* The first row in [lo, hi) with v[row] > a (v sorted). */
-static uint64_t first_above(const uint64_t *v, uint64_t a, uint64_t lo, uint64_t hi)
-{
-    while (lo < hi) {
-        uint64_t mid = lo + (hi - lo) / 2;
-        if (v[mid] <= a)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
 int cdp_compact_sorted(uint64_t n, uint64_t *const *cols, uint64_t n_cols, const uint8_t *mode,
                        uint64_t n_keys, const uint64_t *w_lo, const uint64_t *w_hi, const uint64_t *w_start,
                        const uint64_t *w_end, uint64_t *n_out)
@@ -256,7 +244,7 @@ int cdp_compact_sorted(uint64_t n, uint64_t *const *cols, uint64_t n_cols, const
         uint64_t k = key[i];
         if (k >= n_keys)
             return CDP_EINVAL;
-        uint64_t hi = first_above(key, k, i, n);  /* the key's rows: [i, hi) */
+        uint64_t hi = first_after(k, key, i, n);  /* the key's rows: [i, hi) */
         uint64_t r = i;
         if (mode[k] == 1) {
             for (; r < hi; r++, out++)
@@ -268,7 +256,7 @@ int cdp_compact_sorted(uint64_t n, uint64_t *const *cols, uint64_t n_cols, const
                 /* rows meeting the window: from the first ending past its
                  * start (disjoint rows: their ends are sorted too) while
                  * they start before its end; each row kept once */
-                r = first_above(end, w_start[w], r, hi);
+                r = first_after(w_start[w], end, r, hi);
                 for (; r < hi && start[r] < w_end[w]; r++) {
                     if (end[r] <= start[r])
                         continue;

@@ -777,7 +777,6 @@ def test_damage_after_the_point_is_named_where_it_lies(journal_dirs: tuple[Path,
     thread through a mapping that starts at the page of the first of them
     (not at the segment's start): damage there stops the rollback before
     the root is touched, named by its offset in the segment."""
-    from cdpcore.errors import CorruptJournal
     from cdpcore.format import REC_HDR
 
     jpath, root = journal_dirs
@@ -801,11 +800,19 @@ def test_damage_after_the_point_is_named_where_it_lies(journal_dirs: tuple[Path,
     assert victim is not None and victim > 8192
     raw[victim + 48 + 5] ^= 0xFF
     seg.write_bytes(bytes(raw))
+    _damage_stops_rollback(jpath, root, point, seg, victim)
+
+
+def _damage_stops_rollback(jpath: Path, root: Path, point: int, seg: Path, off: int) -> None:
+    """The rollback to point stops on the damaged record at off in seg,
+    named by its segment and offset, before the root (file db) is touched."""
+    from cdpcore.errors import CorruptJournal
+
     before = (root / "db").read_bytes()
     with Journal.open(jpath) as j:
         with pytest.raises(CorruptJournal) as err:
             rollback(j, f"seq:{point}")
-    assert (err.value.segment, err.value.offset) == (int(seg.stem, 16), victim)
+    assert (err.value.segment, err.value.offset) == (int(seg.stem, 16), off)
     assert (root / "db").read_bytes() == before and not (jpath / INTENT).exists()
 
 
@@ -818,7 +825,6 @@ def test_records_gathered_in_parts(journal_dirs: tuple[Path, Path], monkeypatch:
     reads stops it before the root is touched, named by its segment and
     offset (not by its place in that part's buffer)."""
     from cdpcore import plan
-    from cdpcore.errors import CorruptJournal
     from cdpcore.format import REC_HDR
 
     monkeypatch.setattr(plan, "GATHER_SPLIT", 1)  # parts even for a few pieces
@@ -856,9 +862,4 @@ def test_records_gathered_in_parts(journal_dirs: tuple[Path, Path], monkeypatch:
     raw = bytearray(seg.read_bytes())
     raw[off + 48 + 20] ^= 0xFF
     seg.write_bytes(bytes(raw))
-    before = (root / "db").read_bytes()
-    with Journal.open(jpath) as j:
-        with pytest.raises(CorruptJournal) as err:
-            rollback(j, f"seq:{point}")
-    assert (err.value.segment, err.value.offset) == (int(seg.stem, 16), off)
-    assert (root / "db").read_bytes() == before and not (jpath / INTENT).exists()
+    _damage_stops_rollback(jpath, root, point, seg, off)
