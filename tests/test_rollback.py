@@ -816,19 +816,26 @@ def _damage_stops_rollback(jpath: Path, root: Path, point: int, seg: Path, off: 
     assert (root / "db").read_bytes() == before and not (jpath / INTENT).exists()
 
 
-@pytest.mark.parametrize("damage", [False, True])
+@pytest.mark.parametrize("damage,limit", [(False, None), (True, None), (False, 1), (True, 1)])
 def test_records_gathered_in_parts(journal_dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
-                                   damage: bool) -> None:
+                                   damage: bool, limit: int | None) -> None:
     """plan.gather_records reads the records a rollback puts back in parts,
     each on a thread into a buffer of its own: the rollback puts back the
     point's bytes from every part, and damage to a record that a later part
     reads stops it before the root is touched, named by its segment and
-    offset (not by its place in that part's buffer)."""
+    offset (not by its place in that part's buffer). Past GATHER_MAX
+    (limit 1), the records are read through the segments' mappings
+    instead, with the same result."""
     from cdpcore import plan
     from cdpcore.format import REC_HDR
 
     monkeypatch.setattr(plan, "GATHER_SPLIT", 1)  # parts even for a few pieces
     monkeypatch.setattr(plan, "GATHER_PARTS", 3)
+    if limit is not None:
+        monkeypatch.setattr(plan, "GATHER_MAX", limit)
+    gathered: list[object] = []
+    gather = plan.gather_records
+    monkeypatch.setattr(plan, "gather_records", lambda p: gathered.append(gather(p)) or gathered[-1])
     jpath, root = journal_dirs
     rnd = random.Random(7)
     with Journal.create(jpath, root, segment_size=1 << 15) as j:
@@ -844,6 +851,7 @@ def test_records_gathered_in_parts(journal_dirs: tuple[Path, Path], monkeypatch:
         with Journal.open(jpath) as j:
             res = rollback(j, f"seq:{point}")
         assert (root / "db").read_bytes() == want and res.bytes_written == 25 * 500
+        assert (gathered[0] is None) == (limit is not None)  # read into buffers, or mapped
         return
     # damage the record of page 39: the last piece, read by the last part,
     # in the first segment (a sealed one: opening the journal scans the last)

@@ -729,7 +729,8 @@ def gather_records(plan: Plan) -> tuple[Any, Any] | None:
 
     def run(p: int) -> None:
         try:
-            read[p] = _read_part(sources.paths, fds, plan.pieces, bounds[p], bounds[p + 1], first + p, outs)
+            read[p] = _read_part(sources.paths, fds, plan.pieces, bounds[p], bounds[p + 1], first + p, outs,
+                                 GATHER_MAX // parts)
         except BaseException as e:  # raised on the calling thread
             errors[p] = e
 
@@ -744,7 +745,8 @@ def gather_records(plan: Plan) -> tuple[Any, Any] | None:
         run(0)
     finally:
         for t in threads:
-            t.join()
+            if t.ident is not None:  # (started)
+                t.join()
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
@@ -767,10 +769,10 @@ def gather_records(plan: Plan) -> tuple[Any, Any] | None:
 
 
 def _read_part(paths: list[str], fds: array, pieces: tuple[Any, ...], lo: int, hi: int, buf_file: int,
-               outs: list[array]) -> tuple[mmap.mmap, int] | None:
+               outs: list[array], limit: int) -> tuple[mmap.mmap, int] | None:
     """gather_records' part: pieces [lo, hi) read into a buffer of their own
     (source buf_file), their new places written to outs[..][lo:hi]. Returns
-    the buffer and the bytes used, None past GATHER_MAX."""
+    the buffer and the bytes used, None past limit bytes."""
     _k, _s, length, file, src, rec = (c[lo:hi] for c in pieces)
     n = hi - lo
     # enough for every piece's own record, header and 4 KiB at least
@@ -778,7 +780,7 @@ def _read_part(paths: list[str], fds: array, pieces: tuple[Any, ...], lo: int, h
     u64 = "uint64_t[]"
     used, bad = ffi.new("uint64_t *"), ffi.new("uint64_t *")
     while True:
-        if cap > GATHER_MAX:
+        if cap > limit:
             return None
         # private: shared anonymous memory (mmap's default) is shmem, which
         # gets no huge pages here (shmem_enabled: never)
