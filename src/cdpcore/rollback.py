@@ -164,8 +164,7 @@ def _rollback(j: Journal, to: PointLike, ts: int | None = None) -> RollbackResul
     intent = _read_intent(intent_path)
     if intent is not None:
         if intent["to"] != to_seq:
-            raise RestoreError(f"an interrupted rollback to seq {intent['to']} must be completed first "
-                               f"(run the rollback to seq:{intent['to']} again)")
+            raise _interrupted(j, intent)
         from_seq = intent["from"]
         done = [b for b in j.bookmarks() if b.name == _bookmark(to_seq) and b.seq > from_seq]
         if done:  # killed after the records were appended: only the intent is left
@@ -269,8 +268,12 @@ def refuse_if_interrupted(j: Journal) -> None:
     so a program must not run on it, nor a capture journal on top of it."""
     intent = _read_intent(os.path.join(j.path, INTENT))
     if intent is not None:
-        raise RestoreError(f"an interrupted rollback of {j.root} to seq {intent['to']} must be completed first "
-                           f"(run the rollback to seq:{intent['to']} again)")
+        raise _interrupted(j, intent)
+
+
+def _interrupted(j: Journal, intent: dict[str, int]) -> RestoreError:
+    return RestoreError(f"an interrupted rollback of {j.root} to seq {intent['to']} must be completed first "
+                        f"(run the rollback to seq:{intent['to']} again)")
 
 
 def _read_intent(path: str) -> dict[str, int] | None:
